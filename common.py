@@ -1143,6 +1143,7 @@ def main(argv=None):
         (out / f"eval-{nfe}nfe.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
         print(f"picture: {out / f'teacher-{nfe}nfe.png'}")
+    return result
 
 
 if __name__ == "__main__":
