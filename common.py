@@ -66,7 +66,7 @@ DATASET_DEFAULTS = {
     "toy2d": dict(resolution=None, preset="mlp", cond=False, batch=512, eval_samples=10000, eval_every=500,
                   teacher_iters=3000, teacher_batch=512, teacher_lr=2e-3, teacher_ema=5.0, teacher_rampup=50.0),
     "synthetic": dict(resolution=32, preset="small", cond=True, batch=64, eval_samples=1000, eval_every=500,
-                      teacher_iters=3000, teacher_batch=64, teacher_lr=1e-3, teacher_ema=5.0, teacher_rampup=10.0),
+                      teacher_iters=2000, teacher_batch=64, teacher_lr=1e-3, teacher_ema=5.0, teacher_rampup=10.0),
     "cifar10": dict(resolution=32, preset="cifar10", cond=True, batch=256, eval_samples=10000, eval_every=5000,
                     teacher_iters=200000, teacher_batch=512, teacher_lr=1e-3, teacher_ema=500.0,
                     teacher_rampup=10000.0),

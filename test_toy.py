@@ -9,8 +9,6 @@ import torch
 
 import common
 
-torch.set_num_threads(2)
-
 # A shorter teacher than the default (3000 iterations) keeps the suite fast; it is still close to exact.
 TOY_TEACHER_ITERS = 1500
 
@@ -22,3 +20,456 @@ def toy_teacher(tmp_path_factory):
     flags = ["--dataset", "toy2d", "--teacher-dir", str(d), "--teacher-iters", str(TOY_TEACHER_ITERS)]
     result = common.main(flags)
     return flags, result
+
+
+def _gmm2d():
+    return common.toy2d_mixture()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exact mixture itself
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_mixture_log_prob_matches_scipy():
+    """log p_sigma(x) of the noised mixture against an independent scipy computation."""
+    import numpy as np
+    from scipy.stats import multivariate_normal
+    m = _gmm2d()
+    x = torch.randn(50, 2, dtype=torch.float64)
+    for sigma in (0.0, 0.3, 2.0):
+        ours = m.log_prob(x, sigma).numpy()
+        dens = sum(float(w) * multivariate_normal(mu.numpy(), np.diag(v.numpy() + sigma ** 2)).pdf(x.numpy())
+                   for w, mu, v in zip(m.weights, m.means, m.variances))
+        assert np.allclose(ours, np.log(dens), rtol=1e-7, atol=1e-9)
+
+
+def test_mixture_isotropic_and_diagonal_paths_agree():
+    """The isotropic fast path (matmuls) and the diagonal path (per-dimension) give the same denoiser."""
+    iso = common.synthetic_mixture(8)
+    diag = common.GaussianMixture(iso.weights, iso.means, iso.variances[:, None].expand(-1, iso.dim))
+    x, labels = iso.sample(16, dtype=torch.float64)
+    x = x + 0.7 * torch.randn_like(x)
+    for sigma in (0.05, 0.7, 10.0):
+        assert torch.allclose(iso.denoise(x, sigma), diag.denoise(x, sigma), atol=1e-9)
+        assert torch.allclose(iso.log_prob(x, sigma), diag.log_prob(x, sigma), atol=1e-8)
+        # Class-conditional denoiser = the posterior mean of one Gaussian component.
+        k = labels
+        mu, v = iso.means[k], iso.variances[k][:, None]
+        expect = mu + v / (v + sigma ** 2) * (x - mu)
+        assert torch.allclose(iso.denoise(x, sigma, labels=k), expect, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identities 1-3: Tweedie, the score identity, the denoising optimum
+# ----------------------------------------------------------------------------------------------------------------
+
+def _posterior_mc(m, x, sigma, n=400_000, seed=0):
+    """E[x0 | x_sigma = x] for one point x by self-normalised importance sampling from the prior:
+    weights p(x | x0) = N(x; x0, sigma^2 I)."""
+    x0, _ = m.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    logw = -((x0 - x) ** 2).sum(1) / (2 * sigma ** 2)
+    w = torch.softmax(logw, 0)
+    return (w[:, None] * x0).sum(0), x0, w
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 2.0])
+def test_identity1_tweedie(sigma):
+    """(1) D(x; sigma) = x + sigma^2 grad log p_sigma(x), and it is the posterior mean E[x0 | x]."""
+    m = _gmm2d()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 2, generator=g, dtype=torch.float64) * 0.8).requires_grad_(True)
+    grad = torch.autograd.grad(m.log_prob(x, sigma).sum(), x)[0]
+    D = m.denoise(x.detach(), sigma)
+    assert torch.allclose(D, x.detach() + sigma ** 2 * grad, atol=1e-10)
+    for i in range(3):
+        post, _, w = _posterior_mc(m, x[i].detach(), sigma, seed=i)
+        ess = 1 / (w ** 2).sum()
+        tol = 4 * 0.8 / ess.sqrt() + 1e-3  # a few Monte Carlo standard errors
+        assert (post - D[i]).abs().max() < tol, (post, D[i], float(ess))
+
+
+@pytest.mark.parametrize("sigma", [0.2, 1.0])
+def test_identity2_score_identity(sigma):
+    """(2) grad log p_sigma(x) = E_{x0|x}[grad_x log p(x | x0)] = E_{x0|x}[(x0 - x) / sigma^2]."""
+    m = _gmm2d()
+    x = torch.tensor([[0.3, 0.5], [-0.6, -0.1]], dtype=torch.float64, requires_grad=True)
+    score = torch.autograd.grad(m.log_prob(x, sigma).sum(), x)[0]
+    assert torch.allclose(score, m.score(x.detach(), sigma), atol=1e-10)
+    for i in range(len(x)):
+        _, x0, w = _posterior_mc(m, x[i].detach(), sigma, seed=10 + i)
+        cond_score = (w[:, None] * (x0 - x[i].detach()) / sigma ** 2).sum(0)
+        ess = 1 / (w ** 2).sum()
+        tol = 4 * 0.8 / sigma ** 2 / ess.sqrt() + 1e-3
+        assert (cond_score - score[i]).abs().max() < tol
+
+
+def test_identity3_denoising_optimum():
+    """(3) The denoising loss E||f(x_t) - x0||^2 is minimised by f = D: the residual x0 - D(x_t) is orthogonal to
+    any h(x_t), so L(D + delta*h) - L(D) = delta^2 E||h||^2 (no first-order term)."""
+    m = _gmm2d()
+    g = torch.Generator().manual_seed(3)
+    x0, _ = m.sample(400_000, generator=g, dtype=torch.float64)
+    sigma = 0.4
+    xt = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    D = m.denoise(xt, sigma)
+    r = x0 - D
+    for h in (torch.sin(3 * xt), xt ** 2, torch.tanh(xt[:, :1] * xt[:, 1:]).expand(-1, 2)):
+        inner = (r * h).sum(1)
+        se = inner.std() / len(inner) ** 0.5
+        assert inner.mean().abs() < 4 * se  # E[<x0 - D, h>] = 0 within Monte Carlo error
+        for delta in (0.05, -0.05):
+            gain = ((D + delta * h - x0) ** 2).sum(1) - (r ** 2).sum(1)
+            assert abs(float(gain.mean()) - delta ** 2 * float((h ** 2).sum(1).mean())) < 4 * float(
+                gain.std()) / len(gain) ** 0.5
+    # A denoiser that is wrong by a constant shrink loses to the exact one.
+    assert ((0.9 * D - x0) ** 2).sum(1).mean() > (r ** 2).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity 4: EDM preconditioning
+# ----------------------------------------------------------------------------------------------------------------
+
+class _ZeroNet(torch.nn.Module):
+    num_classes = 0
+
+    def forward(self, x, c_noise, labels=None, return_features=False):
+        return torch.zeros_like(x)
+
+
+def test_identity4_preconditioning():
+    """(4) With Var(x0) = sigma_data^2: c_in x_t has unit variance, the network's effective target
+    (x0 - c_skip x_t) / c_out has unit variance, and lambda * c_out^2 = 1. A zero network gives D = c_skip x."""
+    sd = common.SIGMA_DATA
+    g = torch.Generator().manual_seed(4)
+    x0 = sd * torch.randn(200_000, 4, generator=g, dtype=torch.float64)
+    for s in (0.01, 0.5, 3.0, 80.0):
+        xt = x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = s * sd / (s ** 2 + sd ** 2) ** 0.5
+        c_in = 1 / (s ** 2 + sd ** 2) ** 0.5
+        lam = (s ** 2 + sd ** 2) / (s * sd) ** 2
+        assert abs(float((c_in * xt).var()) - 1) < 0.01
+        assert abs(float(((x0 - c_skip * xt) / c_out).var()) - 1) < 0.01
+        assert abs(lam * c_out ** 2 - 1) < 1e-12
+        D = common.EDMDenoiser(_ZeroNet())(xt[:5].float(), s)
+        assert torch.allclose(D, c_skip * xt[:5].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_edm_loss_weighting_and_optimum():
+    """edm_loss = lambda(sigma) ||D - x0||^2 per sample; the exact denoiser attains a lower loss than a perturbed one."""
+    m = _gmm2d()
+    x0, _ = m.sample(50_000, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((len(x0),), 0.3)
+    noise = torch.randn_like(x0)
+    exact = common.AnalyticDenoiser(m, (2,))
+    loss = common.edm_loss(exact, x0, sigma=sigma, noise=noise)
+    lam = (0.3 ** 2 + 0.25) / (0.3 * 0.5) ** 2
+    D = exact(x0 + 0.3 * noise, sigma)
+    assert torch.allclose(loss, lam * ((D - x0) ** 2).sum(1), rtol=1e-5)
+    worse = common.edm_loss(lambda x, s, c: exact(x, s, c) * 1.05, x0, sigma=sigma, noise=noise)
+    assert worse.mean() > loss.mean() * 1.01
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity 5: the Heun sampler with an exact denoiser reproduces the data
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_identity5_heun_exact_denoiser_reproduces_data():
+    """(5) 18 Heun steps (35 NFE) of the exact toy2d denoiser: mean, covariance and mode weights of the samples match
+    the mixture, and the sliced W2 is at the level of two independent true sample sets."""
+    m = _gmm2d()
+    calls = []
+
+    def D(x, sigma, labels=None):
+        calls.append(1)
+        return m.denoise(x.double(), sigma.double()).float()
+
+    n = 8000
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(6))
+    x = common.heun_sample(D, z, steps=18)
+    assert len(calls) == common.heun_nfe(18) == 35
+    assert torch.allclose(x.double().mean(0), m.mean(), atol=0.03)
+    assert torch.allclose(torch.cov(x.double().T), m.covariance(), atol=0.03)
+    metrics = common.mixture_metrics(x, m)
+    y, _ = m.sample(n, generator=torch.Generator().manual_seed(7))
+    floor = common.mixture_metrics(y, m, seed=3)["sw2"]
+    assert metrics["modes"] == 8 and metrics["mode_tv"] < 0.03 and metrics["precision"] > 0.98
+    assert metrics["sw2"] < 1.5 * floor + 0.01
+    # A sampler that stops at sigma = 1 (one-step "denoise from noise" at the wrong level) is far off.
+    bad = common.mixture_metrics(D(z * 80, torch.full((n,), 80.0)), m)
+    assert bad["sw2"] > 5 * metrics["sw2"]
+
+
+def test_sampling_schedule():
+    """EDM schedule: t_0 = 80, t_{N-1} = 0.002, t_N = 0, decreasing, rho = 7 spacing; karras_sigma endpoints."""
+    t = common.sampling_sigmas(18)
+    assert len(t) == 19 and t[-1] == 0 and abs(t[0] - 80) < 1e-9 and abs(t[-2] - 0.002) < 1e-12
+    assert (t[1:] < t[:-1]).all()
+    mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert abs(float(common.karras_sigma(torch.tensor(0.5, dtype=torch.float64))) - mid) < 1e-9
+    # SiD's t_max = 0.8 of the grid reaches sigma ~ 24.4 (METHODS.md); DMD2's index 980/999 ~ 72.
+    assert abs(float(common.karras_sigma(torch.tensor(0.8, dtype=torch.float64))) - 24.4) < 0.1
+    assert abs(float(common.karras_sigma(torch.tensor(980 / 999, dtype=torch.float64))) - 71.6) < 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity 9: Frechet distance
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_identity9_frechet_equals_w2_closed_form():
+    """(9) frechet_distance = W2^2 between Gaussians: ||m1-m2||^2 + tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2),
+    computed here independently by eigendecompositions; and the diagonal case sum (sqrt a - sqrt b)^2."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for d in (2, 5, 30):
+        A, B = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+        S1, S2 = A @ A.T + 0.1 * np.eye(d), B @ B.T + 0.1 * np.eye(d)
+        m1, m2 = rng.normal(size=d), rng.normal(size=d)
+
+        def psd_sqrt(S):
+            w, V = np.linalg.eigh(S)
+            return V @ np.diag(np.sqrt(np.clip(w, 0, None))) @ V.T
+
+        r = psd_sqrt(S2)
+        w2 = ((m1 - m2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * np.trace(psd_sqrt(r @ S1 @ r))
+        assert abs(common.frechet_distance(m1, S1, m2, S2) - w2) < 1e-6 * max(1, abs(w2))
+    a, b = rng.uniform(0.1, 2, 7), rng.uniform(0.1, 2, 7)
+    fd = common.frechet_distance(np.zeros(7), np.diag(a), np.ones(7), np.diag(b))
+    assert abs(fd - (7 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())) < 1e-9
+
+
+def test_mixture_metrics_detect_mode_collapse():
+    """The toy metrics tell a faithful sampler from one that drops modes or blurs them."""
+    m = _gmm2d()
+    x, labels = m.sample(10000, generator=torch.Generator().manual_seed(8))
+    good = common.mixture_metrics(x, m)
+    collapsed = common.mixture_metrics(x[labels < 4], m)
+    blurred = common.mixture_metrics(x + 0.15 * torch.randn_like(x), m)
+    assert good["modes"] == 8 and good["mode_tv"] < 0.02 and good["precision"] > 0.99
+    assert collapsed["modes"] == 4 and collapsed["mode_tv"] > 0.2 and collapsed["sw2"] > 3 * good["sw2"]
+    assert blurred["precision"] < 0.8 and blurred["sw2"] > 2 * good["sw2"]
+    img = common.synthetic_mixture(8)
+    xi, li = img.sample(500, generator=torch.Generator().manual_seed(9))
+    mi = common.mixture_metrics(xi, img, labels=li)
+    assert mi["class_acc"] == 1.0 and mi["precision"] > 0.99 and mi["modes"] == 10
+    wrong = common.mixture_metrics(xi, img, labels=(li + 1) % 10)
+    assert wrong["class_acc"] == 0.0
+    # FD of 500 true samples in 192 dims is biased upwards (~0.6); shrinking every image by 0.8 is ~4x that.
+    assert common.mixture_metrics(xi * 0.8, img)["fd"] > 3 * mi["fd"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher: learns, caches, smoke runs of common.py
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_toy2d_teacher_learns(toy_teacher):
+    """The trained toy2d teacher's 35-NFE samples are close to the analytic teacher's (same sampler, same z)."""
+    _, result = toy_teacher
+    t, a = result["teacher"], result["analytic"]
+    assert result["nfe"] == 35
+    assert t["modes"] == 8 and a["modes"] == 8
+    assert t["sw2"] < a["sw2"] + 0.03, (t, a)
+    assert t["mode_tv"] < 0.06 and t["precision"] > 0.95
+
+
+def test_common_smoke_synthetic_and_cache(tmp_path):
+    """`python common.py` on a tiny synthetic config trains, evaluates, and the second call reuses the cache."""
+    flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-dir", str(tmp_path),
+             "--teacher-iters", "30", "--teacher-batch", "16", "--eval-samples", "40", "--teacher-steps", "3"]
+    first = common.main(flags)
+    folder = next(tmp_path.iterdir())
+    stamp = (folder / "teacher.pt").stat().st_mtime_ns
+    assert set(first["teacher"]) >= {"sw2", "mode_tv", "modes", "precision", "fd", "class_acc"}
+    assert first["nfe"] == 5
+    # The analytic teacher with only 3 Heun steps (5 NFE) already puts nearly every sample in its class.
+    assert first["analytic"]["class_acc"] >= 0.85
+    second = common.main(flags)
+    assert (folder / "teacher.pt").stat().st_mtime_ns == stamp  # loaded, not retrained
+    assert second["teacher"] == first["teacher"]
+    assert (folder / "teacher-5nfe.png").is_file() and (folder / "metrics.jsonl").is_file()
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    for argv in (["--dataset", "mnist"], ["--batch", "0"], ["--teacher-lr", "-1"], ["--teacher", str(tmp_path / "x")],
+                 ["--dataset", "cifar10", "--teacher", "analytic"], ["--dataset", "synthetic", "--resolution", "12"],
+                 ["--dataset", "synthetic", "--preset", "mlp"]):
+        with pytest.raises(SystemExit) as e:
+            common.main(argv)
+        assert e.value.code == 2
+        assert "error" in capsys.readouterr().err
+
+
+def test_teacher_from_other_dataset_is_refused(toy_teacher, tmp_path):
+    flags, _ = toy_teacher
+    path = next(p for p in (tmp_path.parent.parent.glob("**/teacher.pt")) if "toy2d" in str(p))
+    with pytest.raises(common.UserError, match="dataset='toy2d'"):
+        common.main(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher", str(path)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data loaders on small files the tests make
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cifar10_loader_reads_torchvision_format(tmp_path, monkeypatch):
+    """The real torchvision CIFAR10 path on a fake 'cifar-10-batches-py' (checksums patched to the fake files')."""
+    import hashlib
+    import pickle
+    import numpy as np
+    import torchvision
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
+        data[0, :1024] = 255  # image 0: red channel saturated (planar R, G, B layout)
+        data[0, 1024:] = 0
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    md5 = {n: hashlib.md5((root / n).read_bytes()).hexdigest() for n in names + ["batches.meta"]}
+    C = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(C, "train_list", [[n, md5[n]] for n in names[:5]])
+    monkeypatch.setattr(C, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(C, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
+    images, labels = common.load_cifar10(str(tmp_path))
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1, 2, 3] * 5
+    assert images[0, 0].min() == 255 and images[0, 1:].max() == 0
+    batches = common._tensor_batches(images, labels, 8, torch.device("cpu"), flip=True)
+    x, y = next(batches)
+    assert x.shape == (8, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+
+
+def test_cifar10_missing_gives_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    with pytest.raises(common.UserError, match="cifar-10-python.tar.gz"):
+        common.load_cifar10(str(tmp_path))
+
+
+def test_imagenet64_npz_and_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i in (1, 2):
+        data = np.zeros((3, 12288), dtype=np.uint8)
+        data[:, 4096:8192] = 200  # green plane
+        np.savez(npz / f"train_data_batch_{i}.npz", data=data, labels=np.array([1, 500, 1000]))
+    images, labels = common.load_imagenet64_npz(npz)
+    assert images.shape == (6, 3, 64, 64) and labels.tolist() == [0, 499, 999] * 2
+    assert images[:, 1].min() == 200 and images[:, 0].max() == 0 and images[:, 2].max() == 0
+    (npz / "train_data_batch_3.npz").write_bytes(b"not a zip")
+    with pytest.raises(common.UserError, match="train_data_batch_3"):
+        common.load_imagenet64_npz(npz)
+    # A folder of class subfolders, images of other sizes and aspect ratios -> 64x64 center crops.
+    folder = tmp_path / "folder"
+    for c, size in (("a", (100, 80)), ("b", (64, 128))):
+        (folder / c).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", size, (255, 0, 0) if c == "a" else (0, 0, 255)).save(folder / c / f"{k}.png")
+    args = common.parse_args(common.base_parser("t", "test"), argv=[
+        "--dataset", "imagenet64", "--data-dir", str(folder), "--workers", "0", "--batch", "4"])
+    x, y = next(common.real_batches(args, common.dataset_info(args), common.Dist()))
+    assert x.shape == (4, 3, 64, 64) and set(y.tolist()) <= {0, 1}
+    red = x[y == 0]
+    assert torch.allclose(red[:, 0], torch.ones_like(red[:, 0]), atol=0.02)
+    args.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(common.UserError, match="not a folder"):
+        common.real_batches(args, common.dataset_info(args), common.Dist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, run folders, resume
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tiny_run(tmp_path, iters, extra=()):
+    """A miniature training run through Run + train_loop: a toy2d MLP denoiser trained with the EDM loss."""
+    p = common.base_parser("t", "test")
+    args = common.parse_args(p, argv=["--out-dir", str(tmp_path / "run"), "--iters", str(iters), "--batch", "64",
+                                      "--ckpt-every", "5", "--log-every", "5", "--eval-every", "0", *extra])
+    dist = common.init_distributed(args)
+    info = common.dataset_info(args)
+    run = common.Run(args, dist)
+    net = common.build_denoiser(args, info)
+    opt = common.AmpOptimizer(torch.optim.Adam(net.parameters(), lr=1e-3), args, dist.device)
+    objects = {"net": net, "opt": opt}
+    start = run.resume(objects)
+    data = common.real_batches(args, info, dist)
+
+    def step_fn(step):
+        x0, _ = next(data)
+        loss = common.edm_loss(net, x0).mean()
+        opt.step(loss)
+        return {"loss": loss.detach()}
+
+    common.train_loop(args, run, objects, step_fn, lambda done: {}, start, args.iters, "tiny", optimizers=[opt])
+    return net, run
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Run 10 iterations, resume to 20: the same parameters, bit for bit, as 20 uninterrupted (RNG states restored)."""
+    full, _ = _tiny_run(tmp_path / "a", 20)
+    _tiny_run(tmp_path / "b", 10)
+    resumed, run = _tiny_run(tmp_path / "b", 20, ["--resume"])
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    lines = run.metrics_path.read_text().splitlines()
+    assert [__import__("json").loads(l)["iter"] for l in lines] == [5, 10, 15, 20]
+
+
+def test_run_folder_is_never_overwritten(tmp_path):
+    _tiny_run(tmp_path, 5)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(common.UserError, match="--resume"):
+        _tiny_run(tmp_path, 5)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    _tiny_run(tmp_path, 5, ["--overwrite"])
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        _tiny_run(tmp_path / "other", 5, ["--resume"])
+
+
+def test_checkpoint_atomic_safe_and_validated(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint(path, {"net": net}, 7, {"dataset": "toy2d"})
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    ckpt = common.load_checkpoint(path)
+    assert ckpt["step"] == 7 and ckpt["config"]["dataset"] == "toy2d"
+    other = torch.nn.Linear(3, 2)
+    common.restore({"net": other}, ckpt)
+    assert torch.equal(other.weight, net.weight)
+    with pytest.raises(common.UserError, match="does not fit"):
+        common.restore({"net": torch.nn.Linear(4, 2)}, ckpt)
+    with pytest.raises(common.UserError, match="has no 'ema'"):
+        common.restore({"ema": other}, ckpt)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as a kill during a non-atomic write would leave it
+    with pytest.raises(common.UserError, match="corrupt"):
+        common.load_checkpoint(path)
+    # weights_only: a pickle that would run code is refused.
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": 1, "state": {}, "x": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(common.UserError, match="corrupt"):
+        common.load_checkpoint(path)
+
+
+def test_nonfinite_loss_skips_step_and_stops(tmp_path):
+    """A NaN loss skips the optimizer step (parameters untouched); --max-skips consecutive NaNs stop the run."""
+    args = common.parse_args(common.base_parser("t", "test"), argv=["--max-skips", "3"])
+    net = torch.nn.Linear(2, 2)
+    opt = common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), args, torch.device("cpu"))
+    w = net.weight.clone()
+    assert opt.step(net(torch.full((1, 2), float("nan"))).sum()) is False
+    assert torch.equal(net.weight, w) and opt.skipped == 1
+    assert opt.step(net(torch.ones(1, 2)).sum()) is True and opt.skipped == 0
