@@ -147,7 +147,7 @@ def parse_args(parser, method_defaults=None, argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     for name, value in vars(args).items():
-        if (name == "lr" or name.endswith("_lr")) and isinstance(value, float) and not value > 0:
+        if (name == "lr" or name.startswith("lr_") or name.endswith("_lr")) and isinstance(value, float) and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number (got {value})")
     if args.dataset == "synthetic" and args.resolution not in (8, 16, 32, 64):
         parser.error(f"--resolution for synthetic must be 8, 16, 32 or 64 (got {args.resolution})")
@@ -217,12 +217,13 @@ def init_distributed(args):
     return Dist(rank=rank, world=world, device=device)
 
 
-def wrap(net, args, dist):
-    """The module used for training forward passes: DDP-wrapped when distributed, compiled with --compile.
+def wrap(net, args, dist, compile=True):
+    """The module used for training forward passes: DDP-wrapped when distributed, compiled with --compile (unless
+    compile=False, for networks whose losses need a double backward, which torch.compile does not support).
     Keep the plain module for EMA, checkpoints and frozen (no-grad-to-parameters) uses."""
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    if args.compile:
+    if args.compile and compile:
         net = torch.compile(net)
     return net
 
@@ -510,11 +511,17 @@ def _as_column(sigma, x):
 class EDMDenoiser(nn.Module):
     """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) with (sd = sigma_data)
         c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2),  c_noise = ln(s)/4.
-    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the network's feature maps]."""
+    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the network's feature maps];
+    features(x, sigma, labels=None) -> the same feature maps alone (for the UNet, from its encoder half only)."""
 
     def __init__(self, net, sigma_data=SIGMA_DATA):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
+
+    def features(self, x, sigma, labels=None):
+        sigma, s = _as_column(sigma, x)
+        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
+        return self.net.features(c_in * x, sigma.log() / 4, labels if self.net.num_classes else None)
 
     def forward(self, x, sigma, labels=None, return_features=False):
         sigma, s = _as_column(sigma, x)
@@ -1109,6 +1116,8 @@ def load_or_train_teacher(args, info, dist):
         teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
     else:
         teacher = teacher_net
+    # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
+    seed_everything(args.seed + dist.rank)
     return teacher, teacher_net
 
 

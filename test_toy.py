@@ -4,6 +4,10 @@ script. Run with `python -m pytest -q` (a few minutes on 2 CPU cores).
 The identities are numbered as at the end of ../shared/METHODS.md.
 """
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +36,6 @@ def _gmm2d():
 
 def test_mixture_log_prob_matches_scipy():
     """log p_sigma(x) of the noised mixture against an independent scipy computation."""
-    import numpy as np
     from scipy.stats import multivariate_normal
     m = _gmm2d()
     x = torch.randn(50, 2, dtype=torch.float64)
@@ -219,7 +222,6 @@ def test_sampling_schedule():
 def test_identity9_frechet_equals_w2_closed_form():
     """(9) frechet_distance = W2^2 between Gaussians: ||m1-m2||^2 + tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2),
     computed here independently by eigendecompositions; and the diagonal case sum (sqrt a - sqrt b)^2."""
-    import numpy as np
     rng = np.random.default_rng(0)
     for d in (2, 5, 30):
         A, B = rng.normal(size=(d, d)), rng.normal(size=(d, d))
@@ -314,7 +316,6 @@ def test_cifar10_loader_reads_torchvision_format(tmp_path, monkeypatch):
     """The real torchvision CIFAR10 path on a fake 'cifar-10-batches-py' (checksums patched to the fake files')."""
     import hashlib
     import pickle
-    import numpy as np
     import torchvision
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -354,7 +355,6 @@ def test_cifar10_missing_gives_clear_error(tmp_path, monkeypatch):
 
 
 def test_imagenet64_npz_and_folder(tmp_path):
-    import numpy as np
     from PIL import Image
     npz = tmp_path / "npz"
     npz.mkdir()

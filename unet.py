@@ -188,8 +188,8 @@ class SongUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise, labels=None, return_features=False):
-        emb = self.embed(c_noise, labels)  # (B, 4*mc)
+    def _encode(self, x, emb):
+        """Encoder + bottleneck: returns (h, skips for the decoder, feature maps: each level's output, bottleneck last)."""
         h = self.conv_in(x)
         skips, features = [h], []
         for i, block in enumerate(self.enc):
@@ -200,6 +200,16 @@ class SongUNet(nn.Module):
         for block in self.mid:
             h = block(h, emb)
         features.append(h)  # bottleneck (B, C_mid, H/2^L, W/2^L)
+        return h, skips, features
+
+    def features(self, x, c_noise, labels=None):
+        """The feature maps of forward(..., return_features=True) from the encoder half alone (the decoder, skipped
+        here, is most of the network's cost)."""
+        return self._encode(x, self.embed(c_noise, labels))[2]
+
+    def forward(self, x, c_noise, labels=None, return_features=False):
+        emb = self.embed(c_noise, labels)  # (B, 4*mc)
+        h, skips, features = self._encode(x, emb)
         for block in self.dec:
             if block.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)
@@ -240,6 +250,10 @@ class MLPNet(nn.Module):
             features.append(h)
         out = self.out(h)
         return (out, features) if return_features else out
+
+    def features(self, x, c_noise, labels=None):
+        """The hidden state after every block (as forward(..., return_features=True) returns them)."""
+        return self.forward(x, c_noise, labels, return_features=True)[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
