@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import sid
 
 # A shorter teacher than the default (3000 iterations) keeps the suite fast; it is still close to exact.
 TOY_TEACHER_ITERS = 1500
@@ -473,3 +474,273 @@ def test_nonfinite_loss_skips_step_and_stops(tmp_path):
     assert opt.step(net(torch.full((1, 2), float("nan"))).sum()) is False
     assert torch.equal(net.weight, w) and opt.skipped == 1
     assert opt.step(net(torch.ones(1, 2)).sum()) is True and opt.skipped == 0
+
+
+# ==============================================================================================================
+# sid.py: identity 6 of ../shared/METHODS.md on exact Gaussian denoisers, the loss function's pieces
+# (alpha, the detached normaliser, NaN masking), convergence on toy2d, a smoke run on tiny synthetic images and a
+# resume round trip.
+# ==============================================================================================================
+
+F64 = torch.float64
+
+
+def gaussian_fake_denoiser(x, sigma, m, s):
+    """Exact denoiser of the generator distribution N(m, s^2 I) (the optimal fake score psi*(theta)):
+    E[x0 | x0 + sigma eps = x] = m + s^2 / (s^2 + sigma^2) (x - m). Differentiable in x, m and s."""
+    return m + s ** 2 / (s ** 2 + sigma ** 2) * (x - m)
+
+
+def eps_form_L1_L2(x_g, eps, sigma, d_real, d_fake):
+    """L1 = ||eps_phi - eps_psi||^2 and L2 = <eps_phi - eps_psi, eps_phi - eps> per sample, from the
+    eps-predictions eps_hat = (x_t - D) / sigma, x_t = x_g + sigma eps. sigma broadcasts against x_g."""
+    x_t = x_g + sigma * eps
+    eps_phi, eps_psi = (x_t - d_real) / sigma, (x_t - d_fake) / sigma
+    L1 = ((eps_phi - eps_psi) ** 2).flatten(1).sum(1)
+    L2 = ((eps_phi - eps_psi) * (eps_phi - eps)).flatten(1).sum(1)
+    return L1, L2
+
+
+def test_sid_loss_is_L2_minus_alpha_L1():
+    """The x0-form loss with weight sigma^2 is L2 - alpha L1 in eps form (alpha = 0, 1, 1.2); the default weight
+    is SiD's mean |x_g - d_real|. Random image-shaped tensors, so the sum runs over C, H, W."""
+    g = torch.Generator().manual_seed(0)
+    B, shape = 6, (3, 4, 4)
+    x_g, eps, d_real, d_fake = (torch.randn(B, *shape, generator=g, dtype=F64) for _ in range(4))
+    sigma = torch.rand(B, generator=g, dtype=F64) * 3 + 0.1
+    s = sigma[:, None, None, None]
+    L1, L2 = eps_form_L1_L2(x_g, eps, s, d_real, d_fake)
+    w = sigma ** 2
+    torch.testing.assert_close(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=0.0, weight=w), L2)
+    torch.testing.assert_close(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=1.0, weight=w), L2 - L1)
+    torch.testing.assert_close(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=1.2, weight=w), L2 - 1.2 * L1)
+    mean_abs = (x_g - d_real).abs().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(sid.sid_generator_loss(x_g, d_real, d_fake),
+                               sigma ** 2 * (L2 - 1.2 * L1) / mean_abs)
+
+
+def test_sid_identity6_value_monte_carlo():
+    """With the exact fake denoiser, E[L1] = E[L2] (Tweedie: E[eps | x_t] = eps_psi*(x_t)). Gaussian generator,
+    exact toy2d teacher, sigma from SiD's schedule, weight = ones (x0 units, sigma^2 L). Monte Carlo with 4 standard
+    errors of tolerance; a slightly wrong fake denoiser must break the equality by far more than that."""
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    mixture = common.toy2d_mixture()
+    m, s = torch.tensor([0.1, -0.2], dtype=F64), 0.4
+    z, eps = torch.randn(n, 2, generator=g, dtype=F64), torch.randn(n, 2, generator=g, dtype=F64)
+    sigma = common.karras_sigma(torch.rand(n, generator=g, dtype=F64) * 0.8)
+    x_g = m + s * z
+    x_t = x_g + sigma[:, None] * eps
+    d_real = mixture.denoise(x_t, sigma)
+    ones = torch.ones(n, dtype=F64)
+
+    def gap(d_fake):
+        L2 = sid.sid_generator_loss(x_g, d_real, d_fake, alpha=0.0, weight=ones)  # sigma^2 L2
+        L1 = L2 - sid.sid_generator_loss(x_g, d_real, d_fake, alpha=1.0, weight=ones)  # sigma^2 L1
+        diff = L2 - L1
+        return float(L1.mean()), float(diff.mean()), float(diff.std() / math.sqrt(n))
+
+    L1_mean, diff, se = gap(gaussian_fake_denoiser(x_t, sigma[:, None], m, s))
+    assert abs(diff) < 4 * se, (diff, se)
+    assert L1_mean > 50 * se  # the equality is not 0 = 0
+    _, diff_wrong, se_wrong = gap(gaussian_fake_denoiser(x_t, sigma[:, None], m + 0.1, s))
+    assert abs(diff_wrong) > 10 * se_wrong, (diff_wrong, se_wrong)
+
+
+def _gauss_hermite_4d(n):
+    """Product Gauss-Hermite rule for E over (z, eps) ~ N(0, I_2) x N(0, I_2): nodes (n^4, 2) twice, weights."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    w = w / math.sqrt(2 * math.pi)
+    nodes = torch.tensor(np.stack(np.meshgrid(x, x, x, x, indexing="ij"), -1).reshape(-1, 4), dtype=F64)
+    weights = torch.tensor(np.einsum("i,j,k,l->ijkl", w, w, w, w).reshape(-1), dtype=F64)
+    return nodes[:, :2], nodes[:, 2:], weights
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_sid_identity6_gradient(sigma):
+    """grad_theta J = grad_theta (2 L2 - L1) with the fake denoiser's parameters held fixed at psi*(theta) and the
+    gradient flowing through its input x_t. J(theta) = E||D_phi(x_t) - D_psi*(theta)(x_t)||^2 / sigma^2 is
+    differentiated by autograd through the exact, theta-dependent fake denoiser. theta = (m, s) of a Gaussian
+    generator x_g = m + s z; teacher: an exact two-component mixture. Expectations by 20^4-point Gauss-Hermite
+    quadrature, so the agreement is tight (rel. 1e-5) and wrong variants fail by a wide margin."""
+    mixture = common.GaussianMixture([0.3, 0.7], [[-0.6, 0.2], [0.5, -0.1]], [0.04, 0.09])
+    z, eps, q = _gauss_hermite_4d(20)
+    m = torch.tensor([0.1, -0.2], dtype=F64, requires_grad=True)
+    s = torch.tensor(0.4, dtype=F64, requires_grad=True)
+    w = torch.full((len(q),), sigma ** 2, dtype=F64)  # weight sigma^2: the loss is L2 - alpha L1 in eps form
+
+    def denoisers(fake_params_live=False):
+        x_g = m + s * z
+        x_t = x_g + sigma * eps
+        d_real = mixture.denoise(x_t, sigma)
+        m_f, s_f = (m, s) if fake_params_live else (m.detach(), s.detach())
+        return x_g, d_real, gaussian_fake_denoiser(x_t, sigma, m_f, s_f)
+
+    def grad(f):
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(f, (m, s), retain_graph=True)])
+
+    def expect(per_sample):
+        return (q * per_sample).sum()
+
+    x_g, d_real, d_fake = denoisers(fake_params_live=True)
+    J = expect(((d_real - d_fake) ** 2).sum(1)) / sigma ** 2
+    grad_J = grad(J)
+
+    x_g, d_real, d_fake = denoisers()
+    L1 = expect(((d_real - d_fake) ** 2).sum(1)) / sigma ** 2
+    L2 = expect(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=0.0, weight=w))
+    torch.testing.assert_close(L1, J, rtol=1e-12, atol=0)
+    torch.testing.assert_close(L2, J, rtol=1e-5, atol=0)  # identity 6 in value, by quadrature
+
+    def rel_err(g):
+        err = float((g - grad_J).norm() / grad_J.norm())
+        print(f"sigma {sigma}: relative error {err:.3g}")
+        return err
+
+    # 2 L2 - L1 = 2 (L2 - 0.5 L1): the SiD loss at alpha = 0.5, times 2.
+    assert rel_err(grad(2 * expect(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=0.5, weight=w)))) < 1e-5
+    # Wrong variants: a factor 2 off, the paper's alpha = 1, the naive loss L1, no gradient through d_fake's input,
+    # no gradient through d_real's input.
+    assert rel_err(grad(expect(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=0.5, weight=w)))) > 0.1
+    assert rel_err(grad(expect(sid.sid_generator_loss(x_g, d_real, d_fake, alpha=1.0, weight=w)))) > 0.1
+    assert rel_err(grad(expect(((d_real - d_fake) ** 2).sum(1)) / sigma ** 2)) > 0.1
+    assert rel_err(grad(2 * expect(sid.sid_generator_loss(x_g, d_real, d_fake.detach(), 0.5, weight=w)))) > 0.1
+    assert rel_err(grad(2 * expect(sid.sid_generator_loss(x_g, d_real.detach(), d_fake, 0.5, weight=w)))) > 0.1
+    # The stop-gradient on the fake's parameters: 2 L2 - L1 is stationary in psi at psi*, so at alpha = 0.5 it does
+    # not matter; for L2 alone it does (with psi live, d/dtheta L2 = grad J because L2 = J along psi*(theta)).
+    x_g, d_real, d_fake_live = denoisers(fake_params_live=True)
+    assert rel_err(grad(2 * expect(sid.sid_generator_loss(x_g, d_real, d_fake_live, 0.5, weight=w)))) < 1e-5
+    grad_L2_live = grad(expect(sid.sid_generator_loss(x_g, d_real, d_fake_live, 0.0, weight=w)))
+    x_g, d_real, d_fake = denoisers()
+    grad_L2_fixed = grad(expect(sid.sid_generator_loss(x_g, d_real, d_fake, 0.0, weight=w)))
+    assert rel_err(grad_L2_live) < 1e-5 and rel_err(grad_L2_fixed) > 0.1
+
+
+def test_sid_default_weight_is_detached():
+    """SiD's w = mean |x_g - d_real| carries no gradient: the gradients with weight=None equal those with the same
+    w passed in detached, and differ from those with a w that is not detached."""
+    g = torch.Generator().manual_seed(2)
+    leaves = [torch.randn(5, 3, 4, 4, generator=g, dtype=F64, requires_grad=True) for _ in range(3)]
+
+    def grads(weight_fn):
+        x_g, d_real, d_fake = leaves
+        loss = sid.sid_generator_loss(x_g, d_real, d_fake, 1.2, weight_fn(x_g, d_real)).sum()
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, leaves)])
+
+    def mean_abs(x_g, d_real):
+        return (x_g - d_real).abs().mean(dim=(1, 2, 3))
+
+    default = grads(lambda x_g, d_real: None)
+    torch.testing.assert_close(default, grads(lambda x_g, d_real: mean_abs(x_g, d_real).detach()))
+    assert (default - grads(mean_abs)).abs().max() > 1e-3
+
+
+def test_sid_nan_masking():
+    """finite_rows finds the samples with a NaN / inf in any term; the loss over the kept samples is finite and its
+    gradients are exactly those of the clean sub-batch, with exact zeros (not NaN) for the dropped sample."""
+    g = torch.Generator().manual_seed(3)
+    x_g, d_real, d_fake = (torch.randn(5, 2, 3, generator=g, dtype=F64) for _ in range(3))
+    d_fake[1, 0, 2] = float("nan")
+    d_real[3, 1, 0] = float("inf")
+    keep = sid.finite_rows(x_g, d_real, d_fake)
+    assert keep.tolist() == [True, False, True, False, True]
+    x_g.requires_grad_(True)
+    loss = sid.sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep]).mean()
+    (grad,) = torch.autograd.grad(loss, x_g)
+    rows = torch.tensor([0, 2, 4])
+    x_sub = x_g.detach()[rows].requires_grad_(True)
+    loss_sub = sid.sid_generator_loss(x_sub, d_real[rows], d_fake[rows]).mean()
+    (grad_sub,) = torch.autograd.grad(loss_sub, x_sub)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, loss_sub)
+    torch.testing.assert_close(grad[rows], grad_sub)
+    assert (grad[~keep] == 0).all()
+    assert not sid.finite_rows(torch.full((3, 2), float("nan"))).any()
+
+
+def test_sid_iteration_survives_nan_teacher_samples():
+    """One train_iteration where the teacher returns NaN for a quarter of the samples: the generator and the fake
+    score still take a finite step (masking + nan_to_num), and the NaN samples are counted."""
+    args = sid.parse_args(["--dataset", "toy2d", "--batch", "64"])
+    info = common.dataset_info(args)
+    dist = common.Dist()
+    torch.manual_seed(0)
+    net = common.build_denoiser(args, info)
+    teacher = common.AnalyticDenoiser(info.mixture, info.shape)
+
+    def bad_teacher(x, sigma, labels=None):
+        d = teacher(x, sigma, labels).clone()
+        d[::4] = float("nan")
+        return d
+
+    generator, fake = net, common.build_denoiser(args, info)
+    fake.load_state_dict(net.state_dict())
+    before = [p.detach().clone() for p in generator.parameters()]
+    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.999)), args,
+                                dist.device)
+    opt_f = common.AmpOptimizer(torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999)), args,
+                                dist.device)
+    out = sid.train_iteration(args, info, dist, bad_teacher, generator, fake, generator, fake, opt_g, opt_f)
+    assert out["nan_samples"] == 16
+    assert math.isfinite(float(out["loss_g"])) and math.isfinite(float(out["loss_f"]))
+    assert opt_g.skipped == 0 and opt_f.skipped == 0
+    assert all(torch.isfinite(p).all() for p in generator.parameters())
+    assert any((p - b).abs().max() > 0 for p, b in zip(generator.parameters(), before))
+
+
+def test_sid_toy2d_converges(toy_teacher, tmp_path):  # noqa: F811
+    """SiD on toy2d with the exact teacher, 600 iterations at the toy defaults: the one-step EMA generator ends
+    close to the 35-NFE teacher sampler in sliced W2 and far from where it started (the teacher network used as a
+    one-step sampler: sw2 ~0.44, 3 modes, precision 0), covers all 8 modes with roughly their true weights, and
+    most samples land inside a mode. The tolerances allow for the oscillation of the mode weights over training
+    (mode_tv 0.02-0.10 between evaluations in runs with other seeds)."""
+    flags, _ = toy_teacher
+    flags = flags + ["--teacher", "analytic", "--out-dir", str(tmp_path / "sid"), "--iters", "600",
+                     "--eval-every", "0"]
+    result = sid.main(flags)
+    teacher, student = result["teacher"], result["student"]
+    args = sid.parse_args(flags)
+    info = common.dataset_info(args)
+    _, teacher_net = common.load_or_train_teacher(args, info, common.Dist())
+    start, _ = common.evaluate(args, info, lambda z, labels: sid.generate(teacher_net, z, labels, args.sigma_init),
+                               torch.device("cpu"))
+    print("start", start, "\nteacher", teacher, "\nstudent", student)
+    assert student["modes"] == 8 and start["modes"] < 8
+    assert student["sw2"] < teacher["sw2"] + 0.03 and student["sw2"] < 0.2 * start["sw2"]
+    assert student["mode_tv"] < 0.12
+    assert student["precision"] > 0.75
+
+
+def _synthetic_flags(teacher_dir, out_dir, iters):
+    return ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-dir", str(teacher_dir),
+            "--teacher-iters", "20", "--teacher-batch", "8", "--iters", str(iters), "--batch", "8",
+            "--eval-samples", "32", "--eval-every", "2", "--ckpt-every", "2", "--out-dir", str(out_dir)]
+
+
+def test_sid_smoke_synthetic_and_resume(tmp_path):
+    """Tiny synthetic run: metrics, pictures and a loadable generator.pt; then 2 iterations + --resume to 4 must
+    give exactly the parameters and optimiser states of an uninterrupted 4-iteration run (CPU, same RNG stream)."""
+    teachers = tmp_path / "teachers"
+    full = sid.main(_synthetic_flags(teachers, tmp_path / "full", 4))
+    assert {"sw2", "precision", "modes", "fd", "class_acc"} <= set(full["student"])
+    assert all(math.isfinite(v) for v in full["student"].values())
+    assert (tmp_path / "full" / "sid-000002.png").is_file() and (tmp_path / "full" / "sid-000004.png").is_file()
+    args = sid.parse_args(_synthetic_flags(teachers, tmp_path / "full", 4))
+    info = common.dataset_info(args)
+    generator = sid.load_generator(tmp_path / "full" / "generator.pt", args, info)
+    x = sid.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), args.sigma_init)
+    assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
+
+    sid.main(_synthetic_flags(teachers, tmp_path / "split", 2))
+    sid.main(_synthetic_flags(teachers, tmp_path / "split", 4) + ["--resume"])
+    a = common.load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    b = common.load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert a["step"] == b["step"] == 4
+    for name in ("generator", "fake", "ema"):
+        for key, value in a["state"][name].items():
+            torch.testing.assert_close(b["state"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    for name in ("opt_g", "opt_f"):
+        sa, sb = a["state"][name]["opt"]["state"], b["state"][name]["opt"]["state"]
+        for i in sa:
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sb[i][key], sa[i][key], rtol=0, atol=0)

@@ -1,0 +1,295 @@
+"""Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion Models for One-Step
+Generation (SiD; Zhou, Zheng, Wang, Yin, Huang; ICML 2024; arXiv:2404.04057).
+
+Idea. A one-step generator x_g = G(z) is trained, without any real data, so that the noisy generator distribution
+p_theta,sigma matches the teacher's noisy distribution at every noise level. The target is a model-based Fisher
+divergence between the teacher's denoiser D_phi and the denoiser D_psi*(theta) of the generator's own samples,
+    J(theta) = E_{z, eps, sigma} || D_phi(x_t; sigma) - D_psi*(theta)(x_t; sigma) ||^2,   x_t = x_g + sigma * eps.
+D_psi*(theta) is unknown; a "fake score" network D_psi is trained alongside G to approximate it (plain EDM
+denoising on generator samples). The naive loss (L1 below, with D_psi held fixed) trains poorly, because it
+ignores how psi* moves with theta. SiD uses Tweedie's score identity E[eps | x_t] = eps_psi*(x_t) (the noise the
+generator's own denoiser predicts) to trade one eps_psi for the injected noise eps:
+
+    eps form (eps_hat = (x_t - D) / sigma):
+        L1 = || eps_phi - eps_psi ||^2                    the naive Fisher-divergence estimate
+        L2 = < eps_phi - eps_psi , eps_phi - eps >         one eps_psi replaced by eps (the score identity)
+        SiD generator loss  = L2 - alpha * L1,            alpha = 1.2 (paper; 1.0 also works)
+    x0 form (what the code computes; D = d_real, d_fake):
+        eps_phi - eps_psi = (d_fake - d_real) / sigma,    eps_phi - eps = (x_g - d_real) / sigma,
+        so  sigma^2 (L2 - alpha L1) = (d_real - d_fake) . ((d_real - x_g) - alpha (d_real - d_fake)),
+    and SiD divides by w = stopgrad(mean |x_g - d_real|) instead of sigma^2 (a per-sample normaliser).
+
+Why alpha = 0.5 is the unbiased choice (identity 6 of ../shared/METHODS.md, checked in test_toy.py): with the
+exact fake denoiser, E[L1] = E[L2] = J for every theta, and differentiating with psi held fixed (gradients only
+through x_t) gives  grad J = grad (2 L2 - L1)  exactly. Hence
+    grad (L2 - alpha L1) = 1/2 grad J + (1/2 - alpha) grad L1|psi fixed,
+so alpha = 0.5 follows grad J (times 1/2) and alpha > 0.5 adds a push *up* the naive loss L1. (With the exact
+fake score, 2 L2 - L1 is even stationary in psi, so at alpha = 0.5 the dependence of psi* on theta is fully
+accounted for.) The paper's 1.0-1.2 are empirical: its authors guess, in the blog's comments, that they make up
+for the ignored dependence of psi*(theta) on theta when the fake score is not optimal. This file keeps the
+paper's 1.2 as the default; --alpha 0.5 runs the unbiased version. The identities hold for a weight that depends
+on (sigma, x_t) only; SiD's w also depends on x_g, so with it they are approximate.
+
+Paper -> code
+    fake-score update: EDM denoising loss on stopgrad(G(z))        -> common.edm_loss in train_iteration (step 1)
+    G(z) = D_G(sigma_init z; sigma_init, c), sigma_init = 2.5      -> generate()
+    sigma = Karras grid at u ~ U(0, t_max), t_max = 800/1000       -> common.karras_sigma in train_iteration
+    generator loss L2 - alpha L1 with the w normaliser             -> sid_generator_loss()
+    samples with NaN in any term are dropped                       -> finite_rows() in train_iteration
+    Adam(betas=(0, 0.999)) for G and psi, EMA of G (0.05 ramp-up)  -> main(), common.ema_update
+    Algorithm 1: 1 fake update then 1 generator update             -> train_iteration()
+
+Deliberate deviations from the paper / its code
+    - Labels are drawn uniformly (common.sample_labels); SiD's code reads them from the training set (the images
+      are never used there either).
+    - ImageNet-64: the paper's batch 8192 needs gradient accumulation over many GPUs, which this file does not do;
+      the default is batch 256 at the paper's lr 4e-6 (pass --batch to change). No FID is computed here
+      (common.evaluate scores toy2d / synthetic and saves sample grids for CIFAR-10 / ImageNet-64).
+    - AMP: bf16 autocast on CUDA by default (common.py); the paper ran fp16 with loss scaling on ImageNet, which
+      its issue tracker reports can diverge (--amp fp16 still works, with a GradScaler).
+    - toy2d / synthetic use toy-tuned learning rates, EMA and lengths so they finish in minutes on a CPU.
+
+Pitfalls (from SiD's issue tracker)
+    - With alpha near 1 the generator loss is signed and oscillates around 0; it says nothing about progress.
+      Watch the evaluation metrics (sw2 / precision / modes / fd here, FID on images) instead.
+    - fp16 can diverge; prefer bf16 (the default on CUDA).
+    - Under DDP, G's backward must run inside DDP's gradient sync (it does here: the generator's forward in the
+      generator step goes through common.wrap and its backward is a plain .backward() in AmpOptimizer.step).
+
+Shared pieces used (common.py / unet.py): base_parser / parse_args, init_distributed, dataset_info, Run,
+load_or_train_teacher (teacher D_phi and the EDMDenoiser that G and psi are copied from), edm_loss, karras_sigma,
+autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate, teacher_sampler,
+train_loop, save_checkpoint; unet.count_params.
+
+Commands
+    python sid.py                                          # toy2d, about a minute on 2 CPU cores
+    python sid.py --dataset toy2d --teacher analytic       # distil the exact mixture denoiser
+    python sid.py --dataset synthetic --resolution 16      # CPU, ~20 minutes on a busy 2-core machine
+    python sid.py --dataset cifar10 --data-dir data        # one GPU (the teacher is trained first if needed)
+    python sid.py --dataset imagenet64 --data-dir data/imagenet64
+    torchrun --nproc_per_node=8 sid.py --dataset cifar10 --data-dir data
+"""
+
+import copy
+import time
+
+import torch
+
+import common
+import unet
+
+# ================================================================================================================
+# ARGUMENTS
+# ================================================================================================================
+
+# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64 are the paper's: lr 1e-5 at batch 256
+# (CIFAR-10), 4e-6 (ImageNet-64), EMA half-life 0.5 Mimg; ~100 Mimg of generator samples ("very competitive").
+METHOD_DEFAULTS = {
+    "toy2d": dict(iters=1000, lr_g=3e-4, lr_f=1e-3, ema=50.0, eval_every=250),
+    "synthetic": dict(iters=400, lr_g=1e-4, lr_f=3e-4, ema=2.0, eval_every=100),
+    "cifar10": dict(iters=400000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0),
+    "imagenet64": dict(iters=400000, batch=256, lr_g=4e-6, lr_f=4e-6, ema=500.0),
+}
+
+
+def _per_dataset(key):
+    """Help-text suffix listing a flag's per-dataset defaults."""
+    return "default per dataset: " + ", ".join(f"{d} {v[key]:g}" for d, v in METHOD_DEFAULTS.items())
+
+
+def parse_args(argv=None):
+    p = common.base_parser("SiD: one-step distillation of an EDM teacher by score identity distillation.",
+                           method="sid")
+    g = p.add_argument_group("sid")
+    g.add_argument("--alpha", type=float, default=1.2,
+                   help="generator loss L2 - alpha * L1 (paper 1.2; 0.5 is unbiased with an optimal fake score)")
+    g.add_argument("--sigma-init", type=float, default=2.5,
+                   help="generator input noise level: G(z) = D_G(sigma_init * z; sigma_init)")
+    g.add_argument("--t-max", type=float, default=0.8,
+                   help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
+    g.add_argument("--lr-g", type=float, default=None,
+                   help="generator Adam learning rate, betas (0, 0.999); " + _per_dataset("lr_g"))
+    g.add_argument("--lr-f", type=float, default=None,
+                   help="fake-score Adam learning rate, betas (0, 0.999); " + _per_dataset("lr_f"))
+    g.add_argument("--ema", type=float, default=None,
+                   help="generator EMA half-life in kimg, capped at 5%% of the images seen so far (EDM's ramp-up); "
+                        + _per_dataset("ema"))
+    args = common.parse_args(p, METHOD_DEFAULTS, argv)
+    for name in ("lr_g", "lr_f", "sigma_init"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
+    if not 0 < args.t_max <= 1:
+        p.error(f"--t-max must be in (0, 1] (got {args.t_max})")
+    if not args.ema >= 0:
+        p.error(f"--ema must be >= 0 (got {args.ema})")
+    if not abs(args.alpha) < float("inf"):
+        p.error(f"--alpha must be a finite number (got {args.alpha})")
+    return args
+
+
+# ================================================================================================================
+# LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
+# ================================================================================================================
+
+def sid_generator_loss(x_g, d_real, d_fake, alpha=1.2, weight=None):
+    """SiD's generator loss per sample (B,), summed over the non-batch dimensions:
+        (d_real - d_fake) . ((d_real - x_g) - alpha (d_real - d_fake)) / w  =  sigma^2 (L2 - alpha L1) / w,
+    with d_real = D_phi(x_t), d_fake = D_psi(x_t), x_t = x_g + sigma eps. w is SiD's normaliser
+    stopgrad(mean |x_g - d_real|) over the non-batch dimensions when `weight` is None, else the given (B,) weight
+    (used as given: detach it yourself if it should carry no gradient). weight = sigma^2 gives L2 - alpha L1."""
+    if weight is None:
+        # w = stopgrad(mean_{CHW} |x_g - d_real|), floored so a perfect sample cannot divide by zero
+        with torch.no_grad():
+            weight = (x_g - d_real).abs().flatten(1).mean(1).clamp_min(1e-5)  # (B,)
+    w = weight.reshape(-1, *([1] * (x_g.ndim - 1)))  # (B, 1, ..., 1)
+    # sum_{CHW} (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / w
+    loss = (d_real - d_fake) * ((d_real - x_g) - alpha * (d_real - d_fake)) / w
+    return loss.flatten(1).sum(1)  # (B,)
+
+
+def finite_rows(*tensors):
+    """(B,) bool: the samples whose entries are finite in every given (B, ...) tensor. SiD drops the samples with
+    a NaN in x_g, d_real or d_fake *before* forming the loss, so that backward sends exact zeros to the dropped
+    rows (masking the per-sample loss instead would send 0 * NaN = NaN back through them)."""
+    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        keep &= torch.isfinite(t).flatten(1).all(1)
+    return keep
+
+
+# ================================================================================================================
+# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# ================================================================================================================
+
+def generate(generator, z, labels, sigma_init=2.5):
+    """One-step sampler: x_g = G(z) = D_G(sigma_init z; sigma_init, labels), z ~ N(0, I) of the data shape.
+    The generator is an EDM denoiser asked to denoise pure noise at sigma_init; it starts as the teacher."""
+    return generator(sigma_init * z, sigma_init, labels)
+
+
+def load_generator(path, args, info):
+    """The saved EMA generator (run.dir/generator.pt) as a denoiser to pass to generate()."""
+    net = common.build_denoiser(args, info)
+    common.restore({"generator": net}, common.load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
+
+
+# ================================================================================================================
+# ONE TRAINING ITERATION
+# ================================================================================================================
+
+def train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f):
+    """Algorithm 1 of the paper: one fake-score update, then one generator update. `generator_t` / `fake_t` are
+    the (DDP / compiled) wrappers used where that network's own parameters are trained. Returns the losses."""
+    device, batch = dist.device, args.batch // dist.world  # this rank's share of the batch
+    shape = (batch, *info.shape)
+
+    # ---- 1. Fake score psi: EDM denoising on generator samples (G fixed, in eval mode as in SiD's code) ----
+    generator.eval()
+    common.requires_grad(fake, True)
+    fake.train()
+    z = torch.randn(shape, device=device)
+    labels = common.sample_labels(info, batch, device)  # data-free: labels only
+    with torch.no_grad(), common.autocast(args, device):
+        x_g = generate(generator, z, labels, args.sigma_init).float()  # (B, *shape)
+    keep_f = finite_rows(x_g)  # drop non-finite generator samples (an empty batch gives NaN: the step is skipped)
+    x_g, labels = x_g[keep_f], None if labels is None else labels[keep_f]
+    with common.autocast(args, device):
+        # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, ln sigma ~ N(-1.2, 1.2^2)
+        loss_f = common.edm_loss(fake_t, x_g, labels).mean()
+    opt_f.step(loss_f)
+
+    # ---- 2. Generator G: SiD loss through x_t; teacher and fake frozen, gradients flow through their inputs ----
+    common.requires_grad(fake, False)
+    fake.eval()
+    generator.train()
+    z = torch.randn(shape, device=device)  # fresh latents
+    labels = common.sample_labels(info, batch, device)
+    eps = torch.randn(shape, device=device)
+    # u ~ U(0, t_max), sigma = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho  in [0.002, ~24.4]
+    sigma = common.karras_sigma(torch.rand(batch, device=device) * args.t_max)  # (B,)
+    s = sigma.reshape(-1, *([1] * len(info.shape)))  # (B, 1, ..., 1)
+    with common.autocast(args, device):
+        x_g = generate(generator_t, z, labels, args.sigma_init).float()  # (B, *shape), carries grad to theta
+        x_t = x_g + s * eps
+        d_real = teacher(x_t, sigma, labels)  # f_phi(x_t): teacher parameters frozen
+        d_fake = common.unwrap(fake)(x_t, sigma, labels)  # f_psi(x_t): plain module, parameters frozen
+    # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), then
+    # average the loss over them. A NaN that backward still carries into shared weights (one raised inside a
+    # network) is zeroed by AmpOptimizer's nan_to_num; an all-NaN batch gives a NaN loss and a skipped step.
+    keep = finite_rows(x_g, d_real, d_fake)  # (B,) bool
+    # mean_B sum_{CHW} (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / stopgrad(mean_{CHW}|x_g - f_phi|)
+    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha).mean()
+    opt_g.step(loss_g)
+    dropped = int((~keep_f).sum()) + int((~keep).sum())
+    return {"loss_f": loss_f.detach(), "loss_g": loss_g.detach(), "nan_samples": dropped}
+
+
+# ================================================================================================================
+# MAIN
+# ================================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = common.init_distributed(args)
+    info = common.dataset_info(args)
+    device = dist.device
+    if dist.is_main:
+        common.print_config(args)
+    t0 = time.time()
+    run = common.Run(args, dist)
+    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+
+    # theta (generator) and psi (fake score) both start as copies of the teacher's network.
+    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
+    fake = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
+    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
+    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.0, 0.999)),
+                                args, device)
+    opt_f = common.AmpOptimizer(torch.optim.Adam(fake.parameters(), lr=args.lr_f, betas=(0.0, 0.999)),
+                                args, device)
+    generator_t, fake_t = common.wrap(generator, args, dist), common.wrap(fake, args, dist)
+    objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    start = run.resume(objects)
+
+    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
+    nfe = common.heun_nfe(args.teacher_steps)
+    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
+                                                 device, run=run, tag=f"teacher-{nfe}nfe")
+    if teacher_metrics:
+        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
+        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
+    print(f"sid: generator {unet.count_params(generator) / 1e6:.2f}M parameters, {args.iters} iterations")
+
+    def sample(z, labels):
+        with common.autocast(args, device):
+            return generate(ema, z, labels, args.sigma_init).float()
+
+    final = {}
+
+    def eval_fn(done):
+        metrics, _ = common.evaluate(args, info, sample, device, run=run, step=done, tag="sid", reference=x_teacher)
+        final.clear()
+        final.update(metrics)
+        return metrics
+
+    def step_fn(step):
+        out = train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f)
+        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
+        return out
+
+    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="sid", optimizers=[opt_g, opt_f])
+    if start >= args.iters:
+        eval_fn(args.iters)
+    if dist.is_main:
+        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    dist.barrier()
+    result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": 1,
+              "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
+    if dist.is_main:
+        print(f"sid: done in {result['wall_s']} s; generator saved to {run.dir / 'generator.pt'}")
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main)
