@@ -1,0 +1,463 @@
+"""DMD2: Improved Distribution Matching Distillation for Fast Image Synthesis (Yin et al., NeurIPS 2024,
+arXiv:2405.14867), in one file.
+
+Idea. A generator G_theta (a copy of the teacher) maps noise to images in one step (or a few). Distribution Matching
+Distillation moves every generated sample x_g along the gradient of KL(p_fake,sigma || p_real,sigma) between the
+noised generator distribution and the noised data distribution. That gradient is a difference of two scores at a
+noised sample x_t = x_g + sigma * eps: the teacher D_phi gives the real score, a "fake score" network D_psi, trained
+online with the EDM loss on the generator's own samples, gives the fake one:
+    grad_theta KL = E[(s_fake - s_real)(x_t) dx_t/dtheta],   s_fake - s_real = (D_psi(x_t) - D_phi(x_t)) / sigma^2.
+DMD2 drops DMD's regression loss (and its dataset of teacher noise-image pairs) and keeps training stable with a
+two time-scale update rule (several fake-score updates per generator update), adds a GAN whose classifier is a small
+head on the fake-score network's bottleneck, trained on noised real and generated images (so the student can beat
+its teacher), and trains multi-step generators on their own intermediate outputs ("backward simulation").
+
+Paper -> code (arXiv:2405.14867; the authors' code is tianweiy/DMD2, main/edm/ for ImageNet-64):
+    distribution matching gradient (DMD), per-sample normalised by mean|x_g - D_real|  -> dmd_loss
+    its noise level: index uniform in [0.02, 0.98] of a 1000-point Karras grid         -> grid_sigma, DMD_*_INDEX
+    fake score D_psi trained on detached generator samples, EDM weighting              -> train_iteration step 1
+    two time-scale update rule (TTUR): 5 fake-score updates per generator update       -> --fake-updates
+    GAN: classifier head on D_psi's bottleneck, real and generated images noised       -> Classifier, train_iteration
+    non-saturating logistic losses softplus(-D(real)) + softplus(D(fake)), softplus(-D(fake))  -> gan_d_loss, gan_g_loss
+    generator G(80 z; 80), a copy of the teacher                                       -> generate, --sigma-init
+    multi-step generator with K fixed input noise levels                               -> student_sigmas, generate
+    backward simulation: step k trained on the generator's own k-step input            -> backward_simulation
+    AdamW(0.9, 0.999, wd 0.01), lr warm-up, grad-norm clip 10, bf16, no EMA            -> main, --warmup, --grad-clip
+
+Deliberate deviations from the paper and the authors' code:
+  - One iteration here is --fake-updates fake-score/classifier updates, then ONE generator update, so --iters counts
+    generator updates. The authors' step counter advances once per fake update (their 200k steps = 40k here).
+  - Losses are averaged over pixels as in the authors' code (dmd_loss itself returns per-sample sums), so the paper's
+    GAN weights (3e-3 generator side, 1e-2 fake side) keep their size relative to the other losses.
+  - The GAN's noise level is drawn over the whole grid (the authors cap its index with a flag). The GAN head has no
+    class projection: as in the authors' code the label enters through the class-conditional fake network.
+  - Multi-step noise levels: sigma_init, then the Karras grid at u = (K-1)/(K+1), ..., 1/(K+1) (K=2: 80, 0.47;
+    K=4: 80, 5.8, 0.97, 0.085), our choice in the spirit of the SDXL model's 999/749/499/249 timesteps (which are
+    about 14.6, 4.1, 1.6, 0.69 in EDM units, for latents of std ~1). k is drawn per sample.
+  - --ema keeps an EMA of the generator for evaluation (default 0: a plain copy, as the paper, which uses no EMA).
+  - toy2d: the "bottleneck" is the MLP's last hidden state and the classifier head is a 2-layer MLP; toy2d and
+    synthetic use larger learning rates and no warm-up so that they finish in minutes on a CPU.
+  - Multi-step: the fake score learns the K-step sampler's final outputs (--fake-samples final), while the authors'
+    SDXL code trains it on the outputs of the randomly chosen steps the generator is trained on (a mixture over
+    steps; --fake-samples steps). With the mixture, any split of the data between the steps whose average is the data
+    is a fixed point: on toy2d with --steps 2 the first step ended on 3 modes and the second on the other 5, and the
+    sampled (final) distribution lost 3 modes. With 'final' the DMD gradient of the last step is the exact one.
+
+Known behaviour (toy2d): from G(80 z) = the teacher's D(80 z; 80), which is the data mean for every z, the
+generator needs some tens of iterations before its samples spread out; afterwards the mode weights oscillate around
+the right values (the fake score lags the generator), more so with larger --lr-g. With --steps 2 the first step may
+stay collapsed and leave the work to the second (the final samples are what counts).
+
+Shared pieces from common.py: arguments, run folder / checkpoints / resume, the teacher (trained once and cached),
+the data (real batches for the GAN), EDMDenoiser (generator, fake score), edm_loss, karras_sigma, AMP optimiser,
+EMA, the training loop, evaluation and pictures. unet.py: the networks' `return_features` (bottleneck features).
+
+Commands:
+    python dmd2.py                                           # toy2d on CPU, about a minute
+    python dmd2.py --gan-weight 0                            # TTUR-only DMD2 (no GAN, no real data)
+    python dmd2.py --steps 2                                 # two-step generator with backward simulation
+    python dmd2.py --dataset synthetic --resolution 16       # small class-conditional images on CPU
+    python dmd2.py --dataset cifar10 --data-dir data         # one GPU
+    torchrun --nproc_per_node=8 dmd2.py --dataset imagenet64 --data-dir data/imagenet64
+"""
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import unet
+
+# ================================================================================================================
+# ARGUMENTS
+# ================================================================================================================
+
+# Per-dataset defaults of this method (keys are argparse dests); the shared ones come from common.DATASET_DEFAULTS.
+# cifar10 / imagenet64: the paper's ImageNet-64 settings (lr 2e-6 for both networks, warm-up 500 fake-score steps =
+# 100 iterations here, 200k fake-score steps = 40k iterations here, batch 280 on ImageNet, no EMA). toy2d and
+# synthetic: larger learning rates, no warm-up and short runs so that they finish in minutes on a CPU (one
+# iteration = 6 network updates, so a synthetic iteration costs ~5 CPU-seconds at batch 32).
+METHOD_DEFAULTS = {
+    "toy2d": dict(iters=400, batch=256, lr_g=3e-4, lr_f=2e-3, ema=0.0, warmup=0, eval_every=100),
+    "synthetic": dict(iters=50, batch=32, lr_g=1e-4, lr_f=2e-4, ema=0.0, warmup=0, eval_every=25),
+    "cifar10": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=100, batch=256),
+    "imagenet64": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=100, batch=280),
+}
+
+# The 1000-point Karras grid of noise levels (index i -> karras_sigma(i / 999)) and the index range of the
+# distribution matching gradient, [0.02, 0.98] of the grid (sigma ~0.003 .. ~72).
+GRID = 1000
+DMD_MIN_INDEX, DMD_MAX_INDEX = 20, 980
+
+
+def _per_dataset(key):
+    """Help-text suffix listing a flag's per-dataset defaults."""
+    return "default per dataset: " + ", ".join(f"{d} {v[key]:g}" for d, v in METHOD_DEFAULTS.items())
+
+
+def parse_args(argv=None):
+    p = common.base_parser("DMD2: Improved Distribution Matching Distillation (arXiv:2405.14867)", method="dmd2")
+    g = p.add_argument_group("dmd2")
+    g.add_argument("--lr-g", type=float, default=None,
+                   help="generator AdamW learning rate (paper 2e-6); " + _per_dataset("lr_g"))
+    g.add_argument("--lr-f", type=float, default=None,
+                   help="fake score + GAN classifier AdamW learning rate (paper 2e-6); " + _per_dataset("lr_f"))
+    g.add_argument("--fake-updates", type=int, default=5,
+                   help="two time-scale update rule: fake score / classifier updates per generator update")
+    g.add_argument("--gan-weight", type=float, default=1.0,
+                   help="scale of both GAN weights; 0 turns the GAN off (no classifier, no real data: TTUR-only)")
+    g.add_argument("--gan-weight-g", type=float, default=3e-3,
+                   help="weight of the generator's non-saturating GAN loss (paper 3e-3)")
+    g.add_argument("--gan-weight-f", type=float, default=1e-2,
+                   help="weight of the classifier's GAN loss on the fake score side (paper 1e-2)")
+    g.add_argument("--steps", type=int, default=1,
+                   help="sampling steps of the student (1 to 4), trained with backward simulation")
+    g.add_argument("--fake-samples", default="final", choices=("final", "steps"),
+                   help="with --steps > 1, what the fake score learns: 'final' the K-step sampler's outputs; 'steps' "
+                        "the outputs of the randomly chosen steps the generator is trained on (the authors' code; a "
+                        "mixture over steps, which toy2d shows can split the modes between steps)")
+    g.add_argument("--sigma-init", type=float, default=common.SIGMA_MAX,
+                   help="noise level of the generator's input sigma_init * z (first step)")
+    g.add_argument("--ema", type=float, default=None,
+                   help="half-life in kimg of the generator EMA that is evaluated and saved, capped at 5%% of the "
+                        "images seen so far (0: no EMA, as the paper); " + _per_dataset("ema"))
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear learning-rate warm-up of both optimisers, in iterations; " + _per_dataset("warmup"))
+    g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping of both optimisers")
+    args = common.parse_args(p, METHOD_DEFAULTS, argv)
+    for name in ("lr_g", "lr_f"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
+    if args.fake_updates < 1:
+        p.error(f"--fake-updates must be >= 1 (got {args.fake_updates})")
+    if not 1 <= args.steps <= 4:
+        p.error(f"--steps must be 1, 2, 3 or 4 (got {args.steps})")
+    if not common.SIGMA_MIN < args.sigma_init <= 1000:  # also rejects NaN
+        p.error(f"--sigma-init must be in ({common.SIGMA_MIN}, 1000] (got {args.sigma_init})")
+    for name in ("gan_weight", "gan_weight_g", "gan_weight_f", "ema", "warmup", "grad_clip"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    return args
+
+
+# ================================================================================================================
+# LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
+# ================================================================================================================
+
+def _column(w, x):
+    """A scalar or (B,) weight viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x."""
+    w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
+    return w.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def dmd_loss(x_g, d_real, d_fake, weight=None):
+    """Distribution matching loss per sample (B,), whose gradient w.r.t. x_g is exactly g:
+        g = (D_fake(x_t) - D_real(x_t)) / w,   w = stopgrad(mean_CHW |x_g - D_real(x_t)|)  (weight=None)
+        L = 0.5 * || x_g - stopgrad(x_g - g) ||^2   (summed over non-batch dimensions).
+    With weight = sigma^2, g = s_fake(x_t) - s_real(x_t), the DMD gradient of KL(p_fake,sigma || p_real,sigma)."""
+    with torch.no_grad():
+        if weight is None:
+            # w = mean_CHW |x_g - D_real|: the data-dependent normalisation of the authors' ImageNet code.
+            weight = (x_g - d_real).abs().flatten(1).mean(1)  # (B,)
+        # g = (D_fake - D_real) / w  (= s_fake - s_real when w = sigma^2); a w of 0 would give inf/NaN: zeroed
+        g = torch.nan_to_num((d_fake - d_real) / _column(weight, x_g), nan=0.0, posinf=0.0, neginf=0.0)
+        target = x_g - g
+    # L = 0.5 ||x_g - stopgrad(x_g - g)||^2, so dL/dx_g = g
+    return 0.5 * ((x_g - target) ** 2).flatten(1).sum(1)
+
+
+def gan_d_loss(real_logits, fake_logits):
+    """Classifier's non-saturating logistic loss per sample:
+        L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t)) = -log sigmoid(D(real)) - log(1 - sigmoid(D(fake)));
+    its minimiser over all functions is the logit D*(x) = log p_real,t(x) - log p_fake,t(x)."""
+    return F.softplus(-real_logits) + F.softplus(fake_logits)
+
+
+def gan_g_loss(fake_logits):
+    """Generator's non-saturating GAN loss per sample: L_G = softplus(-D(x_fake,t)) = -log sigmoid(D(x_fake,t))."""
+    return F.softplus(-fake_logits)
+
+
+# ================================================================================================================
+# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# ================================================================================================================
+
+class Classifier(nn.Module):
+    """The GAN classifier head on the fake score network's bottleneck features -> one logit per sample.
+    Images (B, C, h, w): [conv 4x4 stride 2 -> GroupNorm -> SiLU] until 1x1, then a linear logit (the authors'
+    ImageNet head: 8x8 -> 4x4 -> 1x1 -> 1); toy2d (B, hidden): Linear -> SiLU -> Linear. The class label reaches the
+    logit through the class-conditional fake network that computes the features, as in the authors' code."""
+
+    def __init__(self, channels, spatial=None):
+        super().__init__()
+        layers = []
+        if spatial is None:  # toy2d: a hidden-state vector
+            layers += [nn.Linear(channels, channels), nn.SiLU()]
+        else:
+            while spatial > 1:
+                layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1),
+                           nn.GroupNorm(min(32, channels // 4), channels), nn.SiLU()]
+                spatial //= 2
+        layers += [nn.Flatten(), nn.Linear(channels, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features):  # (B, C, h, w) or (B, C) -> (B,)
+        return self.layers(features.float())[:, 0]
+
+
+def build_classifier(fake, info):
+    """A Classifier sized to the fake network's bottleneck (the last entry of its feature list)."""
+    net = common.unwrap(fake).net
+    spatial = None
+    if len(info.shape) == 3:  # the UNet halves the resolution once per level after the first
+        spatial = info.shape[1] // 2 ** (len(net.feature_channels) - 2)
+    return Classifier(net.feature_channels[-1], spatial)
+
+
+def grid_sigma(n, device, lo=0, hi=GRID - 1):
+    """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999)."""
+    i = torch.randint(lo, hi + 1, (n,), device=device)
+    return common.karras_sigma(i.float() / (GRID - 1))  # (B,)
+
+
+def student_sigmas(steps, sigma_init):
+    """The K input noise levels of a K-step student: sigma_init for the first step (pure noise), then the Karras grid
+    at u = (K-1)/(K+1), ..., 1/(K+1) for the re-noised inputs. K=2: [80, 0.50]; K=3: [80, 2.52, 0.17];
+    K=4: [80, 5.83, 0.97, 0.085]."""
+    u = torch.arange(steps - 1, 0, -1, dtype=torch.float64) / (steps + 1)
+    return [float(sigma_init)] + common.karras_sigma(u).tolist()
+
+
+def _noise(x, generator=None):
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+
+@torch.no_grad()
+def generate(generator, z, labels, sigmas, noise_generator=None):
+    """The K-step sampler: x = sigma_0 z; for k: x0 = G(x; sigma_k, c); x = x0 + sigma_{k+1} eps; return the last x0.
+    `noise_generator` (a torch.Generator) makes the re-noising reproducible (evaluation)."""
+    x = sigmas[0] * z
+    for k, sigma in enumerate(sigmas):
+        x0 = generator(x, sigma, labels)
+        if k + 1 < len(sigmas):
+            x = x0 + sigmas[k + 1] * _noise(x0, noise_generator)
+    return x0
+
+
+def load_generator(path, args, info):
+    """The saved EMA generator (run.dir/generator.pt) as a denoiser; sample with
+    generate(net, z, labels, student_sigmas(steps, sigma_init)) using the run's --steps and --sigma-init."""
+    net = common.build_denoiser(args, info)
+    common.restore({"generator": net}, common.load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def backward_simulation(generator, z, labels, sigmas):
+    """Training inputs of a K-step student: per sample k ~ U{0..K-1}, the generator's own input at step k, obtained
+    by running it k steps from noise without gradient (x_0 = sigma_0 z, x_{j+1} = G(x_j; sigma_j) + sigma_{j+1} eps).
+    Returns (x_in, sigma_in (B,))."""
+    B = z.shape[0]
+    x = sigmas[0] * z
+    x_in, sigma_in = x.clone(), torch.full((B,), float(sigmas[0]), device=z.device)
+    if len(sigmas) == 1:
+        return x_in, sigma_in
+    k = torch.randint(len(sigmas), (B,), device=z.device)
+    for j in range(1, int(k.max()) + 1):
+        x = generator(x, sigmas[j - 1], labels) + sigmas[j] * torch.randn_like(x)
+        pick = k == j
+        x_in[pick], sigma_in[pick] = x[pick], float(sigmas[j])
+    return x_in, sigma_in
+
+
+# ================================================================================================================
+# ONE TRAINING ITERATION
+# ================================================================================================================
+
+def train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t, opt_g, opt_f,
+                    batches, sigmas):
+    """The two time-scale update rule: --fake-updates updates of the fake score D_psi (and the GAN classifier on its
+    bottleneck), then one generator update. `*_t` are the (DDP / compiled) wrappers used where that network's own
+    parameters are trained; `head` is None without the GAN. Returns the losses to log."""
+    device, batch = dist.device, args.batch // dist.world  # this rank's share of the batch
+    shape = (batch, *info.shape)
+    pixels = math.prod(info.shape)  # losses are averaged over pixels, as in the authors' code
+    gan = head is not None
+    out = {}
+
+    # ---- 1. Fake score psi (+ classifier): EDM loss on detached generator samples, GAN loss on noised real/fake ----
+    generator.eval()
+    for net in (fake, head) if gan else (fake,):
+        common.requires_grad(net, True).train()
+    for _ in range(args.fake_updates):
+        z = torch.randn(shape, device=device)
+        labels = common.sample_labels(info, batch, device)  # the generator's labels (None if unconditional)
+        with torch.no_grad(), common.autocast(args, device):
+            if args.fake_samples == "final":  # the K-step sampler's outputs only
+                x_g = generate(generator, z, labels, sigmas).float()
+            else:  # the outputs of randomly chosen steps, as the generator is trained on (a mixture over steps)
+                x_in, sigma_in = backward_simulation(generator, z, labels, sigmas)
+                x_g = generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
+        with common.autocast(args, device):
+            # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma = grid[i], i ~ U{0..999}
+            loss_fake = common.edm_loss(fake_t, x_g, labels, sigma=grid_sigma(batch, device)).mean() / pixels
+            loss_f = loss_fake
+            if gan:
+                x0, real_labels = next(batches)  # real data: the only place DMD2 uses it
+                x_both = torch.cat([x0, x_g])  # (2B, *shape): real first, then generated
+                labels_both = torch.cat([real_labels, labels]) if info.cond else None
+                # diffusion GAN: both noised, x + sigma eps with sigma = grid[i], i ~ U{0..999}
+                sigma = grid_sigma(2 * batch, device)
+                x_t = x_both + _column(sigma, x_both) * torch.randn_like(x_both)
+                _, features = fake_t(x_t, sigma, labels_both, return_features=True)
+                logits = head_t(features[-1])  # (2B,) from D_psi's bottleneck
+                # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
+                loss_d = gan_d_loss(logits[:batch], logits[batch:]).mean()
+                loss_f = loss_f + args.gan_weight * args.gan_weight_f * loss_d
+        opt_f.step(loss_f)
+    out["loss_fake"] = loss_fake.detach()
+    if gan:
+        out["loss_d"] = loss_d.detach()
+        # the classifier's accuracy-like read-out: mean sigmoid on real and on generated samples
+        out["p_real"] = torch.sigmoid(logits[:batch].detach()).mean()
+        out["p_fake"] = torch.sigmoid(logits[batch:].detach()).mean()
+
+    # ---- 2. Generator G: DMD gradient (+ GAN); teacher, fake and classifier frozen, gradients flow through x_t ----
+    for net in (fake, head) if gan else (fake,):
+        common.requires_grad(net, False).eval()
+    z = torch.randn(shape, device=device)  # fresh latents
+    labels = common.sample_labels(info, batch, device)
+    with torch.no_grad(), common.autocast(args, device):
+        x_in, sigma_in = backward_simulation(generator, z, labels, sigmas)  # step k's input, k ~ U{0..K-1}
+    generator.train()
+    with common.autocast(args, device):
+        x_g = generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
+        # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{20..980} (sigma ~0.003 .. ~72)
+        sigma = grid_sigma(batch, device, DMD_MIN_INDEX, DMD_MAX_INDEX)
+        x_t = x_g + _column(sigma, x_g) * torch.randn_like(x_g)
+        with torch.no_grad():
+            d_real = teacher(x_t, sigma, labels)  # D_phi(x_t)
+            d_fake = common.unwrap(fake)(x_t, sigma, labels)  # D_psi(x_t)
+        # dL/dx_g = g = (D_psi(x_t) - D_phi(x_t)) / mean_CHW |x_g - D_phi(x_t)|
+        loss_dmd = dmd_loss(x_g, d_real, d_fake).mean() / pixels
+        loss_g = loss_dmd
+        if gan:
+            sigma = grid_sigma(batch, device)
+            x_t = x_g + _column(sigma, x_g) * torch.randn_like(x_g)
+            _, features = common.unwrap(fake)(x_t, sigma, labels, return_features=True)
+            # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
+            loss_adv = gan_g_loss(common.unwrap(head)(features[-1])).mean()
+            loss_g = loss_g + args.gan_weight * args.gan_weight_g * loss_adv
+    opt_g.step(loss_g)
+    out["loss_dmd"] = loss_dmd.detach()
+    if gan:
+        out["loss_g_gan"] = loss_adv.detach()
+    return out
+
+
+# ================================================================================================================
+# MAIN
+# ================================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = common.init_distributed(args)
+    info = common.dataset_info(args)
+    device = dist.device
+    if dist.is_main:
+        common.print_config(args)
+    t0 = time.time()
+    run = common.Run(args, dist)
+    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+
+    # theta (generator) and psi (fake score) both start as copies of the teacher's network; the GAN classifier is a
+    # fresh head on psi's bottleneck features.
+    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
+    fake = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
+    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
+    gan = args.gan_weight > 0
+    head = build_classifier(fake, info).to(device) if gan else None
+
+    def adamw(params, lr):
+        # AdamW(0.9, 0.999, weight decay 0.01), gradient norm clipped at --grad-clip (10): the paper's settings
+        return common.AmpOptimizer(torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01),
+                                   args, device, clip=args.grad_clip)
+
+    opt_g = adamw(generator.parameters(), args.lr_g)
+    opt_f = adamw(list(fake.parameters()) + (list(head.parameters()) if gan else []), args.lr_f)
+    generator_t, fake_t = common.wrap(generator, args, dist), common.wrap(fake, args, dist)
+    head_t = common.wrap(head, args, dist) if gan else None
+    objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    if gan:
+        objects["head"] = head
+    start = run.resume(objects)
+    batches = common.real_batches(args, info, dist) if gan else None  # real data feeds the GAN only
+    sigmas = student_sigmas(args.steps, args.sigma_init)
+
+    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
+    nfe = common.heun_nfe(args.teacher_steps)
+    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
+                                                 device, run=run, tag=f"teacher-{nfe}nfe")
+    if teacher_metrics:
+        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
+    if teacher_metrics and dist.is_main:
+        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
+    if dist.is_main:
+        print(f"dmd2: generator {unet.count_params(generator) / 1e6:.2f}M parameters, "
+              + (f"classifier {unet.count_params(head) / 1e3:.1f}k" if gan else "no GAN")
+              + f", {args.steps}-step sigmas {[round(s, 3) for s in sigmas]}, {args.iters} iterations")
+
+    def sampler():
+        # the EMA generator's K-step sampler; its re-noising draws from its own seeded generator, so every evaluation
+        # sees the same noise and leaves the training RNG streams alone
+        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def sample(z, labels):
+            with common.autocast(args, device):
+                return generate(ema, z, labels, sigmas, noise_generator).float()
+        return sample
+
+    final = {}
+
+    def eval_fn(done):
+        metrics, _ = common.evaluate(args, info, sampler(), device, run=run, step=done, tag="dmd2",
+                                     reference=x_teacher)
+        final.clear()
+        final.update(metrics)
+        return metrics
+
+    def step_fn(step):
+        # linear learning-rate warm-up over --warmup iterations
+        ramp = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+        opt_g.set_lr(args.lr_g * ramp)
+        opt_f.set_lr(args.lr_f * ramp)
+        out = train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t,
+                              opt_g, opt_f, batches, sigmas)
+        if args.ema > 0:
+            common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
+        else:  # no EMA (the paper): evaluate the generator itself
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), generator.parameters()):
+                    p_ema.copy_(p)
+        return out
+
+    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="dmd2",
+                      optimizers=[opt_g, opt_f])
+    if start >= args.iters:
+        eval_fn(args.iters)
+    if dist.is_main:
+        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    dist.barrier()
+    result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": args.steps,
+              "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
+    if dist.is_main:
+        print(f"dmd2: done in {result['wall_s']} s; generator saved to {run.dir / 'generator.pt'}")
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main)
