@@ -1,0 +1,548 @@
+"""Adversarial Diffusion Distillation (ADD; Sauer, Lorenz, Blattmann, Rombach 2023; arXiv:2311.17042;
+the method behind SDXL-Turbo), in one file.
+
+Idea. The student G_theta starts as a copy of the teacher D_phi and learns to turn a noisy *real* image into a clean
+one in a single network evaluation. Its input is x_s = x0 + sigma_s eps, with sigma_s one of four student noise
+levels, the top one pure noise (so that sampling can start from noise). Two losses act on its output x_g:
+  * an adversarial loss: a discriminator (a frozen feature network + small trainable heads on several of its
+    layers, hinge loss, R1 penalty) tells x_g from real images; it makes one-step samples sharp and keeps them on
+    the data manifold;
+  * a distillation loss: re-noise x_g to a teacher level sigma_t, take the teacher's x0-prediction there as a
+    stop-gradient target and pull x_g towards it; this is score distillation (SDS), identity 8 of
+    ../shared/METHODS.md, and brings the teacher's knowledge (in the paper: its text alignment) to the student.
+        L_G = L_adv^G(x_g) + lambda L_distill(x_g),   lambda = 2.5.
+At inference the student samples in 1 to 4 steps: denoise pure noise, re-noise to the next student level, denoise.
+
+Paper -> code (notation of ../shared/METHODS.md, EDM form x_t = x0 + sigma eps):
+  Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR     STUDENT_T, student_sigmas()
+           x_s = alpha_s x0 + sigma_s eps from a real x0           train_iteration ("student input")
+  Sec 3.2  frozen feature network F, trainable heads D_k            teacher_features(), Head, Discriminator
+           projection on text (here: class) and on c_img of x0      Head.forward, image_embedding()
+           L_adv^G = -E[sum_k D_k(F_k(x_g))]                        hinge_g_loss()
+           L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))] + gamma R1
+                                                                    hinge_d_loss(), r1_penalty()
+           R1 on each head's input F_k(x0), not on pixels           r1_penalty()
+  Sec 3.3  L_distill = c(t) d(x_g, sg(D_phi(x_g + sigma_t eps')))   add_distill_loss(), distill_weighting()
+           c(t) = alpha_t ("exponential") or the SDS weighting       --weighting {exp,sds}
+  Eq 1     L = L_adv^G + lambda L_distill, lambda = 2.5              --distill-weight, train_iteration()
+  Fig 2    1-4 step sampling: denoise, re-noise, denoise            generate(), sampling_levels()
+
+Noise levels. The paper's teacher (SDXL) is a discrete-time VP model with the "scaled linear" schedule: sqrt(beta_t)
+linear from sqrt(0.00085) to sqrt(0.012) over t = 1..1000, abar_t = prod_{i<=t} (1 - beta_i). A timestep maps to the
+EDM noise level sigma(t) = sqrt((1 - abar_t) / abar_t) (the VP alpha of an EDM sigma is 1/sqrt(1 + sigma^2)):
+      t        1000          750      500      250
+      sigma    14.61 -> 80   4.082    1.613    0.6932
+The top level is *pure noise* (zero terminal SNR): there the student input is x_s = 80 eps, with no x0 in it,
+exactly the sampler's starting point sigma_max z. The teacher's distillation level is t ~ U{1, ..., 1000} of the same
+schedule, sigma_t = sigma(t) in [0.029, 14.6] (the teacher's range reaches 80; SDXL's schedule stops at 14.6).
+
+Weightings of the distillation loss and identity 8. With d = squared distance, x_t = x_g + sigma eps' and
+eps_phi = (x_t - D_phi(x_t)) / sigma we have x_g - D_phi(x_t) = sigma (eps_phi - eps'), hence
+      grad_theta c ||x_g - sg(D_phi(x_t))||^2 = 2 c sigma (eps_phi - eps') dx_g/dtheta:
+the SDS gradient (DreamFusion) with weight w = 2 c sigma.
+  --weighting exp   c = alpha = 1 / sqrt(1 + sigma^2)   (the paper's "exponential": higher noise counts less)
+  --weighting sds   c = w / (2 sigma) with DreamFusion's w = 1 - abar = sigma^2 / (1 + sigma^2),
+                    i.e. c = sigma / (2 (1 + sigma^2)): exactly the SDS gradient with that w.
+
+Deliberate deviations from the paper (an offline, small-scale, pixel-space version):
+  * Feature network. The paper's F is DINOv2 ViT-S (with CLIP for text); here F is the frozen *teacher's* network:
+    its encoder feature maps at every resolution plus the bottleneck (those of `return_features=True`, computed by
+    the encoder half alone) on inputs re-noised to sigma_d, ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2), as in
+    LADD (Sauer et al. 2024), SD3-Turbo and NVIDIA FastGen. It needs no downloaded weights, has been trained on
+    exactly this data, and the noise makes it a "diffusion GAN" whose real and fake distributions overlap. Also,
+    ImageNet-pretrained discriminator features can lower FID (whose Inception network is an ImageNet classifier
+    too) without making the images better (Kynkaanniemi et al. 2023); teacher features do not share that bias with
+    the metric. For toy2d the same code runs on the toy MLP teacher's hidden state after each residual block, with
+    MLP heads: one discriminator for every dataset, and "R1 on the heads' inputs" means the same thing everywhere
+    (a discriminator on raw 2-D points would turn it into a pixel-space R1).
+  * The image embedding c_img of x0 (what lets the discriminator check that the student used its input) is the
+    frozen teacher's bottleneck at sigma = 0.002, spatially averaged (the paper uses a second feature network). It
+    is off for toy2d (--no-img-cond): in 2-D an embedding of x0 is x0 itself, so the discriminator learns to test
+    x_g == x0 and pushes the student towards E[x0 | x_s], the blurry posterior mean, instead of a sample of
+    p(x0 | x_s). Measured with the toy defaults: sw2 0.061 / 0.161 at 1 / 4 steps with --img-cond, against
+    0.039 / 0.042 without. A DINOv2 embedding of a 512px image pins down its content, not its pixels.
+  * The heads are also conditioned (by projection) on the student level s. Without it the discriminator only sees
+    the mixture of the four levels' outputs, and the levels can trade errors: with --no-disc-level the toy's
+    1-step sampler kept 2 of 8 modes (sw2 0.53) while the mixture over levels still fooled the discriminator.
+  * The distillation term is divided by the number of data dimensions (a per-pixel mean, as torch's MSE and the
+    DMD2 code do); add_distill_loss itself sums, as identity 8 needs. A sum over 768 or 12288 pixels would drown
+    the O(1) hinge loss at lambda = 2.5.
+  * R1 = sum_k ||grad_{F_k} D_k||^2 on real features every iteration (no lazy regularisation). The diffusers ADD
+    example's "R1" differentiated the logits w.r.t. the heads' *parameters*: that is a weight-gradient norm, not a
+    gradient penalty on the data side, and does not smooth the discriminator around real data. Avoided here.
+  * --adv-weight (1 in the paper) exists for the ablation "distillation only" (--adv-weight 0); "adversarial only"
+    is --distill-weight 0. Class labels replace text prompts.
+  * Adam(0, 0.99) for both networks; cifar10 / imagenet64 use the paper's lr 1e-5 and gamma 1e-5 (set for 512px
+    latents) as a starting point, untuned. toy2d / synthetic use toy-tuned values so they finish on a CPU.
+
+Shared pieces from common.py: base_parser / parse_args, init_distributed, dataset_info, Run, load_or_train_teacher
+(the teacher D_phi and the EDMDenoiser the student is copied from), real_batches, SIGMA_MIN / SIGMA_MAX, autocast,
+AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate, teacher_sampler, heun_nfe, train_loop,
+save_checkpoint / load_checkpoint / restore. unet.py: `return_features=True`, `feature_channels`, count_params.
+
+Commands:
+    python add.py                                            # toy2d on CPU, about a minute
+    python add.py --teacher analytic --steps 4               # the exact mixture denoiser as teacher, 4 steps
+    python add.py --distill-weight 0 --out-dir runs/toy-adv  # ablation: adversarial loss only
+    python add.py --adv-weight 0 --out-dir runs/toy-distill  # ablation: distillation loss only
+    python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU
+    python add.py --dataset cifar10 --data-dir data          # one GPU
+    torchrun --nproc_per_node=8 add.py --dataset imagenet64 --data-dir data/imagenet64
+"""
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import unet
+
+# ================================================================================================================
+# ARGUMENTS
+# ================================================================================================================
+
+# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64: the paper's lr 1e-5 and R1 gamma 1e-5.
+METHOD_DEFAULTS = {
+    "toy2d": dict(iters=800, batch=128, lr_g=3e-4, lr_f=1e-3, ema=5.0, r1_weight=1e-3, disc_p_mean=-2.0,
+                  disc_dim=64, img_cond=False, eval_every=400),
+    "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_f=2e-4, ema=0.5, r1_weight=1e-3, disc_p_mean=-2.5,
+                      disc_dim=32, img_cond=True, eval_every=150),
+    "cifar10": dict(iters=100000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0, r1_weight=1e-5, disc_p_mean=-1.2,
+                    disc_dim=128, img_cond=True),
+    "imagenet64": dict(iters=200000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0, r1_weight=1e-5, disc_p_mean=-1.2,
+                       disc_dim=128, img_cond=True),
+}
+
+
+def parse_args(argv=None):
+    p = common.base_parser("ADD: adversarial diffusion distillation of an EDM teacher into a 1-4 step student.",
+                           method="add")
+    g = p.add_argument_group("add")
+    g.add_argument("--lr-g", type=float, default=None, help="student (generator) Adam learning rate (betas 0, 0.99)")
+    g.add_argument("--lr-f", type=float, default=None, help="discriminator heads' Adam learning rate (betas 0, 0.99)")
+    g.add_argument("--ema", type=float, default=None, help="student EMA half-life in kimg (0.05 ramp-up; 0: none)")
+    g.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4),
+                   help="sampling steps of the student used in evaluation (training covers all four levels)")
+    g.add_argument("--distill-weight", type=float, default=2.5,
+                   help="lambda in L = L_adv + lambda L_distill (paper 2.5; 0: adversarial loss only)")
+    g.add_argument("--adv-weight", type=float, default=1.0,
+                   help="weight of the adversarial loss (paper 1; 0: distillation only, no discriminator)")
+    g.add_argument("--weighting", default="exp", choices=("exp", "sds"),
+                   help="c(sigma) of the distillation loss: exp = 1/sqrt(1+sigma^2), sds = sigma/(2(1+sigma^2))")
+    g.add_argument("--r1-weight", type=float, default=None,
+                   help="gamma of the R1 penalty on the discriminator heads' inputs (0: off)")
+    g.add_argument("--disc-p-mean", type=float, default=None,
+                   help="mean of ln sigma_d, the noise level of the discriminator's (real and fake) inputs")
+    g.add_argument("--disc-p-std", type=float, default=1.0, help="standard deviation of ln sigma_d")
+    g.add_argument("--disc-dim", type=int, default=None, help="width of each discriminator head")
+    g.add_argument("--img-cond", action=argparse.BooleanOptionalAction, default=None,
+                   help="condition the heads on an image embedding of x0 (when sigma_s is below the top level)")
+    g.add_argument("--disc-level", action=argparse.BooleanOptionalAction, default=True,
+                   help="condition the heads on the student level s (a deviation; see the docstring)")
+    args = common.parse_args(p, METHOD_DEFAULTS, argv)
+    for name in ("distill_weight", "adv_weight", "r1_weight", "ema"):
+        if not 0 <= getattr(args, name) < math.inf:  # also rejects NaN
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, name)})")
+    for name in ("lr_g", "lr_f", "disc_p_std"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
+    if args.distill_weight == 0 and args.adv_weight == 0:
+        p.error("--distill-weight 0 with --adv-weight 0 leaves nothing to train")
+    if args.disc_dim < 4 or not math.isfinite(args.disc_p_mean):
+        p.error("--disc-dim must be >= 4 and --disc-p-mean finite")
+    return args
+
+
+# ================================================================================================================
+# LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
+# ================================================================================================================
+
+def _column(v, x):
+    """A (B,) tensor viewed as (B, 1, ..., 1) to broadcast against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def distill_weighting(sigma, weighting="exp"):
+    """c(sigma) of the distillation loss. exp: alpha = 1/sqrt(1 + sigma^2) (the VP alpha of an EDM sigma).
+    sds: sigma / (2 (1 + sigma^2)), which by identity 8 (w = 2 c sigma) gives the SDS gradient with w = 1 - abar."""
+    if weighting == "exp":
+        return 1 / (1 + sigma ** 2).sqrt()
+    if weighting == "sds":
+        return sigma / (2 * (1 + sigma ** 2))
+    raise ValueError(f"unknown weighting {weighting!r} (exp or sds)")
+
+
+def add_distill_loss(x_g, d_teacher, sigma, weighting="exp"):
+    """ADD's distillation loss per sample (B,), summed over non-batch dimensions:
+        L_distill = c(sigma) || x_g - sg(D_phi(x_g + sigma eps'; sigma)) ||^2,
+    d_teacher = the teacher's x0-prediction on the re-noised student sample; sigma a float or (B,)."""
+    sigma = torch.as_tensor(sigma, dtype=x_g.dtype, device=x_g.device).expand(x_g.shape[0])  # (B,)
+    # c(sigma) ||x_g - sg(D_phi(x_t))||^2; its gradient is 2 c sigma (eps_phi - eps') dx_g/dtheta (identity 8)
+    sq = (x_g - d_teacher.detach()).pow(2).flatten(1).sum(1)  # (B,)
+    return distill_weighting(sigma, weighting) * sq
+
+
+def _at_least_fp32(x):
+    """bf16 / fp16 tensors (under autocast) to float32 for the loss sums; float32 / float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _per_sample(logits):
+    """Logits of one head (B, ...) or a list of heads -> (B,): mean over each head's locations, summed over heads."""
+    if torch.is_tensor(logits):
+        logits = [logits]
+    return sum(_at_least_fp32(l).reshape(l.shape[0], -1).mean(1) for l in logits)
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """Discriminator hinge loss per sample (B,); logits of one head (B, ...) or a list of heads:
+        L_D = sum_k mean_locations [max(0, 1 - D_k(real)) + max(0, 1 + D_k(fake))]."""
+    if torch.is_tensor(real_logits):
+        real_logits, fake_logits = [real_logits], [fake_logits]
+    # max(0, 1 - D(x0)) + max(0, 1 + D(x_g))
+    return _per_sample([F.relu(1 - r) for r in real_logits]) + _per_sample([F.relu(1 + f) for f in fake_logits])
+
+
+def hinge_g_loss(fake_logits):
+    """Generator hinge loss per sample (B,): L_adv^G = -sum_k mean_locations D_k(fake)."""
+    return -_per_sample(fake_logits)
+
+
+def r1_penalty(real_logits, features):
+    """R1 gradient penalty per sample (B,) on the heads' *inputs*: sum over the feature tensors F_k (one tensor or a
+    list; they must require grad) of ||d sum(D(F)) / d F_k||^2 per sample. create_graph=True, so the penalty's
+    gradient reaches the head parameters (through the second derivative), which is what trains them to be smooth."""
+    if torch.is_tensor(real_logits):
+        real_logits = [real_logits]
+    features = [features] if torch.is_tensor(features) else list(features)
+    total = sum(_at_least_fp32(l).sum() for l in real_logits)
+    # R1 = sum_k ||grad_{F_k} D_k(F_k(x0))||^2; samples are independent, so grad of the batch sum is per sample
+    grads = torch.autograd.grad(total, features, create_graph=True)
+    return sum(_at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,)
+
+
+# ================================================================================================================
+# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# ================================================================================================================
+
+STUDENT_T = (1000, 750, 500, 250)  # the paper's student timesteps (1-based, of 1000)
+
+
+def vp_sigmas(beta_start=0.00085, beta_end=0.012, T=1000):
+    """EDM sigma of every timestep t = 1..T of SDXL's "scaled linear" VP schedule (sqrt(beta) linear):
+    sigma(t) = sqrt((1 - abar_t) / abar_t), abar_t = prod_{i<=t} (1 - beta_i). (T,) float64; entry t-1 is t."""
+    beta = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - beta, 0)
+    return ((1 - abar) / abar).sqrt()
+
+
+def student_sigmas():
+    """The four student levels, high to low: sigma(t) for t in STUDENT_T with the top one set to sigma_max = 80 (pure
+    noise, zero terminal SNR): float64 [80, 4.082, 1.613, 0.6932]."""
+    table = vp_sigmas()
+    s = torch.stack([table[t - 1] for t in STUDENT_T])
+    s[0] = common.SIGMA_MAX
+    return s
+
+
+def sampling_levels(steps, num_levels=len(STUDENT_T)):
+    """Indices into student_sigmas() visited by a `steps`-step sampler, evenly spaced from the top:
+    1 -> [0], 2 -> [0, 2], 3 -> [0, 1, 3], 4 -> [0, 1, 2, 3] (t = 1000 | 1000, 500 | 1000, 750, 250 | all)."""
+    return [int(round(i * num_levels / steps)) for i in range(steps)]
+
+
+@torch.no_grad()
+def generate(generator, z, labels, steps=1, noise_generator=None):
+    """The student's sampler: x = sigma_max z; at each visited level: x0_hat = G(x; sigma_k, c), then re-noise
+    x = x0_hat + sigma_next eps; the last x0_hat is the sample (1 NFE per step). `noise_generator` (a torch.Generator)
+    makes the re-noising reproducible (evaluation)."""
+    sigmas = student_sigmas()
+    levels = [float(sigmas[k]) for k in sampling_levels(steps)]
+    x = levels[0] * z  # pure noise at the top level
+    for i, sigma in enumerate(levels):
+        x0_hat = generator(x, sigma, labels)
+        if i + 1 < len(levels):
+            eps = torch.randn(x0_hat.shape, device=x0_hat.device, dtype=x0_hat.dtype, generator=noise_generator)
+            x = x0_hat + levels[i + 1] * eps
+    return x0_hat
+
+
+def load_generator(path, args, info):
+    """The saved EMA student (run.dir/generator.pt) as a denoiser; sample with generate(net, z, labels, steps)."""
+    net = common.build_denoiser(args, info)
+    common.restore({"generator": net}, common.load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
+
+
+def teacher_features(teacher_net, x, sigma, labels=None):
+    """The frozen feature network F: the teacher's encoder feature maps (every resolution, bottleneck last; for the
+    toy MLP, the hidden state after every block) at input x and noise level sigma, from the UNet's encoder half
+    alone (EDMDenoiser.features). Gradients flow back to x."""
+    return common.unwrap(teacher_net).features(x, sigma, labels)
+
+
+@torch.no_grad()
+def image_embedding(teacher_net, x0, labels=None):
+    """c_img: the frozen teacher's bottleneck features of the clean x0 (sigma = 0.002), spatially averaged: (B, C)."""
+    h = teacher_features(teacher_net, x0, common.SIGMA_MIN, labels)[-1]
+    return h.float().flatten(2).mean(2) if h.ndim == 4 else h.float()
+
+
+class Head(nn.Module):
+    """One discriminator head D_k on feature level F_k: a small body h = body(F_k) (conv 3x3 -> GroupNorm -> SiLU ->
+    conv 3x3 -> SiLU for maps, the MLP equivalent for vectors), then per-location logits with projection conditioning:
+        D_k = out(h) + <h, embed(c)>/sqrt(dim) + <h, W c_img>/sqrt(dim) + <h, embed(s)>/sqrt(dim)."""
+
+    def __init__(self, channels, dim, spatial, num_classes=0, img_dim=0, num_levels=0):
+        super().__init__()
+        self.dim, self.spatial = dim, spatial
+        if spatial:
+            self.body = nn.Sequential(nn.Conv2d(channels, dim, 3, padding=1), nn.GroupNorm(min(32, dim // 4), dim),
+                                      nn.SiLU(), nn.Conv2d(dim, dim, 3, padding=1), nn.SiLU())
+            self.out = nn.Conv2d(dim, 1, 1)
+        else:
+            self.body = nn.Sequential(nn.Linear(channels, dim), nn.LayerNorm(dim), nn.SiLU(), nn.Linear(dim, dim),
+                                      nn.SiLU())
+            self.out = nn.Linear(dim, 1)
+        self.label_embed = nn.Embedding(num_classes, dim) if num_classes else None
+        # no bias: a zeroed c_img (student input without signal) then adds exactly nothing
+        self.img_embed = nn.Linear(img_dim, dim, bias=False) if img_dim else None
+        self.level_embed = nn.Embedding(num_levels, dim) if num_levels else None
+
+    def forward(self, feat, labels=None, c_img=None, level=None):  # (B, C, H, W) | (B, C) -> (B, H*W) | (B, 1)
+        h = self.body(feat)  # (B, dim, H, W) or (B, dim)
+        logit = self.out(h).flatten(1)  # (B, N)
+        h = h.flatten(2) if self.spatial else h[:, :, None]  # (B, dim, N)
+        cond = torch.zeros_like(h[:, :, 0])  # (B, dim): the sum of the projection embeddings
+        if self.label_embed is not None and labels is not None:
+            cond = cond + self.label_embed(labels)
+        if self.img_embed is not None and c_img is not None:
+            cond = cond + self.img_embed(c_img.to(self.img_embed.weight.dtype))
+        if self.level_embed is not None and level is not None:
+            cond = cond + self.level_embed(level)
+        # projection discriminator: logit += <h, e(c) + W c_img + e(s)> / sqrt(dim)
+        return logit + (h * cond[:, :, None]).sum(1) / math.sqrt(self.dim)
+
+
+class Discriminator(nn.Module):
+    """The trainable part of the discriminator: one Head per feature level of the frozen teacher.
+    forward(features, labels, c_img, level) -> list of per-location logits (B, N_k), one per head."""
+
+    def __init__(self, feature_channels, dim, spatial, num_classes=0, img_dim=0, num_levels=0):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(c, dim, spatial, num_classes, img_dim, num_levels)
+                                    for c in feature_channels])
+
+    def forward(self, features, labels=None, c_img=None, level=None):
+        return [head(f, labels, c_img, level) for head, f in zip(self.heads, features)]
+
+
+def build_discriminator(args, info, teacher_net):
+    """Heads sized to the teacher's feature levels, conditioned as the flags say."""
+    channels = list(common.unwrap(teacher_net).net.feature_channels)
+    return Discriminator(channels, args.disc_dim, spatial=len(info.shape) == 3, num_classes=info.label_dim,
+                         img_dim=channels[-1] if args.img_cond else 0,
+                         num_levels=len(STUDENT_T) if args.disc_level else 0)
+
+
+# ================================================================================================================
+# ONE TRAINING ITERATION
+# ================================================================================================================
+
+def _twice(v):
+    """The conditions of a real/generated pair, stacked like torch.cat([x0, x_g]); None stays None."""
+    return None if v is None else torch.cat([v, v])
+
+
+def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t, opt_g, opt_f,
+                    batches):
+    """One ADD iteration: a student update on L_adv^G + lambda L_distill, then a discriminator update on the hinge
+    loss + gamma R1, both on the same real batch. `*_t` are the (DDP / compiled) wrappers used where that network's
+    own parameters are trained. Returns the losses to log."""
+    device = dist.device
+    pixels = math.prod(info.shape)  # the distillation term is averaged over pixels (see the docstring)
+    x0, labels = next(batches)  # (B, *shape) real data in [-1, 1]
+    labels = labels if info.cond else None
+    B = x0.shape[0]
+    sigmas = student_sigmas().to(device=device, dtype=torch.float32)
+    use_disc = args.adv_weight > 0
+    out = {}
+
+    # ---- student input: a real x0 noised to a level s ~ U{0..3}; the top level (s = 0) is pure noise ----
+    level = torch.randint(len(sigmas), (B,), device=device)  # (B,)
+    sigma_s = sigmas[level]  # (B,)
+    signal = (level > 0).float()  # 0 at the top level: zero terminal SNR, no x0 in the input
+    # x_s = x0 + sigma_s eps   (x_s = sigma_max eps at the top level)
+    x_s = _column(signal, x0) * x0 + _column(sigma_s, x0) * torch.randn_like(x0)
+    c_img = None
+    if use_disc and args.img_cond:
+        # c_img of x0, only where the student saw some of x0 (sigma_s below the top)
+        c_img = image_embedding(teacher_net, x0, labels) * signal[:, None]  # (B, C_img)
+    d_level = level if args.disc_level else None
+
+    def disc_noise(n):
+        # the discriminator's inputs are noised, x + sigma_d eps, ln sigma_d ~ N(P_mean, P_std^2)
+        return (torch.randn(n, device=device) * args.disc_p_std + args.disc_p_mean).exp()  # (n,)
+
+    # ---- 1. student G: adversarial + distillation loss; teacher, feature net and heads frozen ----
+    common.requires_grad(disc, False)
+    with common.autocast(args, device):
+        x_g = generator_t(x_s, sigma_s, labels).float()  # (B, *shape), carries grad to theta
+        loss_g = torch.zeros((), device=device)
+        if use_disc:
+            sigma_d = disc_noise(B)
+            x_d = x_g + _column(sigma_d, x_g) * torch.randn_like(x_g)
+            fake_logits = common.unwrap(disc)(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img,
+                                              d_level)
+            # L_adv^G = -E[sum_k D_k(F_k(x_g))]
+            loss_adv = hinge_g_loss(fake_logits).mean()
+            loss_g = loss_g + args.adv_weight * loss_adv
+            out["loss_adv"] = loss_adv.detach()
+        if args.distill_weight > 0:
+            # teacher level t ~ U{1..1000}: sigma_t = sigma(t) of the VP schedule, in [0.029, 14.6]
+            table = vp_sigmas().to(device=device, dtype=torch.float32)  # (1000,)
+            sigma_t = table[torch.randint(len(table), (B,), device=device)]  # (B,)
+            # x_t = x_g + sigma_t eps'
+            x_t = x_g.detach() + _column(sigma_t, x_g) * torch.randn_like(x_g)
+            with torch.no_grad():
+                d_real = teacher(x_t, sigma_t, labels)  # D_phi(x_t): the stop-gradient target
+            # lambda L_distill, L_distill = c(sigma_t) ||x_g - sg(D_phi(x_t))||^2 / pixels
+            loss_distill = add_distill_loss(x_g, d_real, sigma_t, args.weighting).mean() / pixels
+            loss_g = loss_g + args.distill_weight * loss_distill
+            out["loss_distill"] = loss_distill.detach()
+    opt_g.step(loss_g)
+    out["loss_g"] = loss_g.detach()
+    if not use_disc:
+        return out
+
+    # ---- 2. discriminator heads: hinge loss on noised real x0 vs noised x_g, + gamma R1 on the real features ----
+    common.requires_grad(disc, True)
+    with common.autocast(args, device):
+        x_both = torch.cat([x0, x_g.detach()])  # (2B, *shape): real first, then generated
+        sigma_d = disc_noise(2 * B)
+        x_d = x_both + _column(sigma_d, x_both) * torch.randn_like(x_both)
+        with torch.no_grad():
+            feats = teacher_features(teacher_net, x_d, sigma_d, _twice(labels))  # frozen F, no gradient
+        # the real halves become leaves that require grad, so R1 can differentiate the logits w.r.t. them
+        feats_real = [f[:B].detach().requires_grad_(True) for f in feats]
+        feats_both = [torch.cat([r, f[B:]]) for r, f in zip(feats_real, feats)]
+        logits = disc_t(feats_both, _twice(labels), _twice(c_img), _twice(d_level))  # list of (2B, N_k)
+        real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
+        # L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))]
+        loss_d = hinge_d_loss(real_logits, fake_logits).mean()
+        loss_f = loss_d
+        if args.r1_weight > 0:
+            # + gamma R1,  R1 = sum_k ||grad_{F_k} D_k(F_k(x0))||^2
+            r1 = r1_penalty(real_logits, feats_real).mean()
+            loss_f = loss_f + args.r1_weight * r1
+            out["r1"] = r1.detach()
+    opt_f.step(loss_f)
+    out["loss_d"] = loss_d.detach()
+    # mean logits on real and generated samples: how far apart the discriminator holds them
+    out["d_real"] = _per_sample(real_logits).mean().detach()
+    out["d_fake"] = _per_sample(fake_logits).mean().detach()
+    return out
+
+
+# ================================================================================================================
+# MAIN
+# ================================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = common.init_distributed(args)
+    info = common.dataset_info(args)
+    device = dist.device
+    if dist.is_main:
+        common.print_config(args)
+    t0 = time.time()
+    run = common.Run(args, dist)
+    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+
+    # theta (student) starts as a copy of the teacher's network (kept in eval mode: no dropout, as SDXL has none);
+    # the discriminator heads sit on the frozen teacher's features.
+    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
+    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
+    disc = build_discriminator(args, info, teacher_net).to(device)
+    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.0, 0.99)),
+                                args, device)
+    opt_f = common.AmpOptimizer(torch.optim.Adam(disc.parameters(), lr=args.lr_f, betas=(0.0, 0.99)), args, device)
+    generator_t = common.wrap(generator, args, dist)
+    # R1's double backward fails under torch.compile ("aot_autograd does not currently support double backward"),
+    # so the (small) heads get DDP only, never --compile.
+    disc_t = common.wrap(disc, args, dist, compile=False)
+    objects = {"generator": generator, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    start = run.resume(objects)
+    batches = common.real_batches(args, info, dist)  # ADD trains on real images (the student's inputs)
+
+    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
+    nfe = common.heun_nfe(args.teacher_steps)
+    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
+                                                 device, run=run, tag=f"teacher-{nfe}nfe")
+    if teacher_metrics:
+        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
+        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
+    print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
+          f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
+          f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
+
+    def sampler(steps):
+        # the EMA student's sampler; re-noising draws from its own seeded generator, so every evaluation sees the
+        # same noise and leaves the training RNG streams alone (resume reproduces an uninterrupted run)
+        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def sample(z, labels):
+            with common.autocast(args, device):
+                return generate(ema, z, labels, steps, noise_generator).float()
+        return sample
+
+    final = {}
+
+    def eval_fn(done):
+        metrics, _ = common.evaluate(args, info, sampler(args.steps), device, run=run, step=done,
+                                     tag=f"add-{args.steps}step", reference=x_teacher)
+        final.clear()
+        final.update(metrics)
+        return metrics
+
+    def step_fn(step):
+        out = train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t,
+                              opt_g, opt_f, batches)
+        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
+        return out
+
+    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="add", optimizers=[opt_g, opt_f])
+    if start >= args.iters:
+        eval_fn(args.iters)
+    if dist.is_main:
+        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    dist.barrier()
+    wall = round(time.time() - t0, 1)
+
+    # The same student sampled with 1..4 steps (training does not depend on --steps).
+    per_steps = {}
+    for steps in range(1, len(STUDENT_T) + 1):
+        if steps == args.steps:
+            per_steps[steps] = dict(final)
+            continue
+        per_steps[steps], _ = common.evaluate(args, info, sampler(steps), device, run=run, tag=f"add-{steps}step",
+                                              reference=x_teacher)
+        if per_steps[steps]:
+            run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in per_steps[steps].items()}})
+    result = {"teacher": teacher_metrics, "student": dict(final), "steps": per_steps, "teacher_nfe": nfe,
+              "student_nfe": args.steps, "params": unet.count_params(generator), "wall_s": wall}
+    if dist.is_main:
+        for steps, m in per_steps.items():
+            if m:
+                print(f"add {steps}-step: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+        print(f"add: done in {wall} s; generator saved to {run.dir / 'generator.pt'}")
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main)
