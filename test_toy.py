@@ -16,6 +16,13 @@ import common
 import dmd2
 import sid
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state, whichever tests ran before it."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 # A shorter teacher than the default (3000 iterations) keeps the suite fast; it is still close to exact.
 TOY_TEACHER_ITERS = 1500
 
@@ -39,14 +46,16 @@ def _gmm2d():
 
 def test_mixture_log_prob_matches_scipy():
     """log p_sigma(x) of the noised mixture against an independent scipy computation."""
+    from scipy.special import logsumexp
     from scipy.stats import multivariate_normal
     m = _gmm2d()
-    x = torch.randn(50, 2, dtype=torch.float64)
+    # points near the modes and far out in the tails (where the densities themselves underflow float64)
+    x = torch.cat([torch.randn(50, 2, dtype=torch.float64), 8 * torch.randn(10, 2, dtype=torch.float64)])
     for sigma in (0.0, 0.3, 2.0):
         ours = m.log_prob(x, sigma).numpy()
-        dens = sum(float(w) * multivariate_normal(mu.numpy(), np.diag(v.numpy() + sigma ** 2)).pdf(x.numpy())
-                   for w, mu, v in zip(m.weights, m.means, m.variances))
-        assert np.allclose(ours, np.log(dens), rtol=1e-7, atol=1e-9)
+        terms = [np.log(float(w)) + multivariate_normal(mu.numpy(), np.diag(v.numpy() + sigma ** 2)).logpdf(x.numpy())
+                 for w, mu, v in zip(m.weights, m.means, m.variances)]
+        assert np.allclose(ours, logsumexp(np.stack(terms), axis=0), rtol=1e-7, atol=1e-9)
 
 
 def test_mixture_isotropic_and_diagonal_paths_agree():
@@ -690,7 +699,7 @@ def test_sid_iteration_survives_nan_teacher_samples():
     assert any((p - b).abs().max() > 0 for p, b in zip(generator.parameters(), before))
 
 
-def test_sid_toy2d_converges(toy_teacher, tmp_path):  # noqa: F811
+def test_sid_toy2d_converges(toy_teacher, tmp_path):
     """SiD on toy2d with the exact teacher, 600 iterations at the toy defaults: the one-step EMA generator ends
     close to the 35-NFE teacher sampler in sliced W2 and far from where it started (the teacher network used as a
     one-step sampler: sw2 ~0.44, 3 modes, precision 0), covers all 8 modes with roughly their true weights, and
@@ -776,7 +785,7 @@ def _kl_by_quadrature(m, s, sigma, mixture, n=301, width=9.0):
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.3, 1.0])
-def test_dmd_gradient_equals_kl_gradient(sigma):
+def test_dmd2_gradient_equals_kl_gradient(sigma):
     """With exact denoisers and weight = sigma^2, the gradient of mean(dmd_loss) w.r.t. the parameters (m, s) of a
     Gaussian generator x_g = m + s z is a Monte Carlo estimate of grad KL(q_sigma || p_sigma) (toy2d mixture as p)."""
     mixture = common.toy2d_mixture()
@@ -807,7 +816,7 @@ def test_dmd_gradient_equals_kl_gradient(sigma):
     assert torch.all((dmd_grad - kl_grad).abs() < 5 * se + 1e-9), (dmd_grad, kl_grad, se)
 
 
-def test_dmd_loss_gradient_is_g_exactly():
+def test_dmd2_loss_gradient_is_g_exactly():
     """d dmd_loss / d x_g == (d_fake - d_real) / mean|x_g - d_real| per sample, with no gradient through the weight or
     the denoiser outputs even when they depend on x_g (stop-gradients); the value is 0.5 ||g||^2."""
     torch.manual_seed(0)
@@ -837,7 +846,7 @@ def test_dmd_loss_gradient_is_g_exactly():
 # The logistic GAN loss: optimal logit log p_real - log p_fake
 # ------------------------------------------------------------------------------------------------------------------
 
-def test_gan_loss_optimal_logit():
+def test_dmd2_gan_loss_optimal_logit():
     """For p_real = N(0.5, 0.6^2), p_fake = N(-0.3, 1), E_real[L_D] + E_fake[L_D] over quadratic logits a + b x + c x^2
     is stationary exactly at log p_real - log p_fake (not at its negative, which a swapped loss would give), and the
     generator's loss under that classifier pulls the fake mean towards the real data."""
@@ -887,7 +896,7 @@ def test_gan_loss_optimal_logit():
 # Samplers
 # ------------------------------------------------------------------------------------------------------------------
 
-def test_student_sigmas_and_backward_simulation():
+def test_dmd2_student_sigmas_and_backward_simulation():
     """The K-level schedule starts at sigma_init and decreases; backward simulation feeds step k the generator's own
     k-step output re-noised to sigma_k (checked with a generator that returns a constant)."""
     assert dmd2.student_sigmas(1, 80.0) == [80.0]
@@ -929,7 +938,7 @@ DMD2_TOY_FLAGS = ["--teacher", "analytic", "--batch", "256", "--lr-f", "2e-3", "
     ("gan", ["--lr-g", "5e-4", "--iters", "200"]),
     ("two_steps", ["--steps", "2", "--lr-g", "3e-4", "--iters", "75"]),
 ])
-def test_toy2d_convergence(toy_teacher, tmp_path, name, extra):
+def test_dmd2_toy2d_convergence(toy_teacher, tmp_path, name, extra):
     """DMD2 on toy2d with the exact teacher gets near the teacher's 35-NFE samples: all 8 modes with roughly the right
     weights (mode_tv), most samples inside a mode (precision), sliced W2 near the teacher's (whose 0.036 is mostly
     finite-sample noise). The collapsed start (every sample at the data mean) has sw2 0.53, mode_tv 0.81, 1 mode."""
@@ -948,7 +957,7 @@ SMOKE = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--t
          "--fake-updates", "2"]
 
 
-def test_synthetic_smoke(tmp_path):
+def test_dmd2_synthetic_smoke(tmp_path):
     """A tiny class-conditional image run (GAN head on a UNet bottleneck, 2 steps) finishes and writes its files."""
     flags = SMOKE + ["--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(tmp_path / "run"), "--iters", "4",
                      "--steps", "2"]
@@ -993,7 +1002,7 @@ def test_dmd2_resume_round_trip(toy_teacher, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("weighting", ["exp", "sds"])
-def test_identity8_per_sample_gradient_is_sds(weighting):
+def test_add_identity8_per_sample_gradient_is_sds(weighting):
     """For every sample (not only in expectation): with the exact toy2d denoiser as teacher, autograd of
     add_distill_loss w.r.t. a Gaussian generator's parameters (x_g = m + s z) equals the SDS gradient
     w (eps_phi - eps') dx_g/dtheta with w = 2 c(sigma) sigma. The teacher output is passed *with* its graph to
@@ -1022,7 +1031,7 @@ def test_identity8_per_sample_gradient_is_sds(weighting):
 
 
 @pytest.mark.parametrize("sigma", [0.3, 1.5, 6.0])
-def test_identity8_expected_gradient_closed_form(sigma):
+def test_add_identity8_expected_gradient_closed_form(sigma):
     """In expectation: data N(mu, v I) (exact denoiser), generator N(m, s^2 I) in D = 2. Then
     eps_phi = (x_t - mu) sigma / (v + sigma^2) and E[eps' dx_g/dtheta] = 0, so the expected SDS gradient is
         dL/dm = w sigma (m - mu) / (v + sigma^2),    dL/ds = w sigma s D / (v + sigma^2),    w = 2 c sigma.
@@ -1049,7 +1058,7 @@ def test_identity8_expected_gradient_closed_form(sigma):
         torch.testing.assert_close(gs, expect_s, rtol=0.01, atol=0.0)
 
 
-def test_distill_weightings():
+def test_add_distill_weightings():
     """exp: c = alpha = 1/sqrt(1 + sigma^2); sds: 2 c sigma = sigma^2/(1 + sigma^2) = 1 - abar (DreamFusion's w)."""
     sigma = torch.tensor([0.0, math.sqrt(3.0), 1.0, 10.0], dtype=F64)
     torch.testing.assert_close(add.distill_weighting(sigma, "exp"), torch.tensor([1.0, 0.5, 0.5 ** 0.5, 101 ** -0.5],
@@ -1067,7 +1076,7 @@ def test_distill_weightings():
 # Discriminator losses
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_hinge_losses_known_values():
+def test_add_hinge_losses_known_values():
     """Hinge values on known logits: one head (B,) and per-location logits of several heads (mean over locations,
     sum over heads)."""
     real = torch.tensor([2.0, 0.5, -1.0])
@@ -1083,7 +1092,7 @@ def test_hinge_losses_known_values():
     torch.testing.assert_close(add.hinge_g_loss(fake2), torch.tensor([0.5]))
 
 
-def test_r1_penalty_is_on_the_heads_inputs():
+def test_add_r1_penalty_is_on_the_heads_inputs():
     """A linear head D(f) = <a, f> + b on features f = W x of an input x. R1 on the head's input is ||a||^2 per
     sample, and its gradient w.r.t. a is 2a. Taken w.r.t. the head's parameters instead (the diffusers example's
     bug) the value would be ||f||^2 + 1 and the gradient w.r.t. a zero; taken w.r.t. the pixels x it would be
@@ -1106,7 +1115,7 @@ def test_r1_penalty_is_on_the_heads_inputs():
         add.r1_penalty(feats.detach() @ a.detach(), feats.detach())
 
 
-def test_r1_penalty_matches_finite_differences_on_real_heads(toy_teacher):  # noqa: F811
+def test_add_r1_penalty_matches_finite_differences_on_real_heads(toy_teacher):
     """The real Discriminator (MLP heads, conditioned on the level) on the frozen toy teacher's features: R1 per
     sample against central finite differences of the summed head logits in feature space (float64), and the
     penalty's gradient reaches every head's first layer."""
@@ -1141,7 +1150,7 @@ def test_r1_penalty_matches_finite_differences_on_real_heads(toy_teacher):  # no
 # Noise levels, sampler, feature network
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_student_levels_and_sampler():
+def test_add_student_levels_and_sampler():
     """The four levels from SDXL's scaled-linear schedule (top = pure noise at sigma_max), the visited levels per
     step count, and generate(): 1 step is G(80 z; 80); with a generator that returns a constant, k steps still
     call it at the right sigmas in order."""
@@ -1172,7 +1181,7 @@ def test_student_levels_and_sampler():
     assert abs(float((calls[2][1] - 0.5).std()) - float(s[3])) < 0.6 * float(s[3])
 
 
-def test_encoder_features_equal_return_features():
+def test_add_encoder_features_equal_return_features():
     """teacher_features runs only the UNet's encoder half; it must give exactly the maps of the full forward with
     return_features=True (conditional tiny UNet, random weights)."""
     args = add.parse_args(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny"])
@@ -1199,7 +1208,7 @@ ADD_TOY_FLAGS = ["--teacher", "analytic", "--iters", "300", "--batch", "128", "-
 
 
 @pytest.fixture(scope="module")
-def toy_runs(toy_teacher, tmp_path_factory):  # noqa: F811
+def add_toy_runs(toy_teacher, tmp_path_factory):
     """ADD (both losses), adversarial only (lambda = 0) and distillation only (--adv-weight 0) on toy2d with the
     exact mixture denoiser as teacher; the trained toy teacher provides the student's start and the features."""
     flags, _ = toy_teacher
@@ -1210,12 +1219,12 @@ def toy_runs(toy_teacher, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_toy2d_converges_1_and_4_steps(toy_runs):
+def test_add_toy2d_converges_1_and_4_steps(add_toy_runs):
     """Both losses together, sampled with 1 and with 4 steps: all 8 modes with about the right weights, sliced W2
     within ~3-4x of the exact teacher's 35-NFE samples (0.036 at 4000 samples) and most samples inside a mode.
     The untrained student (a copy of the teacher) scores sw2 0.54 / 0.26, precision 0.00 / 0.13 at 1 / 4 steps;
     after 300 iterations it measured sw2 0.045-0.080 (1 step) and 0.051-0.104 (4 steps) over seeds and teachers."""
-    r = toy_runs["add"]
+    r = add_toy_runs["add"]
     teacher = r["teacher"]
     assert teacher["modes"] == 8 and teacher["sw2"] < 0.05
     for steps, sw2_max in ((1, 0.12), (4, 0.15)):
@@ -1226,7 +1235,7 @@ def test_toy2d_converges_1_and_4_steps(toy_runs):
         assert m["precision"] > 0.75, (steps, m)
 
 
-def test_toy2d_ablation(toy_runs):
+def test_add_toy2d_ablation(add_toy_runs):
     """The paper's ablation (its Table: both losses beat either alone) on the toy, as measured here:
       * distillation alone fails: from the teacher's init every 1-step sample sits at the posterior mean E[x0],
         the centre of the ring, where the SDS gradient vanishes by symmetry, so training never leaves it
@@ -1238,7 +1247,7 @@ def test_toy2d_ablation(toy_runs):
         gain from distillation (text alignment, fewer artifacts at scale) has no counterpart here.
     Asserted: distillation alone collapses; each run with the discriminator reaches 8 modes and is far closer to
     the data than distillation alone, at 1 and at 4 steps."""
-    both, adv, dist = toy_runs["add"], toy_runs["adv_only"], toy_runs["distill_only"]
+    both, adv, dist = add_toy_runs["add"], add_toy_runs["adv_only"], add_toy_runs["distill_only"]
     assert dist["steps"][1]["modes"] <= 2 and dist["steps"][1]["sw2"] > 0.3, dist["steps"][1]
     assert dist["steps"][1]["precision"] < 0.2 and dist["steps"][4]["sw2"] > 0.3, dist["steps"]
     for steps in (1, 4):
@@ -1251,7 +1260,7 @@ def test_toy2d_ablation(toy_runs):
 # Smoke run and resume
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_smoke_synthetic(tmp_path):
+def test_add_smoke_synthetic(tmp_path):
     """A tiny class-conditional synthetic run (UNet heads on 3 feature levels, image and label projection, R1):
     finite metrics, all losses logged, the final generator saved and loadable."""
     flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-iters", "20",
@@ -1272,7 +1281,7 @@ def test_smoke_synthetic(tmp_path):
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
-def test_add_resume_round_trip(toy_teacher, tmp_path):  # noqa: F811
+def test_add_resume_round_trip(toy_teacher, tmp_path):
     """6 iterations, then --resume to 12, equals 12 uninterrupted iterations bit for bit (student, heads, EMA):
     checkpoints carry the RNG states and evaluation draws its re-noising from its own generator."""
     flags, _ = toy_teacher
@@ -1287,7 +1296,7 @@ def test_add_resume_round_trip(toy_teacher, tmp_path):  # noqa: F811
             assert torch.equal(a[name][k], b[name][k]), (name, k)
 
 
-def test_bad_flags_exit(capsys):
+def test_add_bad_flags_exit(capsys):
     for bad in (["--distill-weight", "-1"], ["--r1-weight", "nan"], ["--adv-weight", "0", "--distill-weight", "0"],
                 ["--steps", "5"], ["--lr-g", "0"]):
         with pytest.raises(SystemExit):
