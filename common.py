@@ -76,9 +76,18 @@ DATASET_DEFAULTS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except for defaults of None, which parse_args fills per dataset (and says so)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def base_parser(description, method):
     """The flags every script shares. Defaults of None are filled per dataset by parse_args()."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.set_defaults(method=method)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy2d", choices=DATASETS,
@@ -88,7 +97,7 @@ def base_parser(description, method):
     g.add_argument("--resolution", type=int, default=None,
                    help="image side for 'synthetic' (8, 16, 32, 64); fixed at 32 for cifar10 and 64 for imagenet64")
     g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
-                   help="class-conditional networks (default: on for image datasets, off for toy2d)")
+                   help="class-conditional networks")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default="auto",
                    help="'auto': train the EDM teacher or load it from --teacher-dir; 'analytic': the exact "
@@ -127,7 +136,14 @@ def base_parser(description, method):
 
 
 def parse_args(parser, method_defaults=None, argv=None):
-    """Parse, fill per-dataset defaults (method's first, then shared), validate. Bad values exit 2 via parser.error."""
+    """Parse, fill per-dataset defaults (method's first, then shared), validate. Bad values exit 2 via parser.error.
+    The help text of every flag filled per dataset lists its per-dataset values."""
+    per_dataset = {d: {**DATASET_DEFAULTS[d], **(method_defaults or {}).get(d, {})} for d in DATASETS}
+    for action in parser._actions:
+        values = [(d, v[action.dest]) for d, v in per_dataset.items() if v.get(action.dest) is not None]
+        if action.default is None and values and "per dataset" not in (action.help or ""):
+            listed = ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in values)
+            action.help = f"{action.help} (per dataset: {listed})"
     args = parser.parse_args(argv)
     defaults = dict(DATASET_DEFAULTS[args.dataset])
     defaults.update((method_defaults or {}).get(args.dataset, {}))
@@ -807,8 +823,27 @@ class Run:
         restore(objects, ckpt, self.ckpt_path)
         if self.dist.world == 1:
             set_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            self._drop_metrics_after(ckpt["step"])
         print(f"resumed {self.dir} at iteration {ckpt['step']}")
         return ckpt["step"]
+
+    def _drop_metrics_after(self, step):
+        """A run killed after its last checkpoint logged iterations that the resumed run repeats: drop those lines
+        (and a half-written last line), so metrics.jsonl holds each iteration once."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("iter", 0) <= step:
+                keep.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
 
 # ================================================================================================================

@@ -34,6 +34,8 @@ Deliberate deviations from the paper and the authors' code:
   - Multi-step noise levels: sigma_init, then the Karras grid at u = (K-1)/(K+1), ..., 1/(K+1) (K=2: 80, 0.47;
     K=4: 80, 5.8, 0.97, 0.085), our choice in the spirit of the SDXL model's 999/749/499/249 timesteps (which are
     about 14.6, 4.1, 1.6, 0.69 in EDM units, for latents of std ~1). k is drawn per sample.
+  - A non-finite DMD gradient is not zeroed (the authors' code applies nan_to_num to it): the loss becomes NaN and
+    the generator step is skipped (common.AmpOptimizer), so a run cannot train on silently zeroed gradients.
   - --ema keeps an EMA of the generator for evaluation (default 0: a plain copy, as the paper, which uses no EMA).
   - toy2d: the "bottleneck" is the MLP's last hidden state and the classifier head is a 2-layer MLP; toy2d and
     synthetic use larger learning rates and no warm-up so that they finish in minutes on a CPU.
@@ -94,18 +96,14 @@ GRID = 1000
 DMD_MIN_INDEX, DMD_MAX_INDEX = 20, 980
 
 
-def _per_dataset(key):
-    """Help-text suffix listing a flag's per-dataset defaults."""
-    return "default per dataset: " + ", ".join(f"{d} {v[key]:g}" for d, v in METHOD_DEFAULTS.items())
-
 
 def parse_args(argv=None):
     p = common.base_parser("DMD2: Improved Distribution Matching Distillation (arXiv:2405.14867)", method="dmd2")
     g = p.add_argument_group("dmd2")
     g.add_argument("--lr-g", type=float, default=None,
-                   help="generator AdamW learning rate (paper 2e-6); " + _per_dataset("lr_g"))
+                   help="generator AdamW learning rate (paper 2e-6)")
     g.add_argument("--lr-f", type=float, default=None,
-                   help="fake score + GAN classifier AdamW learning rate (paper 2e-6); " + _per_dataset("lr_f"))
+                   help="fake score + GAN classifier AdamW learning rate (paper 2e-6)")
     g.add_argument("--fake-updates", type=int, default=5,
                    help="two time-scale update rule: fake score / classifier updates per generator update")
     g.add_argument("--gan-weight", type=float, default=1.0,
@@ -124,9 +122,9 @@ def parse_args(argv=None):
                    help="noise level of the generator's input sigma_init * z (first step)")
     g.add_argument("--ema", type=float, default=None,
                    help="half-life in kimg of the generator EMA that is evaluated and saved, capped at 5%% of the "
-                        "images seen so far (0: no EMA, as the paper); " + _per_dataset("ema"))
+                        "images seen so far (0: no EMA, as the paper)")
     g.add_argument("--warmup", type=int, default=None,
-                   help="linear learning-rate warm-up of both optimisers, in iterations; " + _per_dataset("warmup"))
+                   help="linear learning-rate warm-up of both optimisers, in iterations")
     g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping of both optimisers")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     for name in ("lr_g", "lr_f"):
@@ -161,10 +159,14 @@ def dmd_loss(x_g, d_real, d_fake, weight=None):
     With weight = sigma^2, g = s_fake(x_t) - s_real(x_t), the DMD gradient of KL(p_fake,sigma || p_real,sigma)."""
     with torch.no_grad():
         if weight is None:
-            # w = mean_CHW |x_g - D_real|: the data-dependent normalisation of the authors' ImageNet code.
+            # w = mean_CHW |x_g - D_real|: the data-dependent normalisation of the authors' ImageNet code
             weight = (x_g - d_real).abs().flatten(1).mean(1)  # (B,)
-        # g = (D_fake - D_real) / w  (= s_fake - s_real when w = sigma^2); a w of 0 would give inf/NaN: zeroed
-        g = torch.nan_to_num((d_fake - d_real) / _column(weight, x_g), nan=0.0, posinf=0.0, neginf=0.0)
+        w = _column(weight, x_g)
+        # g = (D_fake - D_real) / w  (= s_fake - s_real when w = sigma^2); a sample with w = 0 (x_g equal to the
+        # teacher's denoising of it) gets g = 0. The authors' code applies nan_to_num to g; here a NaN from either
+        # network makes the loss NaN, so AmpOptimizer skips the step and --max-skips stops a run that keeps
+        # producing them, instead of training on silently zeroed gradients.
+        g = torch.where(w == 0, torch.zeros_like(d_fake), (d_fake - d_real) / w)
         target = x_g - g
     # L = 0.5 ||x_g - stopgrad(x_g - g)||^2, so dL/dx_g = g
     return 0.5 * ((x_g - target) ** 2).flatten(1).sum(1)

@@ -92,11 +92,6 @@ METHOD_DEFAULTS = {
 }
 
 
-def _per_dataset(key):
-    """Help-text suffix listing a flag's per-dataset defaults."""
-    return "default per dataset: " + ", ".join(f"{d} {v[key]:g}" for d, v in METHOD_DEFAULTS.items())
-
-
 def parse_args(argv=None):
     p = common.base_parser("SiD: one-step distillation of an EDM teacher by score identity distillation.",
                            method="sid")
@@ -108,12 +103,11 @@ def parse_args(argv=None):
     g.add_argument("--t-max", type=float, default=0.8,
                    help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
     g.add_argument("--lr-g", type=float, default=None,
-                   help="generator Adam learning rate, betas (0, 0.999); " + _per_dataset("lr_g"))
+                   help="generator Adam learning rate, betas (0, 0.999)")
     g.add_argument("--lr-f", type=float, default=None,
-                   help="fake-score Adam learning rate, betas (0, 0.999); " + _per_dataset("lr_f"))
+                   help="fake-score Adam learning rate, betas (0, 0.999)")
     g.add_argument("--ema", type=float, default=None,
-                   help="generator EMA half-life in kimg, capped at 5%% of the images seen so far (EDM's ramp-up); "
-                        + _per_dataset("ema"))
+                   help="generator EMA half-life in kimg, capped at 5%% of the images seen so far (EDM's ramp-up)")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     for name in ("lr_g", "lr_f", "sigma_init"):
         if not getattr(args, name) > 0:
