@@ -4,6 +4,7 @@ script. Run with `python -m pytest -q` (a few minutes on 2 CPU cores).
 The identities are numbered as at the end of ../shared/METHODS.md.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -1301,3 +1302,139 @@ def test_add_bad_flags_exit(capsys):
                 ["--steps", "5"], ["--lr-g", "0"]):
         with pytest.raises(SystemExit):
             add.parse_args(bad)
+
+
+# ==============================================================================================================
+# Robustness of the three method scripts: a real SIGKILL and --resume, run-to-run reproducibility, a teacher that
+# returns NaN, bad flags. (common.py's own pieces are tested above: atomic and validated checkpoints, refusal to
+# overwrite a run, skipped non-finite steps, bit-exact in-process resume.)
+# ==============================================================================================================
+
+METHODS = {"sid": sid, "dmd2": dmd2, "add": add}
+REPO = Path(__file__).resolve().parent
+
+
+def _tiny_method_flags(toy_teacher, out_dir, iters):
+    flags, _ = toy_teacher
+    return flags + ["--iters", str(iters), "--batch", "32", "--ckpt-every", "5", "--log-every", "5",
+                    "--eval-every", "0", "--eval-samples", "128", "--out-dir", str(out_dir)]
+
+
+def _run_states(out_dir):
+    """Every network and EMA in a run's final ckpt.pt (not the optimisers, whose states hold step counters)."""
+    state = common.load_checkpoint(Path(out_dir) / "ckpt.pt")["state"]
+    return {name: s for name, s in state.items() if not name.startswith("opt")}
+
+
+def _assert_same_states(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_sigkill_resume_and_reproducibility(toy_teacher, tmp_path, method):
+    """A run SIGKILLed mid-training (possibly while it writes a checkpoint) and continued with --resume, in two
+    processes, ends with the same networks, bit for bit, as the same run uninterrupted in a third (this process):
+    resume is exact and runs are reproducible from process to process. metrics.jsonl of the resumed run holds each
+    logged iteration once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    iters = 30
+    cmd = [sys.executable, str(REPO / f"{method}.py")]
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd + _tiny_method_flags(toy_teacher, killed, iters), cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: make it longer"
+    assert not (killed / "generator.pt").exists()
+    step = common.load_checkpoint(killed / "ckpt.pt")["step"]  # intact, whenever the kill landed
+    assert 5 <= step < iters
+    resumed = subprocess.run(cmd + _tiny_method_flags(toy_teacher, killed, iters) + ["--resume"], cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {killed} at iteration {step}" in resumed.stdout
+    logged = [json.loads(line)["iter"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert logged == list(range(5, iters + 1, 5)), logged
+
+    in_process = tmp_path / "in_process"
+    METHODS[method].main(_tiny_method_flags(toy_teacher, in_process, iters))
+    _assert_same_states(_run_states(in_process), _run_states(killed))
+
+
+class _NaNTeacher(torch.nn.Module):
+    """A teacher gone bad: every output is NaN."""
+
+    def forward(self, x, sigma, labels=None, return_features=False):
+        return torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_nan_teacher_skips_generator_steps_and_stops(toy_teacher, tmp_path, monkeypatch, method):
+    """With a teacher that returns NaN, no generator step is taken (SiD masks every sample and is left with an empty,
+    NaN loss; DMD2's and ADD's losses are NaN), --max-skips 3 stops the run with one message naming the last good
+    checkpoint, and that checkpoint holds the generator untouched: still the teacher's network."""
+    load, seen = common.load_or_train_teacher, {}
+
+    def nan_teacher(args, info, dist):
+        _, seen["net"] = load(args, info, dist)
+        return _NaNTeacher(), seen["net"]
+
+    monkeypatch.setattr(common, "load_or_train_teacher", nan_teacher)
+    flags = _tiny_method_flags(toy_teacher, tmp_path / "run", 20) + ["--max-skips", "3", "--ckpt-every", "1"]
+    with pytest.raises(common.UserError, match="3 consecutive steps had a non-finite loss at iteration 3"):
+        METHODS[method].main(flags)
+    ckpt = common.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["step"] == 2
+    for key, value in seen["net"].state_dict().items():
+        assert torch.equal(ckpt["state"]["generator"][key], value), key
+
+
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--batch", "0"], "--batch must be positive"),
+    (["--lr-g=-1e-4"], "--lr-g must be a positive number"),
+    (["--lr-f", "nan"], "--lr-f must be a positive number"),
+    (["--iters", "-5"], "--iters must be >= 0"),
+    (["--resume", "--overwrite"], "contradict"),
+])
+def test_bad_flags_exit_2_and_touch_nothing(tmp_path, capsys, method, argv, message):
+    """Bad flags: exit code 2, one line naming the flag, and no run folder is created."""
+    with pytest.raises(SystemExit) as e:
+        METHODS[method].main(argv + ["--out-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method,argv", [("dmd2", ["--steps", "5"]), ("add", ["--steps", "0"]),
+                                         ("sid", ["--t-max", "1.5"]), ("dmd2", ["--fake-updates", "0"])])
+def test_method_flags_out_of_range_exit_2(tmp_path, capsys, method, argv):
+    with pytest.raises(SystemExit) as e:
+        METHODS[method].main(argv + ["--out-dir", str(tmp_path / "run")])
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_resume_refuses_a_run_of_another_method(toy_teacher, tmp_path, method):
+    """--resume on a folder holding another method's run (or none) says so and changes nothing."""
+    other = {"sid": "dmd2", "dmd2": "add", "add": "sid"}[method]
+    METHODS[other].main(_tiny_method_flags(toy_teacher, tmp_path / "run", 2))
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(common.UserError, match=f"method={other!r}, this command method={method!r}"):
+        METHODS[method].main(_tiny_method_flags(toy_teacher, tmp_path / "run", 4) + ["--resume"])
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        METHODS[method].main(_tiny_method_flags(toy_teacher, tmp_path / "empty", 4) + ["--resume"])
