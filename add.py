@@ -75,10 +75,10 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
   * Adam(0, 0.99) for both networks; cifar10 / imagenet64 use the paper's lr 1e-5 and gamma 1e-5 (set for 512px
     latents) as a starting point, untuned. toy2d / synthetic use toy-tuned values so they finish on a CPU.
 
-Shared pieces from common.py: base_parser / parse_args, init_distributed, dataset_info, Run, load_or_train_teacher
-(the teacher D_phi and the EDMDenoiser the student is copied from), real_batches, SIGMA_MIN / SIGMA_MAX, autocast,
-AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate, teacher_sampler, heun_nfe, train_loop,
-save_checkpoint / load_checkpoint / restore. unet.py: `return_features=True`, `feature_channels`, count_params.
+Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
+teacher D_phi and the EDMDenoiser the student is copied from), teacher_reference, real_batches, SIGMA_MIN /
+SIGMA_MAX, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate, train_loop, save_generator,
+load_checkpoint / restore; EDMDenoiser.features (the encoder half), `feature_channels`, unet.count_params.
 
 Commands:
     python add.py                                            # toy2d on CPU, about a minute
@@ -455,14 +455,9 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = common.init_distributed(args)
-    info = common.dataset_info(args)
-    device = dist.device
-    if dist.is_main:
-        common.print_config(args)
     t0 = time.time()
-    run = common.Run(args, dist)
-    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+    dist, info, run, teacher, teacher_net = common.start_method(args)
+    device = dist.device
 
     # theta (student) starts as a copy of the teacher's network (kept in eval mode: no dropout, as SDXL has none);
     # the discriminator heads sit on the frozen teacher's features.
@@ -481,15 +476,11 @@ def main(argv=None):
     batches = common.real_batches(args, info, dist)  # ADD trains on real images (the student's inputs)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
-    nfe = common.heun_nfe(args.teacher_steps)
-    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
-                                                 device, run=run, tag=f"teacher-{nfe}nfe")
-    if teacher_metrics:
-        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
-        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
-    print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
-          f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
-          f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
+    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
+    if dist.is_main:
+        print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
+              f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
+              f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
 
     def sampler(steps):
         # the EMA student's sampler; re-noising draws from its own seeded generator, so every evaluation sees the
@@ -519,9 +510,7 @@ def main(argv=None):
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="add", optimizers=[opt_g, opt_f])
     if start >= args.iters:
         eval_fn(args.iters)
-    if dist.is_main:
-        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
-    dist.barrier()
+    common.save_generator(args, run, ema)
     wall = round(time.time() - t0, 1)
 
     # The same student sampled with 1..4 steps (training does not depend on --steps).

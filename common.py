@@ -1157,6 +1157,42 @@ def load_or_train_teacher(args, info, dist):
 
 
 # ================================================================================================================
+# THE FRAME OF A METHOD SCRIPT (what sid.py, dmd2.py and add.py do before and after their own training)
+# ================================================================================================================
+
+def start_method(args):
+    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
+    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net)."""
+    dist = init_distributed(args)
+    info = dataset_info(args)
+    if dist.is_main:
+        print_config(args)
+    run = Run(args, dist)
+    teacher, teacher_net = load_or_train_teacher(args, info, dist)
+    return dist, info, run, teacher, teacher_net
+
+
+def teacher_reference(args, info, teacher, run):
+    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
+    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
+    nfe = heun_nfe(args.teacher_steps)
+    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist.device, run=run,
+                          tag=f"teacher-{nfe}nfe")
+    if metrics:
+        run.log({f"teacher/{k}": v for k, v in metrics.items()})
+        if run.dist.is_main:
+            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics, x, nfe
+
+
+def save_generator(args, run, ema):
+    """The final (EMA) generator, alone, as run.dir/generator.pt; each script's load_generator() reads it back."""
+    if run.dist.is_main:
+        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    run.dist.barrier()
+
+
+# ================================================================================================================
 # MAIN: train or load the teacher, evaluate it with the 35-NFE sampler
 # ================================================================================================================
 

@@ -50,9 +50,10 @@ generator needs some tens of iterations before its samples spread out; afterward
 the right values (the fake score lags the generator), more so with larger --lr-g. With --steps 2 the first step may
 stay collapsed and leave the work to the second (the final samples are what counts).
 
-Shared pieces from common.py: arguments, run folder / checkpoints / resume, the teacher (trained once and cached),
-the data (real batches for the GAN), EDMDenoiser (generator, fake score), edm_loss, karras_sigma, AMP optimiser,
-EMA, the training loop, evaluation and pictures. unet.py: the networks' `return_features` (bottleneck features).
+Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
+teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, real_batches (for the GAN),
+edm_loss, karras_sigma, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate,
+train_loop, save_generator; the networks' `return_features=True` (bottleneck features), unet.count_params.
 
 Commands:
     python dmd2.py                                           # toy2d on CPU, about a minute
@@ -367,14 +368,9 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = common.init_distributed(args)
-    info = common.dataset_info(args)
-    device = dist.device
-    if dist.is_main:
-        common.print_config(args)
     t0 = time.time()
-    run = common.Run(args, dist)
-    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+    dist, info, run, teacher, teacher_net = common.start_method(args)
+    device = dist.device
 
     # theta (generator) and psi (fake score) both start as copies of the teacher's network; the GAN classifier is a
     # fresh head on psi's bottleneck features.
@@ -401,13 +397,7 @@ def main(argv=None):
     sigmas = student_sigmas(args.steps, args.sigma_init)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
-    nfe = common.heun_nfe(args.teacher_steps)
-    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
-                                                 device, run=run, tag=f"teacher-{nfe}nfe")
-    if teacher_metrics:
-        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
-    if teacher_metrics and dist.is_main:
-        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
+    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     if dist.is_main:
         print(f"dmd2: generator {unet.count_params(generator) / 1e6:.2f}M parameters, "
               + (f"classifier {unet.count_params(head) / 1e3:.1f}k" if gan else "no GAN")
@@ -451,9 +441,7 @@ def main(argv=None):
                       optimizers=[opt_g, opt_f])
     if start >= args.iters:
         eval_fn(args.iters)
-    if dist.is_main:
-        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
-    dist.barrier()
+    common.save_generator(args, run, ema)
     result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": args.steps,
               "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
     if dist.is_main:

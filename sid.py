@@ -56,12 +56,12 @@ Pitfalls (from SiD's issue tracker)
     - Under DDP, G's backward must run inside DDP's gradient sync (it does here: the generator's forward in the
       generator step goes through common.wrap and its backward is a plain .backward() in AmpOptimizer.step).
 
-Shared pieces used (common.py / unet.py): base_parser / parse_args, init_distributed, dataset_info, Run,
-load_or_train_teacher (teacher D_phi and the EDMDenoiser that G and psi are copied from), edm_loss, karras_sigma,
-autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate, teacher_sampler,
-train_loop, save_checkpoint; unet.count_params.
+Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
+teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, edm_loss, karras_sigma,
+autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate, train_loop,
+save_generator; unet.count_params.
 
-Commands
+Commands:
     python sid.py                                          # toy2d, about a minute on 2 CPU cores
     python sid.py --dataset toy2d --teacher analytic       # distil the exact mixture denoiser
     python sid.py --dataset synthetic --resolution 16      # CPU, ~20 minutes on a busy 2-core machine
@@ -225,14 +225,9 @@ def train_iteration(args, info, dist, teacher, generator, fake, generator_t, fak
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = common.init_distributed(args)
-    info = common.dataset_info(args)
-    device = dist.device
-    if dist.is_main:
-        common.print_config(args)
     t0 = time.time()
-    run = common.Run(args, dist)
-    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+    dist, info, run, teacher, teacher_net = common.start_method(args)
+    device = dist.device
 
     # theta (generator) and psi (fake score) both start as copies of the teacher's network.
     generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
@@ -247,13 +242,9 @@ def main(argv=None):
     start = run.resume(objects)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
-    nfe = common.heun_nfe(args.teacher_steps)
-    teacher_metrics, x_teacher = common.evaluate(args, info, common.teacher_sampler(teacher, args.teacher_steps),
-                                                 device, run=run, tag=f"teacher-{nfe}nfe")
-    if teacher_metrics:
-        run.log({f"teacher/{k}": v for k, v in teacher_metrics.items()})
-        print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_metrics.items()))
-    print(f"sid: generator {unet.count_params(generator) / 1e6:.2f}M parameters, {args.iters} iterations")
+    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
+    if dist.is_main:
+        print(f"sid: generator {unet.count_params(generator) / 1e6:.2f}M parameters, {args.iters} iterations")
 
     def sample(z, labels):
         with common.autocast(args, device):
@@ -275,9 +266,7 @@ def main(argv=None):
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="sid", optimizers=[opt_g, opt_f])
     if start >= args.iters:
         eval_fn(args.iters)
-    if dist.is_main:
-        common.save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
-    dist.barrier()
+    common.save_generator(args, run, ema)
     result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": 1,
               "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
     if dist.is_main:
