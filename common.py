@@ -789,7 +789,10 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         if args.resume and not self.ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint {self.ckpt_path} to continue from")
-        if not args.resume and self.dir.is_dir() and any(self.dir.iterdir()) and not args.overwrite:
+        # a folder holds a run once it has a checkpoint, a metrics log or a generator; a config.json alone (a run
+        # that failed before its first log line, e.g. on missing data) is simply started again
+        held = [f for f in (self.ckpt_path, self.metrics_path, self.dir / "generator.pt") if f.exists()]
+        if not args.resume and held and not args.overwrite:
             raise UserError(f"{self.dir} already holds a run; pass --resume to continue it or --overwrite to start "
                             f"again (or choose another --out-dir)")
         dist.barrier()  # every rank checks before rank 0 writes anything
@@ -883,6 +886,10 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
         mode_tv    total variation between assigned shares and the true weights, 0.5 sum_k |share_k - w_k|
         modes      components holding at least a quarter of their true share
         precision  share of samples inside their component's 99.9% ellipsoid (chi^2_D quantile)
+        mode_w2    (D = 2) the shape of each mode: Gaussian W2 distance (sqrt of the Frechet distance) between the
+                   samples assigned to a component and fresh true samples assigned to it, averaged with the true
+                   weights over the components holding >= 10 samples of each. sw2, mode_tv and precision can look
+                   fine while every mode has shrunk to a spike or smeared along a filament; this does not.
         fd         (D > 2) Frechet distance of the samples' mean/covariance to the mixture's exact ones
         class_acc  (with labels) share of samples assigned to the component of their label."""
     x = x.detach().flatten(1).double().cpu()
@@ -902,6 +909,15 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
         "modes": int((share >= 0.25 * w).sum()),
         "precision": float((maha2 <= scipy.stats.chi2.ppf(0.999, D)).double().mean()),
     }
+    if D == 2:
+        true_assign = mixture.component_log_prob(true_x, 0.0).argmax(1)
+        total, weight = 0.0, 0.0
+        for k in range(mixture.num_components):
+            a, b = x[assign == k], true_x[true_assign == k]
+            if len(a) >= 10 and len(b) >= 10:
+                fd = frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+                total, weight = total + float(w[k]) * math.sqrt(max(fd, 0.0)), weight + float(w[k])
+        out["mode_w2"] = total / weight if weight else float("nan")
     if D > 2:
         out["fd"] = frechet_distance(x.mean(0), torch.cov(x.T), mixture.mean(), mixture.covariance())
     if labels is not None:
@@ -981,6 +997,30 @@ def save_picture(path, info, x, reference=None, true=None):
     if reference is not None:
         imgs.insert(0, reference[:rows * 8])
     save_image(torch.cat(imgs).clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1), padding=1)
+
+
+def side_by_side(out, panels, gap=6, label_height=14):
+    """Compose a labelled figure from toy2d evaluation pictures: `panels` is a list of (label, png, index), taking
+    the index-th square panel (0 = true density, 1 = teacher, 2 = student) of a picture that save_picture wrote.
+    Example: side_by_side("assets/toy2d.png", [("data", "runs/r/sid/sid-001000.png", 0), ...])."""
+    from PIL import Image, ImageDraw
+    crops = []
+    for label, png, index in panels:
+        img = Image.open(png).convert("RGB")
+        size = (img.width - 2 * gap) // 3  # three square panels separated by `gap` columns
+        if img.height != size:
+            raise UserError(f"{png} is not a toy2d evaluation picture (three {img.height}px panels)")
+        left = index * (size + gap)
+        crops.append((label, img.crop((left, 0, left + size, size))))
+    size = crops[0][1].width
+    fig = Image.new("RGB", (len(crops) * size + (len(crops) - 1) * gap, size + label_height), "white")
+    draw = ImageDraw.Draw(fig)
+    for i, (label, crop) in enumerate(crops):
+        x = i * (size + gap)
+        draw.text((x + 2, 1), label, fill=(0, 0, 0))
+        fig.paste(crop, (x, label_height))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out)
 
 
 # ================================================================================================================
@@ -1167,6 +1207,8 @@ def start_method(args):
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)
+    if args.teacher not in ("auto", "analytic"):
+        load_teacher_file(Path(args.teacher), args, info)  # a teacher that does not fit fails before any file is written
     run = Run(args, dist)
     teacher, teacher_net = load_or_train_teacher(args, info, dist)
     return dist, info, run, teacher, teacher_net

@@ -263,6 +263,11 @@ def test_mixture_metrics_detect_mode_collapse():
     assert good["modes"] == 8 and good["mode_tv"] < 0.02 and good["precision"] > 0.99
     assert collapsed["modes"] == 4 and collapsed["mode_tv"] > 0.2 and collapsed["sw2"] > 3 * good["sw2"]
     assert blurred["precision"] < 0.8 and blurred["sw2"] > 2 * good["sw2"]
+    # every mode shrunk to half its width: mode weights and precision stay perfect, mode_w2 sees it (floor ~0.005)
+    mu = m.means[labels]
+    shrunk = common.mixture_metrics(mu + 0.5 * (x - mu), m)
+    assert shrunk["modes"] == 8 and shrunk["mode_tv"] < 0.02 and shrunk["precision"] > 0.99
+    assert good["mode_w2"] < 0.01 and shrunk["mode_w2"] > 4 * good["mode_w2"] and blurred["mode_w2"] > 0.1
     img = common.synthetic_mixture(8)
     xi, li = img.sample(500, generator=torch.Generator().manual_seed(9))
     mi = common.mixture_metrics(xi, img, labels=li)
@@ -319,6 +324,29 @@ def test_teacher_from_other_dataset_is_refused(toy_teacher, tmp_path):
     path = next(p for p in (tmp_path.parent.parent.glob("**/teacher.pt")) if "toy2d" in str(p))
     with pytest.raises(common.UserError, match="dataset='toy2d'"):
         common.main(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher", str(path)])
+
+
+def test_toy_pictures_and_side_by_side(tmp_path):
+    """save_picture's toy2d panels [true | reference | samples] and side_by_side's labelled figure cut from them:
+    the collapsed samples' panel differs from the true one, the figure has one panel per entry."""
+    from PIL import Image
+    args = common.parse_args(common.base_parser("t", "test"), argv=[])
+    info = common.dataset_info(args)
+    true, _ = info.mixture.sample(2000, generator=torch.Generator().manual_seed(1))
+    collapsed = true.mean(0, keepdim=True).expand(2000, 2)
+    common.save_picture(tmp_path / "a.png", info, collapsed, reference=true)
+    a = np.asarray(Image.open(tmp_path / "a.png").convert("L"), dtype=np.float64)
+    size = (a.shape[1] - 12) // 3
+    assert a.shape == (size, 3 * size + 12)
+    panels = [a[:, i * (size + 6):i * (size + 6) + size] for i in range(3)]
+    ink = [float((255 - p).sum()) for p in panels]
+    assert ink[2] < 0.2 * ink[0] and abs(ink[1] - ink[0]) < 0.5 * ink[0]  # one dot vs two similar point clouds
+    common.side_by_side(tmp_path / "fig" / "f.png", [("data", tmp_path / "a.png", 0), ("x", tmp_path / "a.png", 2)])
+    fig = Image.open(tmp_path / "fig" / "f.png")
+    assert fig.size == (2 * size + 6, size + 14)
+    with pytest.raises(common.UserError, match="not a toy2d evaluation picture"):
+        Image.new("RGB", (50, 50)).save(tmp_path / "b.png")
+        common.side_by_side(tmp_path / "g.png", [("b", tmp_path / "b.png", 0)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1438,3 +1466,25 @@ def test_resume_refuses_a_run_of_another_method(toy_teacher, tmp_path, method):
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
     with pytest.raises(common.UserError, match="no checkpoint"):
         METHODS[method].main(_tiny_method_flags(toy_teacher, tmp_path / "empty", 4) + ["--resume"])
+
+
+def test_teacher_that_does_not_fit_is_refused_before_writing(tmp_path):
+    """--teacher PATH trained at another resolution or without class conditioning: one line naming the mismatch,
+    and no run folder is written; a folder left with only config.json (a run that failed before its first log
+    line) is started again without --overwrite."""
+    teachers = tmp_path / "teachers"
+    tiny = ["--dataset", "synthetic", "--preset", "tiny", "--teacher-iters", "5", "--teacher-batch", "8",
+            "--eval-samples", "16", "--teacher-dir", str(teachers)]
+    common.main(tiny + ["--resolution", "8"])
+    path = next(teachers.glob("**/teacher.pt"))
+    run = ["--teacher", str(path), "--iters", "1", "--batch", "8", "--eval-samples", "16", "--out-dir",
+           str(tmp_path / "run")]
+    with pytest.raises(common.UserError, match="resolution=8 but this run has resolution=16"):
+        sid.main(tiny + ["--resolution", "16"] + run)
+    with pytest.raises(common.UserError, match="cond=True but this run has cond=False"):
+        dmd2.main(tiny + ["--resolution", "8", "--no-cond"] + run)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    add.main(tiny + ["--resolution", "8"] + run)
+    assert (tmp_path / "run" / "generator.pt").is_file()
