@@ -1488,3 +1488,26 @@ def test_teacher_that_does_not_fit_is_refused_before_writing(tmp_path):
     (tmp_path / "run" / "config.json").write_text("{}")
     add.main(tiny + ["--resolution", "8"] + run)
     assert (tmp_path / "run" / "generator.pt").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(toy_teacher, tmp_path):
+    """SIGTERM (what a cluster scheduler sends) mid-run: the run finishes its iteration, saves a checkpoint there,
+    says how to continue, and exits with 128 + 15; --resume then completes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "sid.py")] + _tiny_method_flags(toy_teacher, out, 200) + ["--ckpt-every", "1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = common.load_checkpoint(out / "ckpt.pt")["step"]
+    assert 0 < step < 200 and f"checkpoint saved at iteration {step}" in err and "--resume" in err
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and (out / "generator.pt").is_file(), done.stderr[-2000:]
