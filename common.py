@@ -511,7 +511,9 @@ def real_batches(args, info, dist):
         return _tensor_batches(images, labels, batch, device, flip=False)
     if any(p.is_dir() for p in root.iterdir()):
         return _folder_batches(root, batch, device, args.workers, dist.rank)
-    raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}")
+    raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
+                    f"ImageNet 64x64 train_data_batch_*.npz files (https://image-net.org/download-images, "
+                    f"'Downsampled ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
 
 
 # ================================================================================================================
