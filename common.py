@@ -682,11 +682,12 @@ class AmpOptimizer:
         return True
 
     def state_dict(self):
-        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "skipped": self.skipped}
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
 
 
 @torch.no_grad()

@@ -514,6 +514,12 @@ def test_nonfinite_loss_skips_step_and_stops(tmp_path):
     assert opt.step(net(torch.full((1, 2), float("nan"))).sum()) is False
     assert torch.equal(net.weight, w) and opt.skipped == 1
     assert opt.step(net(torch.ones(1, 2)).sum()) is True and opt.skipped == 0
+    # the consecutive-skip count travels with the checkpoint
+    opt.step(net(torch.full((1, 2), float("nan"))).sum())
+    common.save_checkpoint(tmp_path / "c.pt", {"opt": opt}, 3, {})
+    other = common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), args, torch.device("cpu"))
+    common.restore({"opt": other}, common.load_checkpoint(tmp_path / "c.pt"))
+    assert other.skipped == 1
 
 
 # ==============================================================================================================
