@@ -162,11 +162,6 @@ def parse_args(argv=None):
 # LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
 # ================================================================================================================
 
-def _column(v, x):
-    """A (B,) tensor viewed as (B, 1, ..., 1) to broadcast against x."""
-    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
 def distill_weighting(sigma, weighting="exp"):
     """c(sigma) of the distillation loss. exp: alpha = 1/sqrt(1 + sigma^2) (the VP alpha of an EDM sigma).
     sds: sigma / (2 (1 + sigma^2)), which by identity 8 (w = 2 c sigma) gives the SDS gradient with w = 1 - abar."""
@@ -378,7 +373,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
     sigma_s = sigmas[level]  # (B,)
     signal = (level > 0).float()  # 0 at the top level: zero terminal SNR, no x0 in the input
     # x_s = x0 + sigma_s eps   (x_s = sigma_max eps at the top level)
-    x_s = _column(signal, x0) * x0 + _column(sigma_s, x0) * torch.randn_like(x0)
+    x_s = common.column(signal, x0) * x0 + common.column(sigma_s, x0) * torch.randn_like(x0)
     c_img = None
     if use_disc and args.img_cond:
         # c_img of x0, only where the student saw some of x0 (sigma_s below the top)
@@ -396,7 +391,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
         loss_g = torch.zeros((), device=device)
         if use_disc:
             sigma_d = disc_noise(B)
-            x_d = x_g + _column(sigma_d, x_g) * torch.randn_like(x_g)
+            x_d = x_g + common.column(sigma_d, x_g) * torch.randn_like(x_g)
             fake_logits = common.unwrap(disc)(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img,
                                               d_level)
             # L_adv^G = -E[sum_k D_k(F_k(x_g))]
@@ -408,7 +403,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
             table = vp_sigmas().to(device=device, dtype=torch.float32)  # (1000,)
             sigma_t = table[torch.randint(len(table), (B,), device=device)]  # (B,)
             # x_t = x_g + sigma_t eps'
-            x_t = x_g.detach() + _column(sigma_t, x_g) * torch.randn_like(x_g)
+            x_t = x_g.detach() + common.column(sigma_t, x_g) * torch.randn_like(x_g)
             with torch.no_grad():
                 d_real = teacher(x_t, sigma_t, labels)  # D_phi(x_t): the stop-gradient target
             # lambda L_distill, L_distill = c(sigma_t) ||x_g - sg(D_phi(x_t))||^2 / pixels
@@ -425,7 +420,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
     with common.autocast(args, device):
         x_both = torch.cat([x0, x_g.detach()])  # (2B, *shape): real first, then generated
         sigma_d = disc_noise(2 * B)
-        x_d = x_both + _column(sigma_d, x_both) * torch.randn_like(x_both)
+        x_d = x_both + common.column(sigma_d, x_both) * torch.randn_like(x_both)
         with torch.no_grad():
             feats = teacher_features(teacher_net, x_d, sigma_d, _twice(labels))  # frozen F, no gradient
         # the real halves become leaves that require grad, so R1 can differentiate the logits w.r.t. them

@@ -520,6 +520,12 @@ def real_batches(args, info, dist):
 # EDM: preconditioning, loss, sigma grids, sampler
 # ================================================================================================================
 
+def column(v, x):
+    """A scalar or per-sample (B,) value viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x, in x's
+    dtype: the shape every per-sample sigma or weight takes in the losses."""
+    return torch.as_tensor(v, device=x.device).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
 def _as_column(sigma, x):
     """sigma as a float32 (B,) tensor, and viewed as (B, 1, ..., 1) to broadcast against x."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
@@ -1211,9 +1217,13 @@ def start_method(args):
     if dist.is_main:
         print_config(args)
     if args.teacher not in ("auto", "analytic"):
-        load_teacher_file(Path(args.teacher), args, info)  # a teacher that does not fit fails before any file is written
-    run = Run(args, dist)
-    teacher, teacher_net = load_or_train_teacher(args, info, dist)
+        # a given teacher file is loaded (and checked against the run) before anything is written
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+        run = Run(args, dist)
+    else:
+        # the run folder is checked before a teacher is trained, which can take hours
+        run = Run(args, dist)
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
     return dist, info, run, teacher, teacher_net
 
 

@@ -147,12 +147,6 @@ def parse_args(argv=None):
 # LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
 # ================================================================================================================
 
-def _column(w, x):
-    """A scalar or (B,) weight viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x."""
-    w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
-    return w.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 def dmd_loss(x_g, d_real, d_fake, weight=None):
     """Distribution matching loss per sample (B,), whose gradient w.r.t. x_g is exactly g:
         g = (D_fake(x_t) - D_real(x_t)) / w,   w = stopgrad(mean_CHW |x_g - D_real(x_t)|)  (weight=None)
@@ -162,7 +156,7 @@ def dmd_loss(x_g, d_real, d_fake, weight=None):
         if weight is None:
             # w = mean_CHW |x_g - D_real|: the data-dependent normalisation of the authors' ImageNet code
             weight = (x_g - d_real).abs().flatten(1).mean(1)  # (B,)
-        w = _column(weight, x_g)
+        w = common.column(weight, x_g)
         # g = (D_fake - D_real) / w  (= s_fake - s_real when w = sigma^2); a sample with w = 0 (x_g equal to the
         # teacher's denoising of it) gets g = 0. The authors' code applies nan_to_num to g; here a NaN from either
         # network makes the loss NaN, so AmpOptimizer skips the step and --max-skips stops a run that keeps
@@ -315,7 +309,7 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
                 labels_both = torch.cat([real_labels, labels]) if info.cond else None
                 # diffusion GAN: both noised, x + sigma eps with sigma = grid[i], i ~ U{0..999}
                 sigma = grid_sigma(2 * batch, device)
-                x_t = x_both + _column(sigma, x_both) * torch.randn_like(x_both)
+                x_t = x_both + common.column(sigma, x_both) * torch.randn_like(x_both)
                 _, features = fake_t(x_t, sigma, labels_both, return_features=True)
                 logits = head_t(features[-1])  # (2B,) from D_psi's bottleneck
                 # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
@@ -341,7 +335,7 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
         x_g = generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
         # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{20..980} (sigma ~0.003 .. ~72)
         sigma = grid_sigma(batch, device, DMD_MIN_INDEX, DMD_MAX_INDEX)
-        x_t = x_g + _column(sigma, x_g) * torch.randn_like(x_g)
+        x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
         with torch.no_grad():
             d_real = teacher(x_t, sigma, labels)  # D_phi(x_t)
             d_fake = common.unwrap(fake)(x_t, sigma, labels)  # D_psi(x_t)
@@ -350,7 +344,7 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
         loss_g = loss_dmd
         if gan:
             sigma = grid_sigma(batch, device)
-            x_t = x_g + _column(sigma, x_g) * torch.randn_like(x_g)
+            x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
             _, features = common.unwrap(fake)(x_t, sigma, labels, return_features=True)
             # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
             loss_adv = gan_g_loss(common.unwrap(head)(features[-1])).mean()

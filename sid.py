@@ -135,7 +135,7 @@ def sid_generator_loss(x_g, d_real, d_fake, alpha=1.2, weight=None):
         # w = stopgrad(mean_{CHW} |x_g - d_real|), floored so a perfect sample cannot divide by zero
         with torch.no_grad():
             weight = (x_g - d_real).abs().flatten(1).mean(1).clamp_min(1e-5)  # (B,)
-    w = weight.reshape(-1, *([1] * (x_g.ndim - 1)))  # (B, 1, ..., 1)
+    w = common.column(weight, x_g)  # (B, 1, ..., 1)
     # sum_{CHW} (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / w
     loss = (d_real - d_fake) * ((d_real - x_g) - alpha * (d_real - d_fake)) / w
     return loss.flatten(1).sum(1)  # (B,)
@@ -202,10 +202,9 @@ def train_iteration(args, info, dist, teacher, generator, fake, generator_t, fak
     eps = torch.randn(shape, device=device)
     # u ~ U(0, t_max), sigma = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho  in [0.002, ~24.4]
     sigma = common.karras_sigma(torch.rand(batch, device=device) * args.t_max)  # (B,)
-    s = sigma.reshape(-1, *([1] * len(info.shape)))  # (B, 1, ..., 1)
     with common.autocast(args, device):
         x_g = generate(generator_t, z, labels, args.sigma_init).float()  # (B, *shape), carries grad to theta
-        x_t = x_g + s * eps
+        x_t = x_g + common.column(sigma, x_g) * eps
         d_real = teacher(x_t, sigma, labels)  # f_phi(x_t): teacher parameters frozen
         d_fake = common.unwrap(fake)(x_t, sigma, labels)  # f_psi(x_t): plain module, parameters frozen
     # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), then
