@@ -490,7 +490,7 @@ def main(argv=None):
     final = {}
 
     def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sampler(args.steps), device, run=run, step=done,
+        metrics, _ = common.evaluate(args, info, sampler(args.steps), dist, run=run, step=done,
                                      tag=f"add-{args.steps}step", reference=x_teacher)
         final.clear()
         final.update(metrics)
@@ -514,7 +514,7 @@ def main(argv=None):
         if steps == args.steps:
             per_steps[steps] = dict(final)
             continue
-        per_steps[steps], _ = common.evaluate(args, info, sampler(steps), device, run=run, tag=f"add-{steps}step",
+        per_steps[steps], _ = common.evaluate(args, info, sampler(steps), dist, run=run, tag=f"add-{steps}step",
                                               reference=x_teacher)
         if per_steps[steps]:
             run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in per_steps[steps].items()}})

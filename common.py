@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +65,17 @@ def run_main(main):
 # Shared per-dataset defaults. A method script passes its own per-dataset defaults on top (see parse_args).
 DATASET_DEFAULTS = {
     "toy2d": dict(resolution=None, preset="mlp", cond=False, batch=512, eval_samples=10000, eval_every=500,
-                  teacher_iters=3000, teacher_batch=512, teacher_lr=2e-3, teacher_ema=5.0, teacher_rampup=50.0),
+                  fid_samples=0, teacher_iters=3000, teacher_batch=512, teacher_lr=2e-3, teacher_ema=5.0,
+                  teacher_rampup=50.0),
     "synthetic": dict(resolution=32, preset="small", cond=True, batch=64, eval_samples=1000, eval_every=500,
-                      teacher_iters=2000, teacher_batch=64, teacher_lr=1e-3, teacher_ema=5.0, teacher_rampup=10.0),
-    "cifar10": dict(resolution=32, preset="cifar10", cond=True, batch=256, eval_samples=10000, eval_every=5000,
-                    teacher_iters=200000, teacher_batch=512, teacher_lr=1e-3, teacher_ema=500.0,
+                      fid_samples=0, teacher_iters=2000, teacher_batch=64, teacher_lr=1e-3, teacher_ema=5.0,
+                      teacher_rampup=10.0),
+    "cifar10": dict(resolution=32, preset="cifar10", cond=True, batch=256, eval_samples=100, eval_every=5000,
+                    fid_samples=10000, teacher_iters=200000, teacher_batch=512, teacher_lr=1e-3, teacher_ema=500.0,
                     teacher_rampup=10000.0),
-    "imagenet64": dict(resolution=64, preset="imagenet64", cond=True, batch=256, eval_samples=10000,
-                       eval_every=5000, teacher_iters=400000, teacher_batch=512, teacher_lr=2e-4, teacher_ema=500.0,
-                       teacher_rampup=10000.0),
+    "imagenet64": dict(resolution=64, preset="imagenet64", cond=True, batch=256, eval_samples=100,
+                       eval_every=5000, fid_samples=10000, teacher_iters=400000, teacher_batch=512, teacher_lr=2e-4,
+                       teacher_ema=500.0, teacher_rampup=10000.0),
 }
 
 
@@ -119,13 +122,32 @@ def base_parser(description, method):
     g.add_argument("--iters", type=int, default=None, help="training iterations of this method")
     g.add_argument("--batch", type=int, default=None, help="global batch size")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations (0: only at the end)")
-    g.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation")
+    g.add_argument("--eval-samples", type=int, default=None,
+                   help="samples per evaluation: scored against the exact density (toy2d, synthetic) and drawn in "
+                        "the picture")
     g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations (and at the end)")
     g.add_argument("--log-every", type=int, default=50, help="log losses every N iterations")
     g.add_argument("--max-skips", type=int, default=20,
                    help="stop when this many consecutive steps had a non-finite loss (the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start again in an existing --out-dir")
+    g = p.add_argument_group("fid")
+    g.add_argument("--fid-samples", type=int, default=None,
+                   help="generated images per FID, logged as e.g. fid10k (0: no FID). Report FID-50k (50000); "
+                        "smaller counts are for monitoring and read higher")
+    g.add_argument("--fid-detector", default="auto",
+                   help="'auto': download NVIDIA's TorchScript Inception (inception-2015-12-05.pt) into --fid-dir; "
+                        "or a path to it (offline machines)")
+    g.add_argument("--fid-ref", default="auto",
+                   help="'auto': cifar10 downloads EDM's cifar10-32x32.npz; other datasets compute the statistics "
+                        "of their training data once and cache them in --fid-dir; or a path to an npz with mu, sigma")
+    g.add_argument("--fid-dir", default="data/fid", help="cache folder of the FID detector and reference statistics")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--bench", action="store_true",
+                   help="time training iterations and samplers on a random-weight teacher, print one JSON line, "
+                        "write nothing (on CUDA also fp32 vs bf16 and eager vs --compile)")
+    g.add_argument("--bench-iters", type=int, default=20, help="timed training iterations of --bench")
+    g.add_argument("--bench-warmup", type=int, default=5, help="untimed iterations before --bench times")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -156,10 +178,11 @@ def parse_args(parser, method_defaults=None, argv=None):
         args.resolution = 64
     if args.out_dir is None:
         args.out_dir = f"runs/{args.dataset}-{args.method}"
-    for name in ("batch", "teacher_batch", "eval_samples", "ckpt_every", "log_every", "teacher_steps", "max_skips"):
+    for name in ("batch", "teacher_batch", "eval_samples", "ckpt_every", "log_every", "teacher_steps", "max_skips",
+                 "bench_iters"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ("iters", "teacher_iters", "eval_every"):
+    for name in ("iters", "teacher_iters", "eval_every", "fid_samples", "bench_warmup"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     for name, value in vars(args).items():
@@ -173,6 +196,11 @@ def parse_args(parser, method_defaults=None, argv=None):
         parser.error(f"--teacher {args.teacher}: no such file (use 'auto', 'analytic' or a teacher .pt path)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
+    if args.fid_samples and args.dataset == "toy2d":
+        parser.error("--fid-samples: FID scores images; toy2d is scored against its exact density instead")
+    for flag, value in (("--fid-detector", args.fid_detector), ("--fid-ref", args.fid_ref)):
+        if value != "auto" and not Path(value).is_file():
+            parser.error(f"{flag} {value}: no such file ('auto' downloads it into --fid-dir)")
     if (args.preset == "mlp") != (args.dataset == "toy2d"):
         parser.error(f"--preset {args.preset} does not fit --dataset {args.dataset} ('mlp' is for toy2d only)")
     return args
@@ -954,19 +982,268 @@ def teacher_sampler(teacher, steps):
     return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
 
 
-def evaluate(args, info, fn, device, run=None, step=None, tag="student", reference=None, batch=None):
+def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
     """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
-    and save a picture next to `reference` samples (e.g. the teacher's, from the same z). Returns (metrics, x).
-    For cifar10 / imagenet64 only the picture is made here."""
-    x, labels = generate(fn, info, args.eval_samples, batch or max(args.batch, 256), device, args.seed + 999,
+    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
+    FID (every rank must call this then). Returns (metrics, x)."""
+    x, labels = generate(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
                          desc=f"eval {tag}")
     metrics = {}
     if info.mixture is not None:
         metrics = mixture_metrics(x, info.mixture, labels)
+    if args.fid_samples:
+        metrics.update(fid(args, info, fn, dist))
     if run is not None and run.dist.is_main:
         name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
         save_picture(run.dir / name, info, x, reference)
     return metrics, x
+
+
+# ================================================================================================================
+# FID: the standard Inception detector, reference statistics, checksums
+# ================================================================================================================
+# FID as the papers report it (StyleGAN2-ADA / EDM / SiD / DMD2 protocol): NVIDIA's TorchScript port of the 2015
+# TensorFlow Inception-v3 takes uint8 NCHW images (any size; it resizes to 299 inside) and returns 2048-d pool
+# features; mean and covariance are accumulated in float64; FID = frechet_distance(mu_gen, cov_gen, mu_ref, cov_ref).
+# The number depends on the sample count (it is biased upward for small counts), so it is always logged with its
+# count: fid10k, fid50k. Papers report FID-50k.
+
+FID_FILES = {
+    "detector": ("inception-2015-12-05.pt",
+                 "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+    "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
+}
+# SHA-256 pins of the files above. Their publishers list none next to them, and this code was written without network
+# access, so none is pinned yet: the first download records its hash in NAME.sha256 beside the file and every later
+# use checks the file against it (a changed or corrupt file is refused). Pin a hash here to also check the download.
+FID_SHA256 = {}
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_file(path, expected=None):
+    """path, after checking its SHA-256 against `expected`, else against a PATH.sha256 file beside it if there is
+    one (sha256sum format: the hash first). A missing or mismatching file is a UserError naming what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"FID file {path} does not exist. Pass 'auto' to download it, or the path of a copy")
+    sidecar = path.with_name(path.name + ".sha256")
+    source = "the pinned hash"
+    if expected is None and sidecar.is_file():
+        expected, source = sidecar.read_text().split()[0].lower(), str(sidecar)
+    if expected is not None:
+        actual = sha256_of(path)
+        if actual != expected:
+            raise UserError(f"FID file {path} has SHA-256 {actual[:16]}... but {source} says {expected[:16]}...: "
+                            f"the file is corrupt or was changed. Delete it (and {sidecar.name}) to download it "
+                            f"again")
+    return path
+
+
+def fetch(key, folder, dist):
+    """The file FID_FILES[key] in `folder`, downloaded on first use (rank 0 only; with a progress bar), its hash
+    checked against FID_SHA256 or recorded beside it, and verified on every later use."""
+    name, url = FID_FILES[key]
+    path = Path(folder) / name
+    if dist.is_main and not path.is_file():
+        import urllib.request
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(name + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except Exception as e:  # no network, HTTP error, full disk
+            tmp.unlink(missing_ok=True)
+            flag = "--fid-detector" if key == "detector" else "--fid-ref"
+            raise UserError(f"could not download {url} ({type(e).__name__}: {e}). Download it on a machine with "
+                            f"network access and pass {flag} PATH, or put it in {folder}") from None
+        digest = sha256_of(tmp)
+        if key in FID_SHA256 and digest != FID_SHA256[key]:
+            tmp.unlink()
+            raise UserError(f"downloaded {url} has SHA-256 {digest} but {FID_SHA256[key]} is pinned; refused")
+        path.with_name(name + ".sha256").write_text(f"{digest}  {name}\n")
+        os.replace(tmp, path)
+        print(f"downloaded {path} (SHA-256 {digest}, recorded in {name}.sha256)")
+    dist.barrier()
+    return verified_file(path, FID_SHA256.get(key))
+
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8 0..255, rounded to nearest (the PNG files EDM's FID reads), 3 channels."""
+    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+class FeatureStats:
+    """Running float64 sums of detector features: n, sum f, sum f f^T. Ranks add theirs with all_reduce."""
+
+    def __init__(self):
+        self.n, self.sum, self.outer = 0, None, None
+
+    def add(self, features):
+        f = features.detach().double()
+        if self.sum is None:
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def reduce(self, dist, device):
+        if dist.world > 1:
+            # a rank that drew no batch (fewer batches than ranks) adds zeros of the agreed feature size
+            dim = torch.tensor([0 if self.sum is None else len(self.sum)], device=device)
+            torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)
+            if self.sum is None:
+                self.sum = torch.zeros(int(dim), dtype=torch.float64, device=device)
+                self.outer = torch.zeros(int(dim), int(dim), dtype=torch.float64, device=device)
+            n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+            for t in (n, self.sum, self.outer):
+                torch.distributed.all_reduce(t)
+            self.n = int(n.item())
+        return self
+
+    def mean_cov(self):
+        """Mean and unbiased covariance (N - 1), as numpy float64."""
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
+
+
+_FID_CACHE = {}  # detector path -> (detector, its SHA-256); run key -> reference (mu, sigma)
+
+
+def fid_detector(args, dist):
+    """The TorchScript detector (verified, loaded once per process) and its SHA-256 (part of the reference cache key)."""
+    path = fetch("detector", args.fid_dir, dist) if args.fid_detector == "auto" else verified_file(args.fid_detector)
+    key = str(Path(path).resolve())
+    if key not in _FID_CACHE:
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format the detector ships in
+                warnings.simplefilter("ignore", FutureWarning)
+                detector = torch.jit.load(str(path), map_location=dist.device).eval()
+        except Exception as e:
+            raise UserError(f"cannot load {path} as a TorchScript detector ({type(e).__name__}: {e})") from None
+        _FID_CACHE[key] = (detector, sha256_of(path))
+    return _FID_CACHE[key]
+
+
+@torch.no_grad()
+def detector_features(detector, x):
+    """(B, 2048) float64 features of images x in [-1, 1] (fp32, outside autocast, as the reference was made)."""
+    return detector(to_uint8(x), return_features=True).double()
+
+
+def _fid_batches(n, batch, dist):
+    """The global batches [start, stop) of n samples, dealt round-robin to the ranks: rank r takes batch r, r+W..."""
+    starts = list(range(0, n, batch))[dist.rank::dist.world]
+    return [(s, min(s + batch, n)) for s in starts]
+
+
+@torch.no_grad()
+def training_images(args, info, dist, batch):
+    """One ordered pass over the training images as uint8 (B, 3, H, W) batches, sharded across ranks; for the
+    mixtures (synthetic), max(--fid-samples, 10000) fixed draws. What the reference statistics are made of."""
+    if info.mixture is not None:
+        n = max(args.fid_samples, 10000)
+        for s, e in _fid_batches(n, batch, dist):
+            x, _ = info.mixture.sample(e - s, generator=torch.Generator().manual_seed(10_000_019 + s))
+            yield to_uint8(x.reshape(-1, *info.shape))
+        return
+    root = Path(args.data_dir)
+    if args.dataset == "cifar10" or any(root.glob("*.npz")):
+        images, _ = load_cifar10(args.data_dir) if args.dataset == "cifar10" else load_imagenet64_npz(root)
+        for s, e in _fid_batches(len(images), batch, dist):
+            yield images[s:e]
+        return
+    real_batches(args, info, dist)  # the same checks and messages as training (missing folder, no images)
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
+    ds = ImageFolder(root, transform=tf)
+    ds = torch.utils.data.Subset(ds, range(dist.rank, len(ds), dist.world))
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=args.workers):
+        yield x
+
+
+def fid_reference(args, info, dist):
+    """(mu, sigma) of the reference set: --fid-ref PATH; EDM's published statistics for cifar10; otherwise the
+    training data's statistics, computed once with this detector and cached in --fid-dir."""
+    detector, detector_hash = fid_detector(args, dist)
+    if args.fid_ref != "auto":
+        path = verified_file(args.fid_ref)
+    elif args.dataset == "cifar10":
+        path = fetch("cifar10", args.fid_dir, dist)
+    else:
+        # keyed by what the statistics are made of: the mixture draws, or the data folder; and the detector
+        made_of = (f"n{max(args.fid_samples, 10000)}" if info.mixture is not None else
+                   hashlib.sha256(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8])
+        path = Path(args.fid_dir) / f"ref-{args.dataset}-{info.shape[-1]}-{made_of}-{detector_hash[:12]}.npz"
+        if not path.is_file():
+            stats = FeatureStats()
+            bar = tqdm(desc=f"FID reference statistics of {args.dataset}", unit="img", disable=not dist.is_main)
+            with torch.no_grad():
+                for images in training_images(args, info, dist, 250):
+                    stats.add(detector(images.to(dist.device), return_features=True))
+                bar.update(len(images) * dist.world)
+            bar.close()
+            mu, sigma = stats.reduce(dist, dist.device).mean_cov()
+            if dist.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(path.with_suffix(".tmp.npz"), mu=mu, sigma=sigma)
+                path.with_name(path.name + ".sha256").write_text(f"{sha256_of(path.with_suffix('.tmp.npz'))}  "
+                                                                 f"{path.name}\n")
+                os.replace(path.with_suffix(".tmp.npz"), path)
+                print(f"FID reference statistics of {stats.n} images cached in {path}")
+            dist.barrier()
+        path = verified_file(path)
+    key = ("ref", str(path.resolve()))
+    if key not in _FID_CACHE:
+        try:
+            with np.load(path, allow_pickle=False) as ref:
+                _FID_CACHE[key] = (np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64))
+        except Exception as e:
+            raise UserError(f"cannot read FID reference statistics (mu, sigma) from {path} "
+                            f"({type(e).__name__}: {e})") from None
+    return detector, _FID_CACHE[key]
+
+
+def fid_label(n):
+    """fid10k, fid50k, fid2500: the count is part of the name, since FID depends on it."""
+    return f"fid{n // 1000}k" if n % 1000 == 0 else f"fid{n}"
+
+
+@torch.no_grad()
+def fid(args, info, fn, dist, n=None, seed=None):
+    """FID of a sampler fn(z, labels) over n (--fid-samples) images against fid_reference(). Every rank must call it:
+    the batches are dealt round-robin across ranks, each batch's latents come from its own seed and its labels are
+    class-balanced by global index (sample i has class i mod K), so the images do not depend on the rank count.
+    Returns {fid_label(n): value}."""
+    n = n or args.fid_samples
+    detector, (mu_ref, sigma_ref) = fid_reference(args, info, dist)
+    seed = args.seed + 4242 if seed is None else seed
+    batch = max(args.batch, 256)
+    stats = FeatureStats()
+    for start, stop in tqdm(_fid_batches(n, batch, dist), desc=f"{fid_label(n)} sampling", leave=False,
+                            disable=not dist.is_main):
+        z = torch.randn(stop - start, *info.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start))
+        labels = balanced_labels(info, stop - start, dist.device, offset=start)
+        stats.add(detector_features(detector, fn(z.to(dist.device), labels)))
+    mu, sigma = stats.reduce(dist, dist.device).mean_cov()
+    if mu.shape != mu_ref.shape:
+        raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
+                        f"{mu.shape[0]}-d features: they were not made with the same detector")
+    return {fid_label(n): frechet_distance(mu, sigma, mu_ref, sigma_ref)}
 
 
 # ================================================================================================================
@@ -1216,6 +1493,8 @@ def start_method(args):
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)
+    if args.fid_samples:
+        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
     if args.teacher not in ("auto", "analytic"):
         # a given teacher file is loaded (and checked against the run) before anything is written
         teacher, teacher_net = load_or_train_teacher(args, info, dist)
@@ -1231,7 +1510,7 @@ def teacher_reference(args, info, teacher, run):
     """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
     metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
     nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist.device, run=run,
+    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
                           tag=f"teacher-{nfe}nfe")
     if metrics:
         run.log({f"teacher/{k}": v for k, v in metrics.items()})
@@ -1258,18 +1537,20 @@ def main(argv=None):
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)
+    if args.fid_samples:
+        fid_reference(args, info, dist)
     t0 = time.time()
     teacher, teacher_net = load_or_train_teacher(args, info, dist)
     folder = Path(args.teacher) if args.teacher not in ("auto", "analytic") else teacher_folder(args) / "teacher.pt"
     out = folder.parent
     nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist.device,
+    metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist,
                           tag=f"teacher-{nfe}nfe")
     result = {"teacher": metrics, "nfe": nfe, "params": unet.count_params(teacher_net),
               "wall_s": round(time.time() - t0, 1)}
     if info.mixture is not None:
         exact, x_exact = evaluate(args, info, teacher_sampler(AnalyticDenoiser(info.mixture, info.shape, info.cond),
-                                                              args.teacher_steps), dist.device, tag="analytic")
+                                                              args.teacher_steps), dist, tag="analytic")
         result["analytic"] = exact
     else:
         x_exact = None

@@ -410,7 +410,7 @@ def main(argv=None):
     final = {}
 
     def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sampler(), device, run=run, step=done, tag="dmd2",
+        metrics, _ = common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2",
                                      reference=x_teacher)
         final.clear()
         final.update(metrics)

@@ -252,7 +252,7 @@ def main(argv=None):
     final = {}
 
     def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sample, device, run=run, step=done, tag="sid", reference=x_teacher)
+        metrics, _ = common.evaluate(args, info, sample, dist, run=run, step=done, tag="sid", reference=x_teacher)
         final.clear()
         final.update(metrics)
         return metrics

@@ -279,6 +279,133 @@ def test_mixture_metrics_detect_mode_collapse():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FID: the pipeline with a small stand-in detector, the checksums of its files
+# ----------------------------------------------------------------------------------------------------------------
+
+class _StandInDetector(torch.nn.Module):
+    """A tiny random conv net with the calling convention of NVIDIA's TorchScript Inception: uint8 NCHW in,
+    detector(x, return_features=True) -> (B, 48) features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = torch.nn.Conv2d(3, 12, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8
+        h = torch.tanh(self.conv(x.float() / 127.5 - 1))
+        f = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+        return f if return_features else self.fc(f)
+
+
+def _standin_detector(path):
+    torch.jit.script(_StandInDetector()).save(str(path))
+    return path
+
+
+def _exact_sampler(mixture, scale=1.0, shift=0.0):
+    """fn(z, labels) -> x drawn exactly from the class-conditional mixture (x = mu_c + std_c z), optionally wrong."""
+    def fn(z, labels):
+        z = z.flatten(1).double()
+        std = mixture.variances.sqrt()[labels]
+        x = mixture.means[labels] + scale * (std[:, None] if mixture.isotropic else std) * z + shift
+        return x.float().reshape(len(z), 3, 8, 8)
+    return fn
+
+
+def test_feature_stats_match_numpy():
+    """Streaming float64 sums in uneven batches give numpy's mean and unbiased covariance."""
+    f = torch.randn(1003, 17, dtype=torch.float64) @ torch.randn(17, 17, dtype=torch.float64) + 3
+    stats = common.FeatureStats()
+    for chunk in torch.split(f, 250):
+        stats.add(chunk.float())
+    mu, cov = stats.reduce(common.Dist(), "cpu").mean_cov()
+    ref = f.float().double().numpy()
+    assert np.allclose(mu, ref.mean(0), atol=1e-9) and np.allclose(cov, np.cov(ref.T), atol=1e-8)
+
+
+def test_fid_pipeline_with_a_standin_detector(tmp_path):
+    """The whole FID path on synthetic 8x8 images: reference statistics computed once from the training data (the
+    mixture) and cached with a checksum, then samplers scored. An exact sampler scores near the finite-sample floor;
+    collapsed or shifted images score far higher; the same sampler gives the same number twice."""
+    det = _standin_detector(tmp_path / "det.pt")
+    args = sid.parse_args(["--dataset", "synthetic", "--resolution", "8", "--fid-samples", "2000",
+                           "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid")])
+    info = common.dataset_info(args)
+    dist = common.Dist()
+    good = common.fid(args, info, _exact_sampler(info.mixture), dist)
+    assert list(good) == ["fid2k"]
+    refs = list((tmp_path / "fid").glob("ref-synthetic-8-n10000-*.npz"))
+    assert len(refs) == 1 and refs[0].with_name(refs[0].name + ".sha256").is_file()
+    with np.load(refs[0]) as ref:
+        assert ref["mu"].shape == (48,) and ref["sigma"].shape == (48, 48)
+    # the floor: 2000 other true images (same class balance) against the reference, measured by hand
+    labels = torch.arange(2000) % 10
+    x, _ = info.mixture.sample(2000, labels=labels, generator=torch.Generator().manual_seed(5))
+    f = _StandInDetector()(common.to_uint8(x.reshape(-1, 3, 8, 8)), return_features=True).double().detach().numpy()
+    with np.load(refs[0]) as ref:
+        floor = common.frechet_distance(f.mean(0), np.cov(f.T), ref["mu"], ref["sigma"])
+    collapsed = common.fid(args, info, _exact_sampler(info.mixture, scale=0.0), dist)["fid2k"]  # class templates only
+    shifted = common.fid(args, info, _exact_sampler(info.mixture, shift=0.1), dist)["fid2k"]
+    print(f"exact {good['fid2k']:.3g}, floor {floor:.3g}, collapsed {collapsed:.3g}, shifted {shifted:.3g}")
+    assert floor / 2 < good["fid2k"] < 2 * floor and collapsed > 10 * floor and shifted > 10 * floor
+    assert common.fid(args, info, _exact_sampler(info.mixture), dist) == good
+
+
+def test_fid_files_are_downloaded_once_and_verified(tmp_path, monkeypatch):
+    """'auto' downloads the detector into --fid-dir (here from a file:// URL), records its SHA-256 beside it, and
+    refuses it once changed; a pinned hash that does not match refuses the download and leaves no file behind."""
+    src = _standin_detector(tmp_path / "published.pt")
+    monkeypatch.setitem(common.FID_FILES, "detector", ("inception.pt", src.as_uri()))
+    common._FID_CACHE.clear()
+    args = sid.parse_args(["--dataset", "synthetic", "--resolution", "8", "--fid-dir", str(tmp_path / "fid")])
+    dist = common.Dist()
+    _, digest = common.fid_detector(args, dist)
+    got = tmp_path / "fid" / "inception.pt"
+    assert digest == common.sha256_of(src) and (tmp_path / "fid" / "inception.pt.sha256").read_text().startswith(digest)
+    assert common.fetch("detector", args.fid_dir, dist) == got  # second use: verified, not downloaded again
+    data = bytearray(got.read_bytes())
+    data[len(data) // 2] ^= 1
+    got.write_bytes(bytes(data))
+    with pytest.raises(common.UserError, match="corrupt or was changed"):
+        common.fetch("detector", args.fid_dir, dist)
+    # a fresh folder with a wrong pinned hash: refused, nothing left behind
+    monkeypatch.setitem(common.FID_SHA256, "detector", "0" * 64)
+    with pytest.raises(common.UserError, match="pinned; refused"):
+        common.fetch("detector", tmp_path / "fresh", dist)
+    assert list((tmp_path / "fresh").iterdir()) == []
+    # no network: one line that says what to do
+    monkeypatch.setitem(common.FID_FILES, "cifar10", ("refs.npz", (tmp_path / "nope.npz").as_uri()))
+    with pytest.raises(common.UserError, match="pass --fid-ref PATH"):
+        common.fetch("cifar10", tmp_path / "fresh", dist)
+    common._FID_CACHE.clear()
+
+
+def test_tampered_or_unreadable_fid_files_stop_before_anything_is_written(tmp_path):
+    """sid.py with a detector changed since its hash was recorded, or with an unreadable reference file: one line
+    on stderr, exit 2, and neither the run folder nor a teacher is written."""
+    import subprocess
+    import sys
+    det = _standin_detector(tmp_path / "det.pt")
+    changed = tmp_path / "changed.pt"
+    data = bytearray(det.read_bytes())
+    (tmp_path / "changed.pt.sha256").write_text(f"{common.sha256_of(det)}  changed.pt\n")
+    data[len(data) // 2] ^= 1
+    changed.write_bytes(bytes(data))
+    (tmp_path / "ref.npz").write_bytes(b"not an npz")
+    base = [sys.executable, "sid.py", "--dataset", "synthetic", "--resolution", "8", "--fid-samples", "100",
+            "--out-dir", str(tmp_path / "run"), "--teacher-dir", str(tmp_path / "teachers")]
+    for extra, message in ((["--fid-detector", str(changed)], "corrupt or was changed"),
+                           (["--fid-detector", str(det), "--fid-ref", str(tmp_path / "ref.npz")],
+                            "cannot read FID reference statistics")):
+        r = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The teacher: learns, caches, smoke runs of common.py
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -312,7 +439,9 @@ def test_common_smoke_synthetic_and_cache(tmp_path):
 def test_bad_flags_exit_2(tmp_path, capsys):
     for argv in (["--dataset", "mnist"], ["--batch", "0"], ["--teacher-lr", "-1"], ["--teacher", str(tmp_path / "x")],
                  ["--dataset", "cifar10", "--teacher", "analytic"], ["--dataset", "synthetic", "--resolution", "12"],
-                 ["--dataset", "synthetic", "--preset", "mlp"]):
+                 ["--dataset", "synthetic", "--preset", "mlp"], ["--fid-samples", "100"],
+                 ["--dataset", "synthetic", "--fid-samples", "100", "--fid-detector", str(tmp_path / "x.pt")],
+                 ["--dataset", "synthetic", "--fid-samples", "-1"]):
         with pytest.raises(SystemExit) as e:
             common.main(argv)
         assert e.value.code == 2
@@ -749,7 +878,7 @@ def test_sid_toy2d_converges(toy_teacher, tmp_path):
     info = common.dataset_info(args)
     _, teacher_net = common.load_or_train_teacher(args, info, common.Dist())
     start, _ = common.evaluate(args, info, lambda z, labels: sid.generate(teacher_net, z, labels, args.sigma_init),
-                               torch.device("cpu"))
+                               common.Dist())
     print("start", start, "\nteacher", teacher, "\nstudent", student)
     assert student["modes"] == 8 and start["modes"] < 8
     assert student["sw2"] < teacher["sw2"] + 0.03 and student["sw2"] < 0.2 * start["sw2"]
@@ -995,9 +1124,11 @@ SMOKE = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--t
 def test_dmd2_synthetic_smoke(tmp_path):
     """A tiny class-conditional image run (GAN head on a UNet bottleneck, 2 steps) finishes and writes its files."""
     flags = SMOKE + ["--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(tmp_path / "run"), "--iters", "4",
-                     "--steps", "2"]
+                     "--steps", "2", "--fid-samples", "64", "--fid-detector", str(_standin_detector(tmp_path / "d.pt")),
+                     "--fid-dir", str(tmp_path / "fid")]
     result = dmd2.main(flags)
-    assert set(result["student"]) >= {"sw2", "fd", "class_acc", "precision"}
+    assert set(result["student"]) >= {"sw2", "fd", "class_acc", "precision", "fid64"}
+    assert result["teacher"]["fid64"] > 0 and result["student"]["fid64"] > 0
     for f in ("generator.pt", "ckpt.pt", "metrics.jsonl", "dmd2-000004.png"):
         assert (tmp_path / "run" / f).is_file(), f
     ckpt = common.load_checkpoint(tmp_path / "run" / "generator.pt")
