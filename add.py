@@ -467,15 +467,13 @@ def main(argv=None):
     # so the (small) heads get DDP only, never --compile.
     disc_t = common.wrap(disc, args, dist, compile=False)
     objects = {"generator": generator, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
-    start = run.resume(objects)
     batches = common.real_batches(args, info, dist)  # ADD trains on real images (the student's inputs)
 
-    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
-    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
-    if dist.is_main:
-        print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
-              f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
-              f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
+    def step_fn(step):
+        out = train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t,
+                              opt_g, opt_f, batches)
+        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
+        return out
 
     def sampler(steps):
         # the EMA student's sampler; re-noising draws from its own seeded generator, so every evaluation sees the
@@ -487,6 +485,18 @@ def main(argv=None):
                 return generate(ema, z, labels, steps, noise_generator).float()
         return sample
 
+    if args.bench:  # time iterations and samplers, print one JSON line, write nothing
+        return common.bench(args, info, dist, step_fn, sampler(args.steps), teacher, teacher_net,
+                            {"generator": generator, "disc": disc}, student_nfe=args.steps)
+    start = run.resume(objects)
+
+    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
+    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
+    if dist.is_main:
+        print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
+              f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
+              f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
+
     final = {}
 
     def eval_fn(done):
@@ -495,12 +505,6 @@ def main(argv=None):
         final.clear()
         final.update(metrics)
         return metrics
-
-    def step_fn(step):
-        out = train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t,
-                              opt_g, opt_f, batches)
-        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
-        return out
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="add", optimizers=[opt_g, opt_f])
     if start >= args.iters:

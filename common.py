@@ -18,6 +18,7 @@ CHECKPOINTS | RUN FOLDER | EVALUATION | PICTURES | TRAINING LOOP | TEACHER | MAI
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -49,10 +50,14 @@ class UserError(Exception):
     """A problem with the user's input (flags, files, data). Printed as one line; exit code 2."""
 
 
-def run_main(main):
-    """Call `main()`; turn a UserError into one clear line on stderr and exit code 2 (no traceback soup)."""
+def run_main(main, argv=None):
+    """Call main(argv); turn a UserError into one clear line on stderr and exit code 2 (no traceback soup). After a
+    --bench on CUDA, also measure the fp32 / bf16 / compiled variants in this process (bench_compare)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
+        result = main(argv)
+        if isinstance(result, dict) and result.get("device_type") == "cuda" and "bench" in result:
+            bench_compare(main, argv, result)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -152,7 +157,8 @@ def base_parser(description, method):
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained networks")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the trained networks")
     g.add_argument("--workers", type=int, default=4, help="data-loader workers (image folders only)")
     return p
 
@@ -1383,6 +1389,141 @@ def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimiz
 
 
 # ================================================================================================================
+# BENCHMARK (--bench)
+# ================================================================================================================
+# Speed is measured here, not in tests. Every number of one --bench line comes from the same process, so the ratios
+# in it (iteration vs teacher step, one-step student vs 35-NFE teacher, bf16 vs fp32, compiled vs eager) hold even on
+# a noisy machine where the absolute numbers drift.
+
+def bench_networks(args, info, dist):
+    """--bench's teacher: a random-weight network of the preset (speed does not depend on the weights), or the
+    --teacher file, or the exact denoiser with --teacher analytic. Nothing is trained, cached or written.
+    Returns (teacher, teacher_net) like load_or_train_teacher."""
+    if args.teacher not in ("auto", "analytic"):
+        net = load_teacher_file(args.teacher, args, info)
+    else:
+        net = build_denoiser(args, info)
+    teacher_net = net.to(dist.device).eval().requires_grad_(False)
+    if args.teacher == "analytic":
+        return AnalyticDenoiser(info.mixture, info.shape, cond=info.cond), teacher_net
+    return teacher_net, teacher_net
+
+
+def _peak_memory_mb(device):
+    """CUDA: the most memory tensors held since the last reset; CPU: the process's peak resident set (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _seconds_per_call(fn, calls, device):
+    """Mean wall time of fn(i) over `calls` calls, with the device synchronised at both ends."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    sync()
+    return (time.perf_counter() - t0) / calls
+
+
+def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, student_nfe):
+    """Time --bench-iters training iterations step_fn(step) after --bench-warmup untimed ones, one EDM teacher
+    training step at the same batch (the unit of cost: how many teacher steps one iteration costs), and the student
+    sampler sample(z, labels) against the teacher's Heun sampler (--teacher-steps) on one batch of the same latents.
+    step_fn / sample may be None (common.py benchmarks the teacher alone). Prints and returns one JSON-able dict."""
+    device, batch = dist.device, args.batch // dist.world
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(args, device)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    out = {"bench": args.method, "dataset": args.dataset, "resolution": args.resolution, "preset": args.preset,
+           "device": name, "device_type": device.type, "amp": amp, "compile": bool(args.compile),
+           "batch": args.batch, "world": dist.world, "timed_iters": args.bench_iters,
+           "params": {k: unet.count_params(v) for k, v in nets.items()}}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if step_fn is not None:
+        for i in range(args.bench_warmup):
+            step_fn(i)
+        s = _seconds_per_call(lambda i: step_fn(args.bench_warmup + i), args.bench_iters, device)
+        out.update(ms_per_iter=1e3 * s, images_per_s=args.batch / s, peak_mem_mb=_peak_memory_mb(device))
+
+    # One EDM teacher training step (Adam, same AMP and --compile) on random images: the cost unit.
+    net = copy.deepcopy(teacher_net).train().requires_grad_(True)
+    opt = AmpOptimizer(torch.optim.Adam(net.parameters(), lr=1e-4), args, device)
+    net_t = wrap(net, args, dist)
+
+    def teacher_step(i):
+        x0 = torch.rand(batch, *info.shape, device=device) * 2 - 1
+        with autocast(args, device):
+            loss = edm_loss(net_t, x0, sample_labels(info, batch, device)).mean()
+        opt.step(loss)
+
+    for i in range(args.bench_warmup):
+        teacher_step(i)
+    s = _seconds_per_call(teacher_step, args.bench_iters, device)
+    out.update(teacher_step_ms=1e3 * s, teacher_images_per_s=args.batch / s)
+    if step_fn is not None:
+        out["iter_vs_teacher_step"] = out["ms_per_iter"] / out["teacher_step_ms"]
+    else:
+        out["peak_mem_mb"] = _peak_memory_mb(device)
+    del net, opt, net_t
+
+    # Sampling one batch: the student (student_nfe network evaluations) vs the teacher's Heun sampler.
+    z = torch.randn(batch, *info.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    labels = balanced_labels(info, batch, device)
+    heun = teacher_sampler(teacher, args.teacher_steps)
+    with torch.no_grad(), autocast(args, device):
+        heun(z, labels)  # warm-up
+        s = _seconds_per_call(lambda i: heun(z, labels), 2, device)
+    out.update(teacher_nfe=heun_nfe(args.teacher_steps), teacher_sample_ms=1e3 * s)
+    if sample is not None:
+        with torch.no_grad():
+            sample(z, labels)
+            calls = max(3, min(50, round(out["teacher_sample_ms"] / 50)))
+            s = _seconds_per_call(lambda i: sample(z, labels), calls, device)
+        out.update(student_nfe=student_nfe, student_sample_ms=1e3 * s,
+                   sampling_speedup=out["teacher_sample_ms"] / (1e3 * s))
+    out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    if dist.is_main:
+        print(json.dumps(out), flush=True)
+    return out
+
+
+BENCH_VARIANTS = {"fp32": ["--amp", "fp32", "--no-compile"], "bf16": ["--amp", "bf16", "--no-compile"],
+                  "bf16_compile": ["--amp", "bf16", "--compile"]}
+
+
+def bench_compare(main, argv, base):
+    """On CUDA, --bench also runs the same script in this process as fp32 eager, bf16 eager and bf16 compiled
+    (whichever of them the first measurement was not) and prints one more JSON line with the three and the ratios
+    bf16 / fp32 and compiled / eager of images per second. A variant that fails is reported, not fatal."""
+    runs = {}
+    for name, flags in BENCH_VARIANTS.items():
+        if base.get("amp") == name.split("_")[0] and base.get("compile") == name.endswith("compile"):
+            runs[name] = base
+            continue
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            runs[name] = main(list(argv) + flags)
+        except Exception as e:  # e.g. a torch.compile failure: report it and go on
+            runs[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    keys = ("ms_per_iter", "images_per_s", "peak_mem_mb", "teacher_step_ms", "teacher_sample_ms", "student_sample_ms",
+            "error")
+    out = {"bench_compare": base.get("bench"), "device": base.get("device"),
+           **{name: {k: r[k] for k in keys if k in r} for name, r in runs.items()}}
+    speed = {name: r.get("images_per_s") or r.get("teacher_images_per_s") for name, r in runs.items()}
+    if speed["fp32"] and speed["bf16"]:
+        out["bf16_vs_fp32"] = round(speed["bf16"] / speed["fp32"], 3)
+    if speed["bf16"] and speed["bf16_compile"]:
+        out["compile_vs_eager"] = round(speed["bf16_compile"] / speed["bf16"], 3)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+# ================================================================================================================
 # TEACHER
 # ================================================================================================================
 
@@ -1488,11 +1629,14 @@ def load_or_train_teacher(args, info, dist):
 
 def start_method(args):
     """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
-    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net)."""
+    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
+    run is None and the teacher has random weights."""
     dist = init_distributed(args)
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)
+    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
+        return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples:
         fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
     if args.teacher not in ("auto", "analytic"):
@@ -1537,6 +1681,9 @@ def main(argv=None):
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)
+    if args.bench:  # the teacher's own training step and sampler, on random weights
+        teacher, teacher_net = bench_networks(args, info, dist)
+        return bench(args, info, dist, None, None, teacher, teacher_net, {"teacher": teacher_net}, None)
     if args.fid_samples:
         fid_reference(args, info, dist)
     t0 = time.time()

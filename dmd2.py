@@ -386,35 +386,8 @@ def main(argv=None):
     objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
     if gan:
         objects["head"] = head
-    start = run.resume(objects)
     batches = common.real_batches(args, info, dist) if gan else None  # real data feeds the GAN only
     sigmas = student_sigmas(args.steps, args.sigma_init)
-
-    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
-    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
-    if dist.is_main:
-        print(f"dmd2: generator {unet.count_params(generator) / 1e6:.2f}M parameters, "
-              + (f"classifier {unet.count_params(head) / 1e3:.1f}k" if gan else "no GAN")
-              + f", {args.steps}-step sigmas {[round(s, 3) for s in sigmas]}, {args.iters} iterations")
-
-    def sampler():
-        # the EMA generator's K-step sampler; its re-noising draws from its own seeded generator, so every evaluation
-        # sees the same noise and leaves the training RNG streams alone
-        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-
-        def sample(z, labels):
-            with common.autocast(args, device):
-                return generate(ema, z, labels, sigmas, noise_generator).float()
-        return sample
-
-    final = {}
-
-    def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2",
-                                     reference=x_teacher)
-        final.clear()
-        final.update(metrics)
-        return metrics
 
     def step_fn(step):
         # linear learning-rate warm-up over --warmup iterations
@@ -430,6 +403,38 @@ def main(argv=None):
                 for p_ema, p in zip(ema.parameters(), generator.parameters()):
                     p_ema.copy_(p)
         return out
+
+    def sampler():
+        # the EMA generator's K-step sampler; its re-noising draws from its own seeded generator, so every evaluation
+        # sees the same noise and leaves the training RNG streams alone
+        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def sample(z, labels):
+            with common.autocast(args, device):
+                return generate(ema, z, labels, sigmas, noise_generator).float()
+        return sample
+
+    if args.bench:  # time iterations and samplers, print one JSON line, write nothing
+        return common.bench(args, info, dist, step_fn, sampler(), teacher, teacher_net,
+                            {"generator": generator, "fake": fake, **({"head": head} if gan else {})},
+                            student_nfe=args.steps)
+    start = run.resume(objects)
+
+    # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
+    teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
+    if dist.is_main:
+        print(f"dmd2: generator {unet.count_params(generator) / 1e6:.2f}M parameters, "
+              + (f"classifier {unet.count_params(head) / 1e3:.1f}k" if gan else "no GAN")
+              + f", {args.steps}-step sigmas {[round(s, 3) for s in sigmas]}, {args.iters} iterations")
+
+    final = {}
+
+    def eval_fn(done):
+        metrics, _ = common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2",
+                                     reference=x_teacher)
+        final.clear()
+        final.update(metrics)
+        return metrics
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="dmd2",
                       optimizers=[opt_g, opt_f])

@@ -238,16 +238,25 @@ def main(argv=None):
                                 args, device)
     generator_t, fake_t = common.wrap(generator, args, dist), common.wrap(fake, args, dist)
     objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+
+    def step_fn(step):
+        out = train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f)
+        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
+        return out
+
+    def sample(z, labels):
+        with common.autocast(args, device):
+            return generate(ema, z, labels, args.sigma_init).float()
+
+    if args.bench:  # time iterations and samplers, print one JSON line, write nothing
+        return common.bench(args, info, dist, step_fn, sample, teacher, teacher_net,
+                            {"generator": generator, "fake": fake}, student_nfe=1)
     start = run.resume(objects)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     if dist.is_main:
         print(f"sid: generator {unet.count_params(generator) / 1e6:.2f}M parameters, {args.iters} iterations")
-
-    def sample(z, labels):
-        with common.autocast(args, device):
-            return generate(ema, z, labels, args.sigma_init).float()
 
     final = {}
 
@@ -256,11 +265,6 @@ def main(argv=None):
         final.clear()
         final.update(metrics)
         return metrics
-
-    def step_fn(step):
-        out = train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f)
-        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
-        return out
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="sid", optimizers=[opt_g, opt_f])
     if start >= args.iters:

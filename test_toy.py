@@ -1648,3 +1648,42 @@ def test_sigterm_saves_a_checkpoint_and_exits(toy_teacher, tmp_path):
     assert 0 < step < 200 and f"checkpoint saved at iteration {step}" in err and "--resume" in err
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and (out / "generator.pt").is_file(), done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --bench: one JSON line, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_bench_times_every_script_and_writes_nothing(tmp_path):
+    """--bench on toy2d for the teacher and the three methods: the numbers are there and positive, a one-step
+    student samples several times faster than the 35-NFE teacher, and no run folder or teacher cache appears."""
+    flags = ["--bench", "--bench-iters", "2", "--bench-warmup", "1", "--batch", "64",
+             "--out-dir", str(tmp_path / "run"), "--teacher-dir", str(tmp_path / "teachers")]
+    teacher = common.main(flags)
+    assert teacher["bench"] == "teacher" and teacher["teacher_step_ms"] > 0 and "student_sample_ms" not in teacher
+    for script in (sid, dmd2, add):
+        out = script.main(flags)
+        assert out["bench"] == script.__name__ and out["student_nfe"] == 1 and out["teacher_nfe"] == 35
+        for key in ("ms_per_iter", "images_per_s", "peak_mem_mb", "teacher_step_ms", "iter_vs_teacher_step",
+                    "teacher_sample_ms", "student_sample_ms"):
+            assert out[key] > 0, (script.__name__, key)
+        assert out["sampling_speedup"] > 3 and out["params"]["generator"] == teacher["params"]["teacher"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+def test_bench_compare_reports_variants_and_ratios(capsys):
+    """The CUDA comparison's bookkeeping, with a stand-in main: each missing variant is run with its flags, a failing
+    one is reported rather than fatal, and the ratios are of images per second."""
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        if "--compile" in argv:
+            raise RuntimeError("compiler missing")
+        return {"bench": "sid", "images_per_s": 300.0 if "fp32" in argv else 600.0, "ms_per_iter": 1.0}
+    base = {"bench": "sid", "device": "GPU", "amp": "bf16", "compile": False, "images_per_s": 600.0}
+    out = common.bench_compare(fake_main, ["--bench"], base)
+    assert calls == [["--bench", "--amp", "fp32", "--no-compile"], ["--bench", "--amp", "bf16", "--compile"]]
+    assert out["bf16_vs_fp32"] == 2.0 and "compile_vs_eager" not in out
+    assert "compiler missing" in out["bf16_compile"]["error"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
