@@ -706,7 +706,14 @@ class AmpOptimizer:
     def step(self, loss):
         """Backward `loss` into this optimizer's parameters and step. Returns False if the step was skipped."""
         self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss).all():
+        finite = torch.isfinite(loss).all()
+        if torch.distributed.is_initialized():
+            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
+            # gradient all-reduce forever
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite > 0
+        if not finite:
             self.skipped += 1
             return False
         self.skipped = 0
@@ -871,7 +878,8 @@ class Run:
             set_rng_state(ckpt["rng"])
         if self.dist.is_main:
             self._drop_metrics_after(ckpt["step"])
-        print(f"resumed {self.dir} at iteration {ckpt['step']}")
+        if self.dist.is_main:
+            print(f"resumed {self.dir} at iteration {ckpt['step']}")
         return ckpt["step"]
 
     def _drop_metrics_after(self, step):
@@ -1353,7 +1361,8 @@ def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimiz
     --ckpt-every, at the end, and on SIGINT/SIGTERM. `optimizers` (AmpOptimizers) are watched for non-finite losses:
     after --max-skips consecutive skipped steps the run stops with the last good checkpoint kept."""
     if start >= total:
-        print(f"{desc}: already at iteration {start} of {total}")
+        if run.dist.is_main:
+            print(f"{desc}: already at iteration {start} of {total}")
         return
     t0, done = time.time(), start
     with _StopFlag() as stop:
@@ -1372,7 +1381,7 @@ def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimiz
                 run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
             if (args.eval_every and done % args.eval_every == 0) or done == total:
                 metrics = eval_fn(done)
-                if metrics:
+                if metrics and run.dist.is_main:
                     run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
                     tqdm.write(f"{desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if done % args.ckpt_every == 0 or done == total or stop.raised:
@@ -1577,7 +1586,8 @@ def train_teacher(args, info, dist, folder):
         ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
         return {"loss": loss.detach()}
 
-    print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
+    if dist.is_main:
+        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
     train_loop(targs, run, objects, step_fn, lambda done: {}, start, args.teacher_iters, "teacher",
                optimizers=[opt])
     if dist.is_main:
