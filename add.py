@@ -77,8 +77,9 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser the student is copied from), teacher_reference, real_batches, SIGMA_MIN /
-SIGMA_MAX, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate, train_loop, save_generator,
-load_checkpoint / restore; EDMDenoiser.features (the encoder half), `feature_channels`, unet.count_params.
+SIGMA_MAX, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate (with FID), bench, train_loop,
+save_generator, load_checkpoint / restore; EDMDenoiser.features (the encoder half), `feature_channels`,
+unet.count_params.
 
 Commands:
     python add.py                                            # toy2d on CPU, about a minute
@@ -88,6 +89,10 @@ Commands:
     python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU
     python add.py --dataset cifar10 --data-dir data          # one GPU
     torchrun --nproc_per_node=8 add.py --dataset imagenet64 --data-dir data/imagenet64
+    python add.py --dataset cifar10 --resume --fid-samples 50000
+        # the finished run's FID-50k (no training)
+    python add.py --dataset synthetic --resolution 32 --preset cifar10 --bench
+        # speed at CIFAR-10 size
 """
 
 import argparse
@@ -507,8 +512,6 @@ def main(argv=None):
         return metrics
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="add", optimizers=[opt_g, opt_f])
-    if start >= args.iters:
-        eval_fn(args.iters)
     common.save_generator(args, run, ema)
     wall = round(time.time() - t0, 1)
 

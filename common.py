@@ -1357,12 +1357,20 @@ def _all_finite(objects):
 
 def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimizers=()):
     """The loop every script shares: for step in [start, total): out = step_fn(step) (a dict of scalars);
-    log every --log-every, evaluate with eval_fn(done) -> dict every --eval-every and at the end, checkpoint every
-    --ckpt-every, at the end, and on SIGINT/SIGTERM. `optimizers` (AmpOptimizers) are watched for non-finite losses:
-    after --max-skips consecutive skipped steps the run stops with the last good checkpoint kept."""
-    if start >= total:
+    log every --log-every, evaluate with eval_fn(done) -> dict every --eval-every and at the end (or only that, when
+    start >= total), checkpoint every --ckpt-every, at the end, and on SIGINT/SIGTERM. `optimizers` (AmpOptimizers)
+    are watched for non-finite losses: after --max-skips consecutive skipped steps the run stops with the last good
+    checkpoint kept."""
+    def evaluate_and_log(done):
+        metrics = eval_fn(done)
+        if metrics and run.dist.is_main:
+            run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            tqdm.write(f"{desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    if start >= total:  # a finished run, resumed: evaluate it again (e.g. with --fid-samples 50000), no training
         if run.dist.is_main:
-            print(f"{desc}: already at iteration {start} of {total}")
+            print(f"{desc}: already at iteration {start} of {total}; evaluating")
+        evaluate_and_log(start)
         return
     t0, done = time.time(), start
     with _StopFlag() as stop:
@@ -1380,10 +1388,7 @@ def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimiz
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
                 run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
             if (args.eval_every and done % args.eval_every == 0) or done == total:
-                metrics = eval_fn(done)
-                if metrics and run.dist.is_main:
-                    run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
-                    tqdm.write(f"{desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                evaluate_and_log(done)
             if done % args.ckpt_every == 0 or done == total or stop.raised:
                 if not _all_finite(objects):
                     raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last good "

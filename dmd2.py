@@ -52,8 +52,9 @@ stay collapsed and leave the work to the second (the final samples are what coun
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, real_batches (for the GAN),
-edm_loss, karras_sigma, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate,
-train_loop, save_generator; the networks' `return_features=True` (bottleneck features), unet.count_params.
+edm_loss, karras_sigma, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate
+(with FID), bench, train_loop, save_generator; the networks' `return_features=True` (bottleneck features),
+unet.count_params.
 
 Commands:
     python dmd2.py                                           # toy2d on CPU, about a minute
@@ -62,6 +63,10 @@ Commands:
     python dmd2.py --dataset synthetic --resolution 16       # small class-conditional images on CPU
     python dmd2.py --dataset cifar10 --data-dir data         # one GPU
     torchrun --nproc_per_node=8 dmd2.py --dataset imagenet64 --data-dir data/imagenet64
+    python dmd2.py --dataset cifar10 --resume --fid-samples 50000
+        # the finished run's FID-50k (no training)
+    python dmd2.py --dataset synthetic --resolution 32 --preset cifar10 --bench
+        # speed at CIFAR-10 size
 """
 
 import copy
@@ -438,8 +443,6 @@ def main(argv=None):
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="dmd2",
                       optimizers=[opt_g, opt_f])
-    if start >= args.iters:
-        eval_fn(args.iters)
     common.save_generator(args, run, ema)
     result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": args.steps,
               "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}

@@ -58,8 +58,8 @@ Pitfalls (from SiD's issue tracker)
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, edm_loss, karras_sigma,
-autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate, train_loop,
-save_generator; unet.count_params.
+autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate (with FID), bench,
+train_loop, save_generator; unet.count_params.
 
 Commands:
     python sid.py                                          # toy2d, about a minute on 2 CPU cores
@@ -68,6 +68,10 @@ Commands:
     python sid.py --dataset cifar10 --data-dir data        # one GPU (the teacher is trained first if needed)
     python sid.py --dataset imagenet64 --data-dir data/imagenet64
     torchrun --nproc_per_node=8 sid.py --dataset cifar10 --data-dir data
+    python sid.py --dataset cifar10 --resume --fid-samples 50000
+        # the finished run's FID-50k (no training)
+    python sid.py --dataset synthetic --resolution 32 --preset cifar10 --bench
+        # speed at CIFAR-10 size
 """
 
 import copy
@@ -267,8 +271,6 @@ def main(argv=None):
         return metrics
 
     common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="sid", optimizers=[opt_g, opt_f])
-    if start >= args.iters:
-        eval_fn(args.iters)
     common.save_generator(args, run, ema)
     result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": 1,
               "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}

@@ -6,6 +6,7 @@ The identities are numbered as at the end of ../shared/METHODS.md.
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -300,7 +301,11 @@ class _StandInDetector(torch.nn.Module):
 
 
 def _standin_detector(path):
-    torch.jit.script(_StandInDetector()).save(str(path))
+    # TorchScript is the real detector's format, so the stand-in is saved in it too (torch warns that
+    # torch.jit.script is deprecated; the file format is what matters here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_StandInDetector()).save(str(path))
     return path
 
 
@@ -892,9 +897,24 @@ def _synthetic_flags(teacher_dir, out_dir, iters):
             "--eval-samples", "32", "--eval-every", "2", "--ckpt-every", "2", "--out-dir", str(out_dir)]
 
 
+def _assert_same_sid_checkpoints(path_a, path_b, step):
+    """Two sid.py checkpoints at `step` hold bit-identical networks and Adam moments."""
+    a, b = common.load_checkpoint(path_a), common.load_checkpoint(path_b)
+    assert a["step"] == b["step"] == step
+    for name in ("generator", "fake", "ema"):
+        for key, value in a["state"][name].items():
+            torch.testing.assert_close(b["state"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    for name in ("opt_g", "opt_f"):
+        sa, sb = a["state"][name]["opt"]["state"], b["state"][name]["opt"]["state"]
+        for i in sa:
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sb[i][key], sa[i][key], rtol=0, atol=0)
+
+
 def test_sid_smoke_synthetic_and_resume(tmp_path):
     """Tiny synthetic run: metrics, pictures and a loadable generator.pt; then 2 iterations + --resume to 4 must
-    give exactly the parameters and optimiser states of an uninterrupted 4-iteration run (CPU, same RNG stream)."""
+    give exactly the parameters and optimiser states of an uninterrupted 4-iteration run (CPU, same RNG stream).
+    Resumed once more with --fid-samples, the finished run is only evaluated."""
     teachers = tmp_path / "teachers"
     full = sid.main(_synthetic_flags(teachers, tmp_path / "full", 4))
     assert {"sw2", "precision", "modes", "fd", "class_acc"} <= set(full["student"])
@@ -908,17 +928,16 @@ def test_sid_smoke_synthetic_and_resume(tmp_path):
 
     sid.main(_synthetic_flags(teachers, tmp_path / "split", 2))
     sid.main(_synthetic_flags(teachers, tmp_path / "split", 4) + ["--resume"])
-    a = common.load_checkpoint(tmp_path / "full" / "ckpt.pt")
-    b = common.load_checkpoint(tmp_path / "split" / "ckpt.pt")
-    assert a["step"] == b["step"] == 4
-    for name in ("generator", "fake", "ema"):
-        for key, value in a["state"][name].items():
-            torch.testing.assert_close(b["state"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
-    for name in ("opt_g", "opt_f"):
-        sa, sb = a["state"][name]["opt"]["state"], b["state"][name]["opt"]["state"]
-        for i in sa:
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(sb[i][key], sa[i][key], rtol=0, atol=0)
+    _assert_same_sid_checkpoints(tmp_path / "full" / "ckpt.pt", tmp_path / "split" / "ckpt.pt", step=4)
+
+    # a finished run resumed with --fid-samples is evaluated again, with FID, and not trained further
+    again = sid.main(_synthetic_flags(teachers, tmp_path / "full", 4) + [
+        "--resume", "--fid-samples", "64", "--fid-detector", str(_standin_detector(tmp_path / "det.pt")),
+        "--fid-dir", str(tmp_path / "fid")])
+    assert again["student"]["fd"] == full["student"]["fd"] and again["student"]["fid64"] > 0
+    last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["iter"] == 4 and last["eval/fid64"] == again["student"]["fid64"]
+    assert common.load_checkpoint(tmp_path / "full" / "ckpt.pt")["step"] == 4
 
 
 # ==============================================================================================================
@@ -1728,16 +1747,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    a = common.load_checkpoint(tmp_path / "two" / "rank0.pt")
-    b = common.load_checkpoint(tmp_path / "two" / "rank1.pt")
-    assert a["step"] == b["step"] == 4
-    for name in ("generator", "fake", "ema"):
-        for key, value in a["state"][name].items():
-            torch.testing.assert_close(b["state"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
-    for name in ("opt_g", "opt_f"):
-        sa, sb = a["state"][name]["opt"]["state"], b["state"][name]["opt"]["state"]
-        for i in sa:
-            torch.testing.assert_close(sb[i]["exp_avg_sq"], sa[i]["exp_avg_sq"], rtol=0, atol=0)
+    _assert_same_sid_checkpoints(tmp_path / "two" / "rank0.pt", tmp_path / "two" / "rank1.pt", step=4)
     logs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     teacher = next(rec for rec in logs if "teacher/fid600" in rec)
     assert sum("teacher/fid600" in rec for rec in logs) == 1  # one writer
