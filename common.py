@@ -798,6 +798,13 @@ def save_checkpoint(path, objects, step, config):
     os.replace(tmp, path)
 
 
+def _reason(e, limit=160):
+    """An exception as a short clause for a one-line error: its type and the first sentence of its message."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True (no arbitrary unpickling); a clear UserError when missing or corrupt."""
     path = Path(path)
@@ -806,8 +813,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({_reason(e)}); "
+                        f"replace it with a good copy or delete it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "state" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project")
     return ckpt
@@ -822,7 +829,7 @@ def restore(objects, ckpt, path="checkpoint"):
             unwrap(obj).load_state_dict(ckpt["state"][name])
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"{path}: {name!r} does not fit this configuration (other --preset, --resolution "
-                            f"or --cond?): {str(e).splitlines()[0][:200]}") from None
+                            f"or --cond?): {_reason(e)}") from None
 
 
 # ================================================================================================================
@@ -845,27 +852,39 @@ class Run:
         if not args.resume and held and not args.overwrite:
             raise UserError(f"{self.dir} already holds a run; pass --resume to continue it or --overwrite to start "
                             f"again (or choose another --out-dir)")
-        dist.barrier()  # every rank checks before rank 0 writes anything
-        if dist.is_main:
+        dist.barrier()  # every rank has checked before rank 0 writes anything
+        self.opened = False
+
+    def open(self):
+        """Create the folder, clear the old run's files with --overwrite, write config.json. Deferred until
+        resume(), which every script calls once its data, teacher and checkpoint have loaded, so that input which
+        fails earlier leaves nothing behind."""
+        if self.opened:
+            return
+        self.opened = True
+        if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
-                for f in [self.ckpt_path, self.metrics_path, *self.dir.glob("*.png")]:
+            if self.args.overwrite:
+                for f in [self.ckpt_path, self.metrics_path, self.dir / "generator.pt", *self.dir.glob("*.png")]:
                     f.unlink(missing_ok=True)
-            (self.dir / "config.json").write_text(json.dumps(vars(args), indent=1, sort_keys=True) + "\n")
+            (self.dir / "config.json").write_text(json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
 
     def log(self, record):
+        self.open()
         if self.dist.is_main:
             record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, objects, step):
+        self.open()
         if self.dist.is_main:
             save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
 
     def resume(self, objects):
         """Restore objects and RNG states from ckpt.pt when --resume; returns the step to continue from (0 if new)."""
         if not self.args.resume:
+            self.open()
             return 0
         ckpt = load_checkpoint(self.ckpt_path)
         old = ckpt["config"]
@@ -874,6 +893,7 @@ class Run:
                 raise UserError(f"--resume: the run in {self.dir} has {key}={old.get(key)!r}, this command "
                                 f"{key}={getattr(self.args, key)!r}")
         restore(objects, ckpt, self.ckpt_path)
+        self.open()
         if self.dist.world == 1:
             set_rng_state(ckpt["rng"])
         if self.dist.is_main:
@@ -1575,10 +1595,10 @@ def train_teacher(args, info, dist, folder):
     targs.out_dir, targs.batch, targs.eval_every, targs.method = str(folder), args.teacher_batch, 0, "teacher"
     targs.resume = (folder / "ckpt.pt").is_file()
     targs.overwrite = not targs.resume
+    data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
     run = Run(targs, dist)
     objects = {"net": net, "ema": ema, "opt": opt}
     start = run.resume(objects)
-    data = real_batches(targs, info, dist)
     batch = args.teacher_batch
 
     def step_fn(step):

@@ -43,8 +43,9 @@ Deliberate deviations from the paper / its code
     - Labels are drawn uniformly (common.sample_labels); SiD's code reads them from the training set (the images
       are never used there either).
     - ImageNet-64: the paper's batch 8192 needs gradient accumulation over many GPUs, which this file does not do;
-      the default is batch 256 at the paper's lr 4e-6 (pass --batch to change). No FID is computed here
-      (common.evaluate scores toy2d / synthetic and saves sample grids for CIFAR-10 / ImageNet-64).
+      the default is batch 256 at the paper's lr 4e-6 (pass --batch to change).
+    - Periodic evaluations use FID-10k (common.fid, labelled "fid10k"); the paper's numbers are FID-50k
+      (--resume --fid-samples 50000 on the finished run).
     - AMP: bf16 autocast on CUDA by default (common.py); the paper ran fp16 with loss scaling on ImageNet, which
       its issue tracker reports can diverge (--amp fp16 still works, with a GradScaler).
     - toy2d / synthetic use toy-tuned learning rates, EMA and lengths so they finish in minutes on a CPU.

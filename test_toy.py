@@ -1646,6 +1646,32 @@ def test_teacher_that_does_not_fit_is_refused_before_writing(tmp_path):
     assert (tmp_path / "run" / "generator.pt").is_file()
 
 
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_missing_data_or_corrupt_checkpoint_touch_nothing(toy_teacher, tmp_path, method):
+    """Data that is missing or unreadable when the teacher must be trained on it, and a corrupt checkpoint given to
+    --resume: one line saying what is wrong, and no file is created or changed (no run folder, no teacher folder;
+    the corrupt run's files keep their bytes)."""
+    teachers, run = tmp_path / "teachers", tmp_path / "run"
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "train_data_batch_1.npz").write_bytes(b"not a zip")
+    base = ["--dataset", "imagenet64", "--preset", "tiny", "--fid-samples", "0", "--teacher-dir", str(teachers),
+            "--out-dir", str(run)]
+    with pytest.raises(common.UserError, match="is not a folder"):
+        METHODS[method].main(base + ["--data-dir", str(tmp_path / "missing")])
+    with pytest.raises(common.UserError, match="cannot read .*train_data_batch_1.npz"):
+        METHODS[method].main(base + ["--data-dir", str(garbage)])
+    assert not teachers.exists() and not run.exists()
+
+    run.mkdir()
+    files = {"ckpt.pt": b"PK\x03\x04 truncated", "config.json": b"{}\n", "metrics.jsonl": b'{"iter": 1}\n'}
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    with pytest.raises(common.UserError, match=r"ckpt.pt is corrupt .*; replace it with a good copy or delete it$"):
+        METHODS[method].main(_tiny_method_flags(toy_teacher, run, 4) + ["--resume"])
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == files
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(toy_teacher, tmp_path):
     """SIGTERM (what a cluster scheduler sends) mid-run: the run finishes its iteration, saves a checkpoint there,
     says how to continue, and exits with 128 + 15; --resume then completes it."""
