@@ -50,6 +50,13 @@ class UserError(Exception):
     """A problem with the user's input (flags, files, data). Printed as one line; exit code 2."""
 
 
+def _reason(e, limit=160):
+    """An exception as a short clause for a one-line error: its type and the first sentence of its message."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 def run_main(main, argv=None):
     """Call main(argv); turn a UserError into one clear line on stderr and exit code 2 (no traceback soup). After a
     --bench on CUDA, also measure the fp32 / bf16 / compiled variants in this process (bench_compare)."""
@@ -478,7 +485,7 @@ def load_cifar10(data_dir):
     try:
         ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
     except Exception as e:  # no network, bad folder, corrupt archive
-        raise UserError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(e).__name__}: {e}). "
+        raise UserError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({_reason(e)}). "
                         f"Put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) in "
                         f"{data_dir!r} or pass --data-dir") from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
@@ -495,7 +502,8 @@ def load_imagenet64_npz(data_dir):
             with np.load(f) as d:
                 data, lab = d["data"], d["labels"]
         except Exception as e:
-            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({type(e).__name__}: {e})") from None
+            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                            f"remove it from --data-dir") from None
         if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
             raise UserError(f"{f}: 'data' has shape {data.shape}; expected (N, 12288) for 64x64 ImageNet")
         images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
@@ -798,13 +806,6 @@ def save_checkpoint(path, objects, step, config):
     os.replace(tmp, path)
 
 
-def _reason(e, limit=160):
-    """An exception as a short clause for a one-line error: its type and the first sentence of its message."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    text = text.split(". ")[0].rstrip(".")
-    return f"{type(e).__name__}: {text[:limit]}"
-
-
 def load_checkpoint(path):
     """torch.load with weights_only=True (no arbitrary unpickling); a clear UserError when missing or corrupt."""
     path = Path(path)
@@ -1099,7 +1100,7 @@ def fetch(key, folder, dist):
         except Exception as e:  # no network, HTTP error, full disk
             tmp.unlink(missing_ok=True)
             flag = "--fid-detector" if key == "detector" else "--fid-ref"
-            raise UserError(f"could not download {url} ({type(e).__name__}: {e}). Download it on a machine with "
+            raise UserError(f"could not download {url} ({_reason(e)}). Download it on a machine with "
                             f"network access and pass {flag} PATH, or put it in {folder}") from None
         digest = sha256_of(tmp)
         if key in FID_SHA256 and digest != FID_SHA256[key]:
@@ -1167,7 +1168,8 @@ def fid_detector(args, dist):
                 warnings.simplefilter("ignore", FutureWarning)
                 detector = torch.jit.load(str(path), map_location=dist.device).eval()
         except Exception as e:
-            raise UserError(f"cannot load {path} as a TorchScript detector ({type(e).__name__}: {e})") from None
+            raise UserError(f"cannot load {path} as a TorchScript detector ({_reason(e)}); pass NVIDIA's "
+                            f"inception-2015-12-05.pt with --fid-detector") from None
         _FID_CACHE[key] = (detector, sha256_of(path))
     return _FID_CACHE[key]
 
@@ -1248,7 +1250,7 @@ def fid_reference(args, info, dist):
                 _FID_CACHE[key] = (np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64))
         except Exception as e:
             raise UserError(f"cannot read FID reference statistics (mu, sigma) from {path} "
-                            f"({type(e).__name__}: {e})") from None
+                            f"({_reason(e)}); pass an npz with mu and sigma with --fid-ref") from None
     return detector, _FID_CACHE[key]
 
 
