@@ -1076,8 +1076,8 @@ def verified_file(path, expected=None):
         actual = sha256_of(path)
         if actual != expected:
             raise UserError(f"FID file {path} has SHA-256 {actual[:16]}... but {source} says {expected[:16]}...: "
-                            f"the file is corrupt or was changed. Delete it (and {sidecar.name}) to download it "
-                            f"again")
+                            f"the file is corrupt or was changed. Replace it with a good copy, or delete it (and "
+                            f"{sidecar.name}) and let 'auto' download it again")
     return path
 
 
