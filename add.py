@@ -83,7 +83,7 @@ unet.count_params.
 
 Commands:
     python add.py                                            # toy2d on CPU, about a minute
-    python add.py --teacher analytic --steps 4               # the exact mixture denoiser as teacher, 4 steps
+    python add.py --teacher analytic --steps 4 --out-dir runs/toy2d-add-exact   # exact denoiser as teacher, 4 steps
     python add.py --distill-weight 0 --out-dir runs/toy-adv  # ablation: adversarial loss only
     python add.py --adv-weight 0 --out-dir runs/toy-distill  # ablation: distillation loss only
     python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU

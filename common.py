@@ -199,7 +199,8 @@ def parse_args(parser, method_defaults=None, argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     for name, value in vars(args).items():
-        if (name == "lr" or name.startswith("lr_") or name.endswith("_lr")) and isinstance(value, float) and not value > 0:
+        is_lr = name == "lr" or name.startswith("lr_") or name.endswith("_lr")
+        if is_lr and isinstance(value, float) and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number (got {value})")
     if args.dataset == "synthetic" and args.resolution not in (8, 16, 32, 64):
         parser.error(f"--resolution for synthetic must be 8, 16, 32 or 64 (got {args.resolution})")
@@ -1159,7 +1160,8 @@ _FID_CACHE = {}  # detector path -> (detector, its SHA-256); run key -> referenc
 
 
 def fid_detector(args, dist):
-    """The TorchScript detector (verified, loaded once per process) and its SHA-256 (part of the reference cache key)."""
+    """The TorchScript detector (verified, loaded once per process) and its SHA-256, which is part of the reference
+    statistics' cache key."""
     path = fetch("detector", args.fid_dir, dist) if args.fid_detector == "auto" else verified_file(args.fid_detector)
     key = str(Path(path).resolve())
     if key not in _FID_CACHE:

@@ -58,8 +58,8 @@ unet.count_params.
 
 Commands:
     python dmd2.py                                           # toy2d on CPU, about a minute
-    python dmd2.py --gan-weight 0                            # TTUR-only DMD2 (no GAN, no real data)
-    python dmd2.py --steps 2                                 # two-step generator with backward simulation
+    python dmd2.py --gan-weight 0 --out-dir runs/toy2d-dmd2-ttur   # TTUR-only DMD2 (no GAN, no real data)
+    python dmd2.py --steps 2 --out-dir runs/toy2d-dmd2-2step       # two-step generator, backward simulation
     python dmd2.py --dataset synthetic --resolution 16       # small class-conditional images on CPU
     python dmd2.py --dataset cifar10 --data-dir data         # one GPU
     torchrun --nproc_per_node=8 dmd2.py --dataset imagenet64 --data-dir data/imagenet64
@@ -228,8 +228,8 @@ def grid_sigma(n, device, lo=0, hi=GRID - 1):
 
 def student_sigmas(steps, sigma_init):
     """The K input noise levels of a K-step student: sigma_init for the first step (pure noise), then the Karras grid
-    at u = (K-1)/(K+1), ..., 1/(K+1) for the re-noised inputs. K=2: [80, 0.50]; K=3: [80, 2.52, 0.17];
-    K=4: [80, 5.83, 0.97, 0.085]."""
+    at u = (K-1)/(K+1), ..., 1/(K+1) for the re-noised inputs. K=2: [80, 0.47]; K=3: [80, 2.52, 0.17];
+    K=4: [80, 5.84, 0.97, 0.085]."""
     u = torch.arange(steps - 1, 0, -1, dtype=torch.float64) / (steps + 1)
     return [float(sigma_init)] + common.karras_sigma(u).tolist()
 
