@@ -84,8 +84,8 @@ unet.count_params.
 Commands:
     python add.py                                            # toy2d on CPU, about a minute
     python add.py --teacher analytic --steps 4 --out-dir runs/toy2d-add-exact   # exact denoiser as teacher, 4 steps
-    python add.py --distill-weight 0 --out-dir runs/toy-adv  # ablation: adversarial loss only
-    python add.py --adv-weight 0 --out-dir runs/toy-distill  # ablation: distillation loss only
+    python add.py --distill-weight 0 --out-dir runs/toy2d-add-adv      # ablation: adversarial loss only
+    python add.py --adv-weight 0 --out-dir runs/toy2d-add-distill      # ablation: distillation loss only
     python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU
     python add.py --dataset cifar10 --data-dir data          # one GPU
     torchrun --nproc_per_node=8 add.py --dataset imagenet64 --data-dir data/imagenet64

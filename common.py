@@ -1233,7 +1233,7 @@ def fid_reference(args, info, dist):
             with torch.no_grad():
                 for images in training_images(args, info, dist, 250):
                     stats.add(detector(images.to(dist.device), return_features=True))
-                bar.update(len(images) * dist.world)
+                    bar.update(len(images) * dist.world)
             bar.close()
             mu, sigma = stats.reduce(dist, dist.device).mean_cov()
             if dist.is_main:
