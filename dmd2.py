@@ -189,34 +189,40 @@ def gan_g_loss(fake_logits):
 # ================================================================================================================
 
 class Classifier(nn.Module):
-    """The GAN classifier head on the fake score network's bottleneck features -> one logit per sample.
-    Images (B, C, h, w): [conv 4x4 stride 2 -> GroupNorm -> SiLU] until 1x1, then a linear logit (the authors'
-    ImageNet head: 8x8 -> 4x4 -> 1x1 -> 1); toy2d (B, hidden): Linear -> SiLU -> Linear. The class label reaches the
-    logit through the class-conditional fake network that computes the features, as in the authors' code."""
+    """The GAN classifier head on the fake score network's encoder output (the last entry of its feature list, taken
+    before the decoder, as the authors' `return_bottleneck`) -> one logit per sample. Images (B, C, S, S), as the
+    authors' ImageNet head (DMD2 main/edm/edm_guidance.py:47-56, S = 8, C = 768):
+        conv 4x4 stride 2 (S -> S/2) -> GroupNorm -> SiLU -> conv (S/2)x(S/2) stride S/2 (S/2 -> 1) -> GroupNorm
+        -> SiLU -> conv 1x1 -> logit;
+    at S = 8 the second conv is the authors' 4x4 stride 4. toy2d (B, hidden): Linear -> SiLU -> Linear. The class
+    label reaches the logit through the class-conditional fake network that computes the features, as in the
+    authors' code (no projection)."""
 
     def __init__(self, channels, spatial=None):
         super().__init__()
-        layers = []
         if spatial is None:  # toy2d: a hidden-state vector
-            layers += [nn.Linear(channels, channels), nn.SiLU()]
+            layers = [nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1)]
         else:
-            while spatial > 1:
-                layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1),
-                           nn.GroupNorm(min(32, channels // 4), channels), nn.SiLU()]
-                spatial //= 2
-        layers += [nn.Flatten(), nn.Linear(channels, 1)]
+            if spatial < 2 or spatial % 2:
+                raise ValueError(f"the GAN head needs an even feature map side >= 2 (got {spatial})")
+            groups = min(32, channels // 4)  # the authors' 32 groups from 128 channels up
+            layers = [nn.Conv2d(channels, channels, 4, stride=2, padding=1),  # (B, C, S/2, S/2)
+                      nn.GroupNorm(groups, channels), nn.SiLU(),
+                      nn.Conv2d(channels, channels, spatial // 2, stride=spatial // 2),  # (B, C, 1, 1)
+                      nn.GroupNorm(groups, channels), nn.SiLU(),
+                      nn.Conv2d(channels, 1, 1), nn.Flatten()]  # (B, 1)
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, features):  # (B, C, h, w) or (B, C) -> (B,)
+    def forward(self, features):  # (B, C, S, S) or (B, C) -> (B,)
         return self.layers(features.float())[:, 0]
 
 
 def build_classifier(fake, info):
-    """A Classifier sized to the fake network's bottleneck (the last entry of its feature list)."""
+    """A Classifier sized to the fake network's encoder output (the last entry of its feature list)."""
     net = common.unwrap(fake).net
     spatial = None
     if len(info.shape) == 3:  # the UNet halves the resolution once per level after the first
-        spatial = info.shape[1] // 2 ** (len(net.feature_channels) - 2)
+        spatial = info.shape[1] // 2 ** (len(net.feature_channels) - 1)
     return Classifier(net.feature_channels[-1], spatial)
 
 
@@ -315,8 +321,9 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
                 # diffusion GAN: both noised, x + sigma eps with sigma = grid[i], i ~ U{0..999}
                 sigma = grid_sigma(2 * batch, device)
                 x_t = x_both + common.column(sigma, x_both) * torch.randn_like(x_both)
-                _, features = fake_t(x_t, sigma, labels_both, return_features=True)
-                logits = head_t(features[-1])  # (2B,) from D_psi's bottleneck
+                # the encoder of D_psi alone (its decoder plays no part in the GAN), as the authors' return_bottleneck
+                features = common.unwrap(fake_t).features(x_t, sigma, labels_both)
+                logits = head_t(features[-1])  # (2B,) from D_psi's encoder output
                 # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
                 loss_d = gan_d_loss(logits[:batch], logits[batch:]).mean()
                 loss_f = loss_f + args.gan_weight * args.gan_weight_f * loss_d
@@ -350,7 +357,7 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
         if gan:
             sigma = grid_sigma(batch, device)
             x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
-            _, features = common.unwrap(fake)(x_t, sigma, labels, return_features=True)
+            features = common.unwrap(fake).features(x_t, sigma, labels)  # D_psi's encoder, parameters frozen
             # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
             loss_adv = gan_g_loss(common.unwrap(head)(features[-1])).mean()
             loss_g = loss_g + args.gan_weight * args.gan_weight_g * loss_adv

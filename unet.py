@@ -4,9 +4,11 @@ Both map `(x_in, c_noise, labels) -> F`, the raw network output that `common.EDM
 `D(x; sigma, c) = c_skip * x + c_out * F(c_in * x, c_noise, c)` (Karras et al. 2022, Table 1). Neither knows
 about sigma_data or the preconditioning: that lives in one place, common.py.
 
-`forward(..., return_features=True)` also returns a list of intermediate feature maps (the encoder's output at
-each resolution, bottleneck last). DMD2 puts its GAN classifier on the bottleneck of the fake-score network and ADD
-puts its discriminator heads on several of the frozen teacher's encoder features; both ask for them here.
+`forward(..., return_features=True)` also returns a list of intermediate feature maps: the encoder's output at
+each resolution, the lowest resolution last (for the MLP: the hidden state after each block). DMD2 puts its GAN
+classifier on the last of them, the encoder's output before the decoder (what the DMD2 code's `return_bottleneck`
+returns), and ADD puts its discriminator heads on all of the frozen teacher's; `features(...)` computes them with
+the encoder alone.
 
 The UNet follows the SongUNet / DDPM++ layout of NVlabs/edm in a compact form:
   positional embedding of c_noise (+ class embedding) -> 2-layer MLP -> per-block scale/shift is *added*;
@@ -142,7 +144,7 @@ class SelfAttention(nn.Module):
 
 class SongUNet(nn.Module):
     """Compact DDPM++ UNet. forward(x, c_noise, labels=None, return_features=False) -> F (B, C, H, W)
-    [, features: encoder outputs per resolution, bottleneck last]."""
+    [, features: the encoder's output at each resolution, the lowest resolution last]."""
 
     def __init__(self, resolution=32, in_channels=3, num_classes=0, model_channels=96, channel_mult=(1, 2, 2),
                  num_blocks=2, attn_resolutions=(16,), dropout=0.1):
@@ -168,10 +170,11 @@ class SongUNet(nn.Module):
                 skips.append(ch)
             self.feature_levels.append(len(self.enc) - 1)
 
+        self.feature_channels = [model_channels * m for m in channel_mult]
+
         # Bottleneck: block + attention + block at the lowest resolution.
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, attention=True),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.feature_channels = [model_channels * m for m in channel_mult] + [ch]
 
         # Decoder: num_blocks + 1 blocks per level consume the skips in reverse order.
         self.dec = nn.ModuleList()
@@ -189,27 +192,26 @@ class SongUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def _encode(self, x, emb):
-        """Encoder + bottleneck: returns (h, skips for the decoder, feature maps: each level's output, bottleneck last)."""
+        """Encoder: returns (h, skips for the decoder, feature maps: each level's output, the lowest resolution last)."""
         h = self.conv_in(x)
         skips, features = [h], []
         for i, block in enumerate(self.enc):
             h = block(h, emb)
             skips.append(h)
             if i in self.feature_levels:
-                features.append(h)
-        for block in self.mid:
-            h = block(h, emb)
-        features.append(h)  # bottleneck (B, C_mid, H/2^L, W/2^L)
+                features.append(h)  # (B, mc * mult, H / 2^level, W / 2^level)
         return h, skips, features
 
     def features(self, x, c_noise, labels=None):
-        """The feature maps of forward(..., return_features=True) from the encoder half alone (the decoder, skipped
-        here, is most of the network's cost)."""
+        """The feature maps of forward(..., return_features=True) from the encoder alone (the bottleneck and the
+        decoder, skipped here, are most of the network's cost)."""
         return self._encode(x, self.embed(c_noise, labels))[2]
 
     def forward(self, x, c_noise, labels=None, return_features=False):
         emb = self.embed(c_noise, labels)  # (B, 4*mc)
         h, skips, features = self._encode(x, emb)
+        for block in self.mid:
+            h = block(h, emb)
         for block in self.dec:
             if block.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)
