@@ -19,7 +19,7 @@ Paper -> code (notation of ../shared/METHODS.md, EDM form x_t = x0 + sigma eps):
   Sec 3.2  frozen feature network F, trainable heads D_k            teacher_features(), Head, Discriminator
            projection on text (here: class) and on c_img of x0      Head.forward, image_embedding()
            L_adv^G = -E[sum_k D_k(F_k(x_g))]                        hinge_g_loss()
-           L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))] + gamma R1
+           L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))] + gamma/2 R1
                                                                     hinge_d_loss(), r1_penalty()
            R1 on each head's input F_k(x0), not on pixels           r1_penalty()
   Sec 3.3  L_distill = c(t) d(x_g, sg(D_phi(x_g + sigma_t eps')))   add_distill_loss(), distill_weighting()
@@ -67,9 +67,11 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
   * The distillation term is divided by the number of data dimensions (a per-pixel mean, as torch's MSE and the
     DMD2 code do); add_distill_loss itself sums, as identity 8 needs. A sum over 768 or 12288 pixels would drown
     the O(1) hinge loss at lambda = 2.5.
-  * R1 = sum_k ||grad_{F_k} D_k||^2 on real features every iteration (no lazy regularisation). The diffusers ADD
-    example's "R1" differentiated the logits w.r.t. the heads' *parameters*: that is a weight-gradient norm, not a
-    gradient penalty on the data side, and does not smooth the discriminator around real data. Avoided here.
+  * R1 (Mescheder et al. 2018) with the convention  gamma/2 E_x0 ||grad_F D(F(x0))||^2,  where D(F) =
+    sum_k mean_locations D_k(F_k) is exactly the per-sample scalar the hinge losses see and F = (F_1, ..., F_K) are
+    all heads' inputs; applied every iteration (no lazy regularisation). The paper states neither the factor nor
+    the scalar; its gamma 1e-5 belongs to 512px latents and DINOv2 features, so the defaults here are set where the
+    penalty measurably acts on this discriminator (README, "ADD's R1").
   * --adv-weight (1 in the paper) exists for the ablation "distillation only" (--adv-weight 0); "adversarial only"
     is --distill-weight 0. Class labels replace text prompts.
   * Adam(0, 0.99) for both networks; cifar10 / imagenet64 use the paper's lr 1e-5 and gamma 1e-5 (set for 512px
@@ -113,7 +115,7 @@ import unet
 
 # Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64: the paper's lr 1e-5 and R1 gamma 1e-5.
 METHOD_DEFAULTS = {
-    "toy2d": dict(iters=800, batch=128, lr_g=3e-4, lr_f=1e-3, ema=5.0, r1_weight=1e-3, disc_p_mean=-2.0,
+    "toy2d": dict(iters=800, batch=128, lr_g=3e-4, lr_f=1e-3, ema=5.0, r1_weight=2e-3, disc_p_mean=-2.0,
                   disc_dim=64, img_cond=False, eval_every=400),
     "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_f=2e-4, ema=0.5, r1_weight=1e-3, disc_p_mean=-2.5,
                       disc_dim=32, img_cond=True, eval_every=150),
@@ -140,7 +142,8 @@ def parse_args(argv=None):
     g.add_argument("--weighting", default="exp", choices=("exp", "sds"),
                    help="c(sigma) of the distillation loss: exp = 1/sqrt(1+sigma^2), sds = sigma/(2(1+sigma^2))")
     g.add_argument("--r1-weight", type=float, default=None,
-                   help="gamma of the R1 penalty on the discriminator heads' inputs (0: off)")
+                   help="gamma of the R1 penalty gamma/2 E||grad_F D(F(x0))||^2 on the discriminator heads' inputs "
+                        "(0: off)")
     g.add_argument("--disc-p-mean", type=float, default=None,
                    help="mean of ln sigma_d, the noise level of the discriminator's (real and fake) inputs")
     g.add_argument("--disc-p-std", type=float, default=1.0, help="standard deviation of ln sigma_d")
@@ -214,15 +217,15 @@ def hinge_g_loss(fake_logits):
 
 
 def r1_penalty(real_logits, features):
-    """R1 gradient penalty per sample (B,) on the heads' *inputs*: sum over the feature tensors F_k (one tensor or a
-    list; they must require grad) of ||d sum(D(F)) / d F_k||^2 per sample. create_graph=True, so the penalty's
-    gradient reaches the head parameters (through the second derivative), which is what trains them to be smooth."""
-    if torch.is_tensor(real_logits):
-        real_logits = [real_logits]
+    """R1 per sample (B,): ||grad_F D(F)||^2 with D(F) = sum_k mean_locations D_k(F_k), the per-sample scalar that
+    hinge_d_loss sees, differentiated w.r.t. every head's *input* F_k (one tensor or a list; they must require grad).
+    The discriminator loss adds gamma/2 times its batch mean. create_graph=True, so the penalty's gradient reaches
+    the head parameters (through the second derivative), which is what trains them to be smooth."""
     features = [features] if torch.is_tensor(features) else list(features)
-    total = sum(_at_least_fp32(l).sum() for l in real_logits)
-    # R1 = sum_k ||grad_{F_k} D_k(F_k(x0))||^2; samples are independent, so grad of the batch sum is per sample
-    grads = torch.autograd.grad(total, features, create_graph=True)
+    d = _per_sample(real_logits)  # (B,): D(F(x0))
+    # samples are independent, so the gradient of the batch sum is each sample's own gradient
+    grads = torch.autograd.grad(d.sum(), features, create_graph=True)
+    # R1 = sum_k ||dD / dF_k||^2
     return sum(_at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,)
 
 
@@ -362,7 +365,7 @@ def _twice(v):
 def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t, opt_g, opt_f,
                     batches):
     """One ADD iteration: a student update on L_adv^G + lambda L_distill, then a discriminator update on the hinge
-    loss + gamma R1, both on the same real batch. `*_t` are the (DDP / compiled) wrappers used where that network's
+    loss + gamma/2 R1, both on the same real batch. `*_t` are the (DDP / compiled) wrappers used where that network's
     own parameters are trained. Returns the losses to log."""
     device = dist.device
     pixels = math.prod(info.shape)  # the distillation term is averaged over pixels (see the docstring)
@@ -420,7 +423,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
     if not use_disc:
         return out
 
-    # ---- 2. discriminator heads: hinge loss on noised real x0 vs noised x_g, + gamma R1 on the real features ----
+    # ---- 2. discriminator heads: hinge loss on noised real x0 vs noised x_g, + gamma/2 R1 on the real features ----
     common.requires_grad(disc, True)
     with common.autocast(args, device):
         x_both = torch.cat([x0, x_g.detach()])  # (2B, *shape): real first, then generated
@@ -437,9 +440,9 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
         loss_d = hinge_d_loss(real_logits, fake_logits).mean()
         loss_f = loss_d
         if args.r1_weight > 0:
-            # + gamma R1,  R1 = sum_k ||grad_{F_k} D_k(F_k(x0))||^2
+            # + gamma/2 E[R1],  R1 = ||grad_F D(F(x0))||^2,  D = sum_k mean_locations D_k (the hinge's scalar)
             r1 = r1_penalty(real_logits, feats_real).mean()
-            loss_f = loss_f + args.r1_weight * r1
+            loss_f = loss_f + args.r1_weight / 2 * r1
             out["r1"] = r1.detach()
     opt_f.step(loss_f)
     out["loss_d"] = loss_d.detach()

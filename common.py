@@ -730,7 +730,8 @@ class AmpOptimizer:
         self.scaler.unscale_(self.opt)
         for p in self.params:
             if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.scaler.step(self.opt)
@@ -758,6 +759,15 @@ def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
         p_ema.lerp_(p.detach(), 1 - beta)
     for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
         b_ema.copy_(b)
+
+
+def set_dropout(net, p):
+    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
+    the teacher's dropout). Returns the network."""
+    for m in unwrap(net).modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return net
 
 
 def requires_grad(net, flag):

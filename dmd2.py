@@ -23,21 +23,23 @@ Paper -> code (arXiv:2405.14867; the authors' code is tianweiy/DMD2, main/edm/ f
     multi-step generator with K fixed input noise levels                               -> student_sigmas, generate
     backward simulation: step k trained on the generator's own k-step input            -> backward_simulation
     AdamW(0.9, 0.999, wd 0.01), lr warm-up, grad-norm clip 10, bf16, no EMA            -> main, --warmup, --grad-clip
+    networks without dropout (dropout=0.0, DMD2 main/edm/edm_network.py:11)            -> build_networks
 
 Deliberate deviations from the paper and the authors' code:
   - One iteration here is --fake-updates fake-score/classifier updates, then ONE generator update, so --iters counts
     generator updates. The authors' step counter advances once per fake update (their 200k steps = 40k here).
   - Losses are averaged over pixels as in the authors' code (dmd_loss itself returns per-sample sums), so the paper's
     GAN weights (3e-3 generator side, 1e-2 fake side) keep their size relative to the other losses.
-  - The GAN's noise level is drawn over the whole grid (the authors cap its index with a flag). The GAN head has no
-    class projection: as in the authors' code the label enters through the class-conditional fake network.
+  - The GAN head's input size: the authors' head assumes an 8x8 encoder output (ImageNet-64); here its second
+    conv has kernel = stride = S/2 for an SxS map (the authors' 4x4 stride 4 at S = 8), so that the small presets'
+    4x4 maps also reach 1x1, and GroupNorm has min(32, C/4) groups (the authors' 32 from 128 channels up).
   - Multi-step noise levels: sigma_init, then the Karras grid at u = (K-1)/(K+1), ..., 1/(K+1) (K=2: 80, 0.47;
     K=4: 80, 5.8, 0.97, 0.085), our choice in the spirit of the SDXL model's 999/749/499/249 timesteps (which are
     about 14.6, 4.1, 1.6, 0.69 in EDM units, for latents of std ~1). k is drawn per sample.
   - A non-finite DMD gradient is not zeroed (the authors' code applies nan_to_num to it): the loss becomes NaN and
     the generator step is skipped (common.AmpOptimizer), so a run cannot train on silently zeroed gradients.
   - --ema keeps an EMA of the generator for evaluation (default 0: a plain copy, as the paper, which uses no EMA).
-  - toy2d: the "bottleneck" is the MLP's last hidden state and the classifier head is a 2-layer MLP; toy2d and
+  - toy2d: the encoder output is the MLP's last hidden state and the classifier head is a 2-layer MLP; toy2d and
     synthetic use larger learning rates and no warm-up so that they finish in minutes on a CPU.
   - Multi-step: the fake score learns the K-step sampler's final outputs (--fake-samples final), while the authors'
     SDXL code trains it on the outputs of the randomly chosen steps the generator is trained on (a mixture over
@@ -85,15 +87,15 @@ import unet
 # ================================================================================================================
 
 # Per-dataset defaults of this method (keys are argparse dests); the shared ones come from common.DATASET_DEFAULTS.
-# cifar10 / imagenet64: the paper's ImageNet-64 settings (lr 2e-6 for both networks, warm-up 500 fake-score steps =
-# 100 iterations here, 200k fake-score steps = 40k iterations here, batch 280 on ImageNet, no EMA). toy2d and
+# cifar10 / imagenet64: the paper's ImageNet-64 settings (lr 2e-6 for both networks, warm-up over 500 fake-score
+# steps from lr 0, 200k fake-score steps = 40k iterations here, batch 280 on ImageNet, no EMA). toy2d and
 # synthetic: larger learning rates, no warm-up and short runs so that they finish in minutes on a CPU (one
 # iteration = 6 network updates, so a synthetic iteration costs ~5 CPU-seconds at batch 32).
 METHOD_DEFAULTS = {
     "toy2d": dict(iters=400, batch=256, lr_g=3e-4, lr_f=2e-3, ema=0.0, warmup=0, eval_every=100),
     "synthetic": dict(iters=50, batch=32, lr_g=1e-4, lr_f=2e-4, ema=0.0, warmup=0, eval_every=25),
-    "cifar10": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=100, batch=256),
-    "imagenet64": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=100, batch=280),
+    "cifar10": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500, batch=256),
+    "imagenet64": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500, batch=280),
 }
 
 # The 1000-point Karras grid of noise levels (index i -> karras_sigma(i / 999)) and the index range of the
@@ -130,7 +132,9 @@ def parse_args(argv=None):
                    help="half-life in kimg of the generator EMA that is evaluated and saved, capped at 5%% of the "
                         "images seen so far (0: no EMA, as the paper)")
     g.add_argument("--warmup", type=int, default=None,
-                   help="linear learning-rate warm-up of both optimisers, in iterations")
+                   help="linear learning-rate warm-up of both optimisers from 0, counted in fake-score updates (the "
+                        "authors' steps): the n-th fake update uses lr_f min(1, n / warmup), the generator update "
+                        "that follows fake update n uses lr_g min(1, n / warmup)")
     g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping of both optimisers")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     for name in ("lr_g", "lr_f"):
@@ -226,6 +230,18 @@ def build_classifier(fake, info):
     return Classifier(net.feature_channels[-1], spatial)
 
 
+def build_networks(args, info, teacher_net, device):
+    """(generator, fake, ema, head): theta and psi start as copies of the teacher's network, without dropout as the
+    authors' networks (dropout=0.0; the teacher keeps its own); ema is the generator that is evaluated and saved;
+    head is the GAN classifier, a fresh head on psi's encoder output (None with --gan-weight 0)."""
+    def copy_of_teacher():
+        return common.set_dropout(copy.deepcopy(teacher_net), 0.0).to(device)
+
+    generator, fake, ema = copy_of_teacher(), copy_of_teacher(), copy_of_teacher()
+    head = build_classifier(fake, info).to(device) if args.gan_weight > 0 else None
+    return generator.requires_grad_(True), fake.requires_grad_(True), ema.eval().requires_grad_(False), head
+
+
 def grid_sigma(n, device, lo=0, hi=GRID - 1):
     """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999)."""
     i = torch.randint(lo, hi + 1, (n,), device=device)
@@ -286,8 +302,14 @@ def backward_simulation(generator, z, labels, sigmas):
 # ONE TRAINING ITERATION
 # ================================================================================================================
 
+def warmup_lr(lr, n, warmup):
+    """The authors' constant-with-warm-up schedule: lr min(1, n / warmup) at fake-score update n = 0, 1, ...
+    (lr 0 at the very first update); plain lr when warmup is 0."""
+    return lr * min(1.0, n / warmup) if warmup else lr
+
+
 def train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t, opt_g, opt_f,
-                    batches, sigmas):
+                    batches, sigmas, step):
     """The two time-scale update rule: --fake-updates updates of the fake score D_psi (and the GAN classifier on its
     bottleneck), then one generator update. `*_t` are the (DDP / compiled) wrappers used where that network's own
     parameters are trained; `head` is None without the GAN. Returns the losses to log."""
@@ -301,7 +323,8 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
     generator.eval()
     for net in (fake, head) if gan else (fake,):
         common.requires_grad(net, True).train()
-    for _ in range(args.fake_updates):
+    for j in range(args.fake_updates):
+        opt_f.set_lr(warmup_lr(args.lr_f, step * args.fake_updates + j, args.warmup))
         z = torch.randn(shape, device=device)
         labels = common.sample_labels(info, batch, device)  # the generator's labels (None if unconditional)
         with torch.no_grad(), common.autocast(args, device):
@@ -361,6 +384,8 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
             # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
             loss_adv = gan_g_loss(common.unwrap(head)(features[-1])).mean()
             loss_g = loss_g + args.gan_weight * args.gan_weight_g * loss_adv
+    # the authors' generator update follows their fake-score step (step + 1) * fake_updates
+    opt_g.set_lr(warmup_lr(args.lr_g, (step + 1) * args.fake_updates, args.warmup))
     opt_g.step(loss_g)
     out["loss_dmd"] = loss_dmd.detach()
     if gan:
@@ -378,13 +403,9 @@ def main(argv=None):
     dist, info, run, teacher, teacher_net = common.start_method(args)
     device = dist.device
 
-    # theta (generator) and psi (fake score) both start as copies of the teacher's network; the GAN classifier is a
-    # fresh head on psi's bottleneck features.
-    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
-    fake = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
-    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
-    gan = args.gan_weight > 0
-    head = build_classifier(fake, info).to(device) if gan else None
+    # theta (generator) and psi (fake score): copies of the teacher without dropout; the GAN classifier on psi
+    generator, fake, ema, head = build_networks(args, info, teacher_net, device)
+    gan = head is not None
 
     def adamw(params, lr):
         # AdamW(0.9, 0.999, weight decay 0.01), gradient norm clipped at --grad-clip (10): the paper's settings
@@ -402,12 +423,8 @@ def main(argv=None):
     sigmas = student_sigmas(args.steps, args.sigma_init)
 
     def step_fn(step):
-        # linear learning-rate warm-up over --warmup iterations
-        ramp = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
-        opt_g.set_lr(args.lr_g * ramp)
-        opt_f.set_lr(args.lr_f * ramp)
         out = train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t,
-                              opt_g, opt_f, batches, sigmas)
+                              opt_g, opt_f, batches, sigmas, step)
         if args.ema > 0:
             common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
         else:  # no EMA (the paper): evaluate the generator itself

@@ -48,6 +48,14 @@ Deliberate deviations from the paper / its code
       (--resume --fid-samples 50000 on the finished run).
     - AMP: bf16 autocast on CUDA by default (common.py); the paper ran fp16 with loss scaling on ImageNet, which
       its issue tracker reports can diverge (--amp fp16 still works, with a GradScaler).
+    - Loss scale: the authors multiply the generator loss by a fixed `--lsg 100` (SiD run_sid.sh, every dataset;
+      sid_training_loop.py `loss.sum().mul(loss_scaling_G / batch_gpu_total)`), an fp16 loss scale. Here the loss
+      is not multiplied: Adam's update does not depend on a constant factor of the loss (up to its eps, 1e-8), and
+      fp16 runs get a dynamic GradScaler instead.
+    - CIFAR-10 augmentation: the authors' CIFAR-10 runs apply EDM's AugmentPipe (p = 0.12) to the fake-score
+      loss's inputs and feed its augment labels to the fake network (SiD sid_train.py --augment,
+      sid_training_loop.py `loss_fn(..., augment_pipe=augment_pipe)`; ImageNet-64 runs with `--augment 0`).
+      Here the fake score trains on un-augmented generator samples on every dataset.
     - toy2d / synthetic use toy-tuned learning rates, EMA and lengths so they finish in minutes on a CPU.
 
 Pitfalls (from SiD's issue tracker)
@@ -87,13 +95,14 @@ import unet
 # ARGUMENTS
 # ================================================================================================================
 
-# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64 are the paper's: lr 1e-5 at batch 256
-# (CIFAR-10), 4e-6 (ImageNet-64), EMA half-life 0.5 Mimg; ~100 Mimg of generator samples ("very competitive").
+# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64 are the authors' (SiD run_sid.sh): lr 1e-5
+# at batch 256 and EMA half-life 0.5 Mimg (CIFAR-10; EDM's default, run_sid.sh sets no --ema there), lr 4e-6 and EMA
+# half-life 2 Mimg (ImageNet-64, `--ema 2`); ~100 Mimg of generator samples ("very competitive").
 METHOD_DEFAULTS = {
     "toy2d": dict(iters=1000, lr_g=3e-4, lr_f=1e-3, ema=50.0, eval_every=250),
     "synthetic": dict(iters=400, lr_g=1e-4, lr_f=3e-4, ema=2.0, eval_every=100),
     "cifar10": dict(iters=400000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0),
-    "imagenet64": dict(iters=400000, batch=256, lr_g=4e-6, lr_f=4e-6, ema=500.0),
+    "imagenet64": dict(iters=400000, batch=256, lr_g=4e-6, lr_f=4e-6, ema=2000.0),
 }
 
 
@@ -212,12 +221,15 @@ def train_iteration(args, info, dist, teacher, generator, fake, generator_t, fak
         x_t = x_g + common.column(sigma, x_g) * eps
         d_real = teacher(x_t, sigma, labels)  # f_phi(x_t): teacher parameters frozen
         d_fake = common.unwrap(fake)(x_t, sigma, labels)  # f_psi(x_t): plain module, parameters frozen
-    # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), then
-    # average the loss over them. A NaN that backward still carries into shared weights (one raised inside a
-    # network) is zeroed by AmpOptimizer's nan_to_num; an all-NaN batch gives a NaN loss and a skipped step.
+    # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), sum the
+    # loss over them and divide by the whole batch, as the authors' code does (a dropped sample contributes 0). A NaN
+    # that backward still carries into shared weights (one raised inside a network) is cleaned by AmpOptimizer's
+    # nan_to_num; a batch with no sample left gets a NaN loss, so that AmpOptimizer skips the step and counts it.
     keep = finite_rows(x_g, d_real, d_fake)  # (B,) bool
-    # mean_B sum_{CHW} (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / stopgrad(mean_{CHW}|x_g - f_phi|)
-    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha).mean()
+    # 1/B sum_{kept b} sum_{CHW} (D_phi - D_psi) ((D_phi - x_g) - alpha (D_phi - D_psi)) / stopgrad(mean_{CHW}|x_g - D_phi|)
+    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha).sum() / batch
+    if not keep.any():
+        loss_g = torch.full_like(loss_g, float("nan"))
     opt_g.step(loss_g)
     dropped = int((~keep_f).sum()) + int((~keep).sum())
     return {"loss_f": loss_f.detach(), "loss_g": loss_g.detach(), "nan_samples": dropped}

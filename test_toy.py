@@ -17,6 +17,7 @@ import add
 import common
 import dmd2
 import sid
+import unet
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -1076,6 +1077,72 @@ def test_dmd2_gan_loss_optimal_logit():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The authors' networks: no dropout, their GAN head on the encoder output, their warm-up
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_dmd2_networks_train_without_dropout():
+    """DMD2 trains its copies of the teacher without dropout (the authors' dropout=0.0) while the teacher keeps its
+    own: from a teacher with dropout 0.5, the generator and the fake score in train mode give the same output twice
+    (no dropout active), the teacher's copy in train mode does not, and every Dropout in them has p = 0."""
+    args = dmd2.parse_args(SMOKE)
+    info = common.dataset_info(args)
+    torch.manual_seed(0)
+    teacher_net = common.set_dropout(common.build_denoiser(args, info), 0.5)
+    with torch.no_grad():
+        for p in teacher_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-initialised layers would hide dropout
+    generator, fake, ema, head = dmd2.build_networks(args, info, teacher_net, torch.device("cpu"))
+    x, sigma, labels = torch.randn(4, *info.shape), torch.full((4,), 1.0), torch.arange(4)
+    with torch.no_grad():
+        for net in (generator.train(), fake.train()):
+            assert torch.equal(net(x, sigma, labels), net(x, sigma, labels))
+            assert all(m.p == 0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
+        assert not torch.equal(teacher_net.train()(x, sigma, labels), teacher_net(x, sigma, labels))
+    assert all(m.p == 0.5 for m in teacher_net.modules() if isinstance(m, torch.nn.Dropout))
+    assert head is not None and dmd2.build_networks(dmd2.parse_args(SMOKE + ["--gan-weight", "0"]), info,
+                                                    teacher_net, torch.device("cpu"))[3] is None
+
+
+def test_dmd2_gan_head_is_the_authors_on_the_encoder_output():
+    """The classifier on an 8x8 map of 768 channels is the authors' ImageNet-64 head: conv 4x4 stride 2, GroupNorm(32),
+    SiLU, conv 4x4 stride 4, GroupNorm(32), SiLU, conv 1x1 -> 1 logit, 18.88M parameters. On a UNet it reads the
+    last feature map, the encoder's output at the lowest resolution, computed by the encoder alone."""
+    head = dmd2.Classifier(768, 8)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [((4, 4), (2, 2), (1, 1)), ((4, 4), (4, 4), (0, 0)),
+                                                                     ((1, 1), (1, 1), (0, 0))]
+    assert [n.num_groups for n in norms] == [32, 32] and convs[-1].out_channels == 1
+    # 2 x (768 * 768 * 16 + 768) convs, 2 x 2 x 768 GroupNorm affines, 768 + 1 for the logit
+    assert unet.count_params(head) == 2 * (768 * 768 * 16 + 768) + 4 * 768 + 769 == 18_879_745
+    assert head(torch.randn(2, 768, 8, 8)).shape == (2,)
+
+    args = dmd2.parse_args(SMOKE)  # tiny UNet at 8x8: levels 8, 4
+    info = common.dataset_info(args)
+    fake = common.build_denoiser(args, info)
+    x, sigma, labels = torch.randn(3, *info.shape), torch.full((3,), 0.5), torch.arange(3)
+    features = fake.features(x, sigma, labels)
+    assert features[-1].shape == (3, fake.net.feature_channels[-1], 4, 4)  # the lowest resolution
+    torch.testing.assert_close(features[-1], fake(x, sigma, labels, return_features=True)[1][-1])
+    head = dmd2.build_classifier(fake, info)
+    assert head(features[-1]).shape == (3,)
+
+
+def test_dmd2_warmup_counts_fake_score_updates_from_zero(tmp_path):
+    """The authors' constant-with-warm-up schedule over fake-score updates: lr 0 at the first, lr/2 half-way, then
+    lr. After one iteration of 2 fake updates with --warmup 10, the fake optimiser's last lr is lr_f * 1/10 and the
+    generator's (which follows fake update 2) lr_g * 2/10."""
+    assert dmd2.warmup_lr(1.0, 0, 500) == 0.0 and dmd2.warmup_lr(1.0, 250, 500) == 0.5
+    assert dmd2.warmup_lr(1.0, 900, 500) == 1.0 and dmd2.warmup_lr(1.0, 0, 0) == 1.0
+    flags = SMOKE + ["--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(tmp_path / "run"), "--iters", "1",
+                     "--warmup", "10", "--lr-g", "1e-3", "--lr-f", "2e-3", "--eval-every", "0"]
+    dmd2.main(flags)
+    state = common.load_checkpoint(tmp_path / "run" / "ckpt.pt")["state"]
+    assert state["opt_f"]["opt"]["param_groups"][0]["lr"] == pytest.approx(2e-3 * 1 / 10)
+    assert state["opt_g"]["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 2 / 10)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Samplers
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -1302,7 +1369,7 @@ def test_add_r1_penalty_is_on_the_heads_inputs():
 
 def test_add_r1_penalty_matches_finite_differences_on_real_heads(toy_teacher):
     """The real Discriminator (MLP heads, conditioned on the level) on the frozen toy teacher's features: R1 per
-    sample against central finite differences of the summed head logits in feature space (float64), and the
+    sample against central finite differences of D = sum_k mean_locations D_k in feature space (float64), and the
     penalty's gradient reaches every head's first layer."""
     flags, _ = toy_teacher
     args = add.parse_args(flags)
@@ -1323,12 +1390,65 @@ def test_add_r1_penalty_matches_finite_differences_on_real_heads(toy_teacher):
                 # 2C copies of sample i: feature level k moved by +-h along each coordinate
                 batch = [q[i:i + 1].detach().expand(2 * C, -1).clone() for q in feats]
                 batch[k] += h * torch.cat([torch.eye(C, dtype=F64), -torch.eye(C, dtype=F64)])
-                logits = sum(l.sum(1) for l in disc(batch, None, None, level[i].expand(2 * C)))  # (2C,)
+                logits = sum(l.mean(1) for l in disc(batch, None, None, level[i].expand(2 * C)))  # (2C,)
                 total += float((((logits[:C] - logits[C:]) / (2 * h)) ** 2).sum())
             assert abs(float(r1[i]) - total) < 1e-5 * max(total, 1.0), (i, float(r1[i]), total)
     r1.sum().backward()
     for head in disc.heads:
         assert head.body[0].weight.grad is not None and head.body[0].weight.grad.abs().sum() > 0
+
+
+# A tiny class-conditional synthetic configuration (UNet heads on the tiny UNet's 2 feature levels, image and label
+# projection, R1).
+SMOKE_ADD = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-iters", "20",
+             "--teacher-batch", "8", "--batch", "8", "--eval-samples", "32", "--eval-every", "2", "--ckpt-every", "2",
+             "--log-every", "2"]
+
+
+def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
+    """R1 is defined on exactly the per-sample scalar the hinge losses see, D(F) = sum_k mean_locations D_k(F_k), on
+    conv heads with many locations (tiny UNet features at 8x8 and 4x4): r1_penalty equals a hand-written autograd of
+    that scalar (and is N_k^2 smaller than the same penalty on the heads' location sums); and one training iteration's
+    discriminator loss is L_D + gamma/2 E[R1] (captured at the optimiser)."""
+    flags = SMOKE_ADD + ["--teacher-dir", str(tmp_path / "t"), "--out-dir", str(tmp_path / "r")]
+    args = add.parse_args(flags)
+    info = common.dataset_info(args)
+    torch.manual_seed(0)
+    teacher_net = common.build_denoiser(args, info)
+    disc = add.build_discriminator(args, info, teacher_net).double()
+    with torch.no_grad():
+        for p in disc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, labels = torch.randn(3, *info.shape), torch.arange(3)
+    feats = [f.double().detach().requires_grad_(True) for f in add.teacher_features(teacher_net, x, 0.5, labels)]
+    logits = disc(feats, labels, None, torch.tensor([0, 1, 2]))
+    assert [l.shape[1] for l in logits] == [64, 16]  # locations per head
+    r1 = add.r1_penalty(logits, feats)
+    d = sum(l.mean(1) for l in logits)  # the hinge's scalar, by hand
+    grads = torch.autograd.grad(d.sum(), feats, retain_graph=True)
+    torch.testing.assert_close(r1, sum((g ** 2).flatten(1).sum(1) for g in grads), rtol=1e-12, atol=0)
+    # on one head, the gradient of the location sum is N times the gradient of the mean
+    g_sum = torch.autograd.grad(logits[1].sum(), feats[1], retain_graph=True)[0]
+    torch.testing.assert_close(add.r1_penalty(logits[1], feats[1]) * 16 ** 2, (g_sum ** 2).flatten(1).sum(1))
+
+    # the factor in the training loss: capture what the discriminator's optimiser is asked to minimise
+    args.r1_weight = 0.37
+    dist = common.Dist()
+    generator = common.build_denoiser(args, info).requires_grad_(True)
+    disc = add.build_discriminator(args, info, teacher_net)
+    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=0.0), args, dist.device)
+    seen = []
+
+    class Capture(common.AmpOptimizer):
+        def step(self, loss):
+            seen.append(loss.detach())
+            return super().step(loss)
+
+    opt_d = Capture(torch.optim.Adam(disc.parameters(), lr=0.0), args, dist.device)
+    out = add.train_iteration(args, info, dist, teacher_net, teacher_net, generator, disc, generator, disc, opt_g,
+                              opt_d, common.real_batches(args, info, dist))
+    assert float(out["r1"]) > 0
+    torch.testing.assert_close(seen[-1], out["loss_d"] + 0.37 / 2 * out["r1"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1446,12 +1566,9 @@ def test_add_toy2d_ablation(add_toy_runs):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_add_smoke_synthetic(tmp_path):
-    """A tiny class-conditional synthetic run (UNet heads on 3 feature levels, image and label projection, R1):
-    finite metrics, all losses logged, the final generator saved and loadable."""
-    flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-iters", "20",
-             "--teacher-batch", "8", "--teacher-dir", str(tmp_path / "teachers"), "--iters", "4", "--batch", "8",
-             "--eval-samples", "32", "--eval-every", "2", "--ckpt-every", "2", "--log-every", "2",
-             "--out-dir", str(tmp_path / "run")]
+    """A tiny class-conditional synthetic run (SMOKE_ADD): finite metrics, all losses logged, the final generator
+    saved and loadable."""
+    flags = SMOKE_ADD + ["--teacher-dir", str(tmp_path / "teachers"), "--iters", "4", "--out-dir", str(tmp_path / "run")]
     r = add.main(flags)
     assert set(r["steps"]) == {1, 2, 3, 4}
     for m in r["steps"].values():
