@@ -848,14 +848,54 @@ def restore(objects, ckpt, path="checkpoint"):
 # RUN FOLDER
 # ================================================================================================================
 
+_HELD_LOCKS = {}  # run folder -> the open file whose flock this process holds (released when the process ends)
+
+
+def hold_folder(folder, create):
+    """One live run per folder: hold an exclusive flock on folder/.lock for the rest of this process (the kernel
+    drops it when the process ends, however it ends, so a lock left by a killed run never blocks --resume). The file
+    holds the holder's pid, for the error a second process gets. With create=False (the folder may not be ours to
+    write in yet) only an existing .lock is opened, and a folder without one is left as it is. Re-entrant within a
+    process. Returns False where file locks are not available (not Linux / macOS)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    folder = Path(folder).resolve()
+    if folder in _HELD_LOCKS:
+        return True
+    path = folder / ".lock"
+    if not create and not path.is_file():
+        return True
+    f = open(path, "a+" if create else "r")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{folder} is in use by another run (process {pid}); wait for it to end or stop it, or "
+                        f"choose another --out-dir") from None
+    if create:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    _HELD_LOCKS[folder] = f
+    return True
+
+
 class Run:
-    """The run folder: config.json, metrics.jsonl, ckpt.pt, pictures. Only rank 0 writes.
+    """The run folder: config.json, metrics.jsonl, ckpt.pt, pictures. Only rank 0 writes, and only one process at a
+    time: rank 0 holds the folder's lock (hold_folder) from before its first write until it ends.
     An existing run is never overwritten: continue it with --resume or discard it with --overwrite."""
 
     def __init__(self, args, dist):
         self.dir, self.dist, self.args = Path(args.out_dir), dist, args
         self.ckpt_path = self.dir / "ckpt.pt"
         self.metrics_path = self.dir / "metrics.jsonl"
+        if dist.is_main and self.dir.is_dir():
+            hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
         if args.resume and not self.ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint {self.ckpt_path} to continue from")
         # a folder holds a run once it has a checkpoint, a metrics log or a generator; a config.json alone (a run
@@ -876,6 +916,7 @@ class Run:
         self.opened = True
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            hold_folder(self.dir, create=True)  # before the first write, and before --overwrite clears anything
             if self.args.overwrite:
                 for f in [self.ckpt_path, self.metrics_path, self.dir / "generator.pt", *self.dir.glob("*.png")]:
                     f.unlink(missing_ok=True)

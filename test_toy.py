@@ -1672,6 +1672,39 @@ def test_sigkill_resume_and_reproducibility(toy_teacher, tmp_path, method):
     _assert_same_states(_run_states(in_process), _run_states(killed))
 
 
+def test_one_live_run_per_folder(toy_teacher, tmp_path):
+    """While a run is alive, a second process on its folder (a relaunch, a second --resume) exits 2 with one line
+    naming the holder's pid and touches nothing; once the holder is SIGKILLed its lock is gone with it, and --resume
+    continues the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "sid.py")] + _tiny_method_flags(toy_teacher, run, 100000)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not (run / "ckpt.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        try:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            for extra in (["--resume"], ["--overwrite"]):
+                second = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True)
+                assert second.returncode == 2, second.stderr[-2000:]
+                assert f"is in use by another run (process {first.pid})" in second.stderr
+                assert len(second.stderr.strip().splitlines()) == 1
+            assert first.poll() is None and (run / "ckpt.pt").exists()  # the live run went on, untouched
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    step = common.load_checkpoint(run / "ckpt.pt")["step"]
+    resumed = subprocess.run(cmd + ["--resume", "--iters", str(step + 5)], cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert common.load_checkpoint(run / "ckpt.pt")["step"] == step + 5
+
+
 class _NaNTeacher(torch.nn.Module):
     """A teacher gone bad: every output is NaN."""
 
