@@ -166,6 +166,9 @@ def base_parser(description, method):
                    help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the trained networks")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile: 'inductor' (generates kernels), or e.g. 'aot_eager' "
+                        "(graph capture and AOT autograd without code generation: for debugging, and the tests)")
     g.add_argument("--workers", type=int, default=4, help="data-loader workers (image folders only)")
     return p
 
@@ -215,6 +218,9 @@ def parse_args(parser, method_defaults=None, argv=None):
     for flag, value in (("--fid-detector", args.fid_detector), ("--fid-ref", args.fid_ref)):
         if value != "auto" and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file ('auto' downloads it into --fid-dir)")
+    if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f"--compile-backend {args.compile_backend}: not a torch.compile backend (choose from "
+                     f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
     if (args.preset == "mlp") != (args.dataset == "toy2d"):
         parser.error(f"--preset {args.preset} does not fit --dataset {args.dataset} ('mlp' is for toy2d only)")
     return args
@@ -282,7 +288,7 @@ def wrap(net, args, dist, compile=True):
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     if args.compile and compile:
-        net = torch.compile(net)
+        net = torch.compile(net, backend=args.compile_backend)
     return net
 
 
@@ -707,6 +713,7 @@ class AmpOptimizer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
         self.skipped = 0  # consecutive steps skipped for a non-finite loss
+        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
 
     def set_lr(self, lr):
         for group in self.opt.param_groups:
@@ -739,11 +746,18 @@ class AmpOptimizer:
         return True
 
     def state_dict(self):
-        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "skipped": self.skipped}
+        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
+        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
 
     def load_state_dict(self, state):
+        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
+        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
+        scale when the checkpoint has none."""
         self.opt.load_state_dict(state["opt"])
-        self.scaler.load_state_dict(state["scaler"])
+        if not self.scaler.is_enabled():
+            self.idle_scaler_state = dict(state["scaler"])
+        elif state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
 
 

@@ -1930,3 +1930,131 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     for key, value in one["teacher"].items():
         assert teacher[f"teacher/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert "eval/fid600" in logs[-1] and math.isfinite(logs[-1]["eval/fid600"])
+
+
+# ==============================================================================================================
+# Mixed precision and torch.compile: the code paths CUDA users run, exercised on the CPU (autocast bf16 / fp16,
+# GradScaler, torch.compile) and on CUDA when a GPU is present
+# ==============================================================================================================
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="no CUDA device on this machine"))]
+# aot_eager captures the graphs (dynamo) and builds the joint forward/backward (AOT autograd) without generating
+# kernels, which takes minutes on a CPU; CUDA runs the real backend.
+COMPILE = {"cpu": ["--compile", "--compile-backend", "aot_eager"], "cuda": ["--compile"]}
+
+
+def _precision_flags(toy_teacher, tmp_path, dataset, device):
+    if dataset == "toy2d":
+        flags, _ = toy_teacher
+        flags = flags + ["--batch", "64", "--eval-samples", "64"]
+    else:
+        flags = SMOKE_ADD + ["--teacher-dir", str(tmp_path / "teachers")]
+    return flags + ["--device", device, "--log-every", "1", "--eval-every", "0", "--ckpt-every", "100"]
+
+
+def _first_losses(out_dir):
+    """The losses logged at iteration 1 of a run."""
+    return next(rec for rec in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+                if rec.get("iter") == 1 and "time" in rec)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dataset", ["toy2d", "synthetic"])
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_mixed_precision_and_compile_agree_with_fp32(toy_teacher, tmp_path, method, dataset, device):
+    """Every script under --amp bf16, --amp fp16 (GradScaler on) and --compile: finite losses, and the first
+    iteration's logged losses equal fp32's on the same batches (same seed, hence the same draws) within the precision
+    of the format. The learning rates are 1e-12 so that the updates inside the iteration (DMD2 logs its fifth
+    fake-score update, SiD's generator loss follows a fake update) leave the networks as they were, whether or not
+    fp16's first steps are skipped by the GradScaler. Bounds: |a - b| <= rtol |b| + atol with (rtol, atol) bf16
+    (0.05, 0.02), fp16 (0.01, 0.005), compile (1e-4, 1e-6); measured worst cases on the CPU (relative, for losses
+    away from 0) bf16 1e-2, fp16 3e-3, compile 0 (aot_eager)."""
+    base = _precision_flags(toy_teacher, tmp_path, dataset, device) + ["--iters", "1", "--lr-g", "1e-12",
+                                                                       "--lr-f", "1e-12"]
+    runs = {"fp32": ["--amp", "fp32"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
+            "compile": ["--amp", "fp32"] + COMPILE[device]}
+    tolerance = {"bf16": (0.05, 0.02), "fp16": (0.01, 0.005), "compile": (1e-4, 1e-6)}
+    torch._dynamo.reset()  # fresh compile caches: earlier tests compiled the same functions for other networks
+    logged = {}
+    for name, extra in runs.items():
+        METHODS[method].main(base + extra + ["--out-dir", str(tmp_path / name)])
+        logged[name] = _first_losses(tmp_path / name)
+    ref = logged.pop("fp32")
+    losses = [k for k in ref if k.startswith("loss") or k in ("r1", "d_real", "d_fake", "p_real", "p_fake")]
+    assert len(losses) >= 2, ref
+    for name, rec in logged.items():
+        rtol, atol = tolerance[name]
+        for key in losses:
+            assert math.isfinite(rec[key]), (name, key, rec)
+            assert abs(rec[key] - ref[key]) <= rtol * abs(ref[key]) + atol, (name, key, rec[key], ref[key])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_fp16_compiled_checkpoint_resumes_in_fp32_and_back(toy_teacher, tmp_path, method, device):
+    """A run trained under --amp fp16 --compile (every optimiser's GradScaler on) resumes into a plain fp32 eager run,
+    which keeps the fp16 loss scales in its checkpoints, and back into fp16 + compile, whose scalers continue from
+    them (their scale and count of good steps). Every leg trains (finite losses, networks move)."""
+    run = tmp_path / "run"
+    base = _precision_flags(toy_teacher, tmp_path, "toy2d", device) + ["--out-dir", str(run), "--ckpt-every", "4"]
+    fp16 = ["--amp", "fp16"] + COMPILE[device]
+
+    def state():
+        ckpt = common.load_checkpoint(run / "ckpt.pt")
+        return ckpt["step"], ckpt["state"]
+
+    def scales(s):
+        return {name: s[name]["scaler"].get("scale") for name in s if name.startswith("opt")}
+
+    def continued(before, after):
+        """after's scaler went on from before's: lowered further, or grown its count of good steps."""
+        return (after["scale"] < before["scale"] or after["_growth_tracker"] > before["_growth_tracker"])
+
+    torch._dynamo.reset()  # fresh compile caches: earlier tests compiled the same functions for other networks
+    METHODS[method].main(base + fp16 + ["--iters", "4"])
+    step, a = state()
+    assert step == 4 and None not in scales(a).values(), scales(a)  # every optimiser's scaler is on
+    METHODS[method].main(base + ["--amp", "fp32", "--no-compile", "--iters", "8", "--resume"])
+    step, b = state()
+    assert step == 8 and scales(b) == scales(a)  # kept aside through the fp32 leg
+    assert any(not torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
+    METHODS[method].main(base + fp16 + ["--iters", "12", "--resume"])
+    step, c = state()
+    assert step == 12
+    for name in scales(a):  # a fresh scaler (scale 65536, no good steps counted) would fail this
+        assert continued(a[name]["scaler"], c[name]["scaler"]), (name, a[name]["scaler"], c[name]["scaler"])
+    assert any(not torch.equal(b["generator"][k], c["generator"][k]) for k in b["generator"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "time" in r] == list(range(1, 13))
+    assert all(math.isfinite(v) for r in records for k, v in r.items() if k.startswith("loss"))
+
+
+def test_inductor_compiles_a_method_on_the_cpu(toy_teacher, tmp_path):
+    """The default --compile backend (inductor: generated C++ kernels on the CPU) trains ADD on toy2d, the cheapest
+    script to compile, and matches the eager run's first losses."""
+    base = _precision_flags(toy_teacher, tmp_path, "toy2d", "cpu") + ["--iters", "2", "--lr-g", "1e-12",
+                                                                     "--lr-f", "1e-12"]
+    add.main(base + ["--out-dir", str(tmp_path / "eager")])
+    torch._dynamo.reset()
+    add.main(base + ["--compile", "--out-dir", str(tmp_path / "inductor")])
+    ref, rec = _first_losses(tmp_path / "eager"), _first_losses(tmp_path / "inductor")
+    for key in ("loss_adv", "loss_distill", "loss_d", "r1"):
+        assert abs(rec[key] - ref[key]) <= 1e-4 * abs(ref[key]) + 1e-6, (key, rec[key], ref[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("variant", [["--amp", "bf16"], ["--amp", "fp16"], ["--amp", "bf16", "--compile"]])
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_cuda_cifar10_preset_short_run(tmp_path, method, variant):
+    """On a GPU: a short run of each script at the cifar10 preset (the CIFAR-10 network) on synthetic 32x32 in bf16,
+    fp16 and compiled bf16: finite losses and metrics, a generator saved."""
+    flags = ["--dataset", "synthetic", "--resolution", "32", "--preset", "cifar10", "--device", "cuda",
+             "--teacher-iters", "20", "--teacher-batch", "16", "--teacher-dir", str(tmp_path / "teachers"),
+             "--batch", "16", "--iters", "6", "--eval-samples", "64", "--eval-every", "0", "--log-every", "1",
+             "--out-dir", str(tmp_path / "run")] + variant
+    result = METHODS[method].main(flags)
+    assert all(math.isfinite(v) for v in result["student"].values())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for r in records for k, v in r.items() if k.startswith("loss"))
+    assert (tmp_path / "run" / "generator.pt").is_file()
