@@ -8,12 +8,12 @@ levels, the top one pure noise (so that sampling can start from noise). Two loss
     layers, hinge loss, R1 penalty) tells x_g from real images; it makes one-step samples sharp and keeps them on
     the data manifold;
   * a distillation loss: re-noise x_g to a teacher level sigma_t, take the teacher's x0-prediction there as a
-    stop-gradient target and pull x_g towards it; this is score distillation (SDS), identity 8 of
-    ../shared/METHODS.md, and brings the teacher's knowledge (in the paper: its text alignment) to the student.
+    stop-gradient target and pull x_g towards it; this is score distillation (SDS: identity 8 of README.md,
+    "The maths, checked"), and brings the teacher's knowledge (in the paper: its text alignment) to the student.
         L_G = L_adv^G(x_g) + lambda L_distill(x_g),   lambda = 2.5.
 At inference the student samples in 1 to 4 steps: denoise pure noise, re-noise to the next student level, denoise.
 
-Paper -> code (notation of ../shared/METHODS.md, EDM form x_t = x0 + sigma eps):
+Paper -> code (notation of README.md, "The maths, checked": EDM form x_t = x0 + sigma eps):
   Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR     STUDENT_T, student_sigmas()
            x_s = alpha_s x0 + sigma_s eps from a real x0           train_iteration ("student input")
   Sec 3.2  frozen feature network F, trainable heads D_k            teacher_features(), Head, Discriminator

@@ -2,7 +2,7 @@
 loss, sigma grids, Heun sampler), AMP / optimisation / EMA, checkpoints, the run folder, evaluation and pictures, a
 training loop, and the teacher (trained once, cached, reused by sid.py, dmd2.py and add.py).
 
-Notation follows ../shared/METHODS.md (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
+Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
 
 Run it on its own to train (or load) the teacher and evaluate it with the 35-NFE Heun sampler:

@@ -19,7 +19,7 @@ generator's own denoiser predicts) to trade one eps_psi for the injected noise e
         so  sigma^2 (L2 - alpha L1) = (d_real - d_fake) . ((d_real - x_g) - alpha (d_real - d_fake)),
     and SiD divides by w = stopgrad(mean |x_g - d_real|) instead of sigma^2 (a per-sample normaliser).
 
-Why alpha = 0.5 is the unbiased choice (identity 6 of ../shared/METHODS.md, checked in test_toy.py): with the
+Why alpha = 0.5 is the unbiased choice (identity 6 of README.md, "The maths, checked"; test_toy.py checks it): with the
 exact fake denoiser, E[L1] = E[L2] = J for every theta, and differentiating with psi held fixed (gradients only
 through x_t) gives  grad J = grad (2 L2 - L1)  exactly. Hence
     grad (L2 - alpha L1) = 1/2 grad J + (1/2 - alpha) grad L1|psi fixed,

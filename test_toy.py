@@ -1,7 +1,7 @@
 """Numerical checks of the maths on exact Gaussian mixtures, toy-scale convergence runs, and smoke runs of every
 script. Run with `python -m pytest -q` (a few minutes on 2 CPU cores).
 
-The identities are numbered as at the end of ../shared/METHODS.md.
+The identities are numbered as in README.md, "The maths, checked", which gives each one's derivation.
 """
 
 import json
@@ -225,7 +225,7 @@ def test_sampling_schedule():
     assert (t[1:] < t[:-1]).all()
     mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert abs(float(common.karras_sigma(torch.tensor(0.5, dtype=torch.float64))) - mid) < 1e-9
-    # SiD's t_max = 0.8 of the grid reaches sigma ~ 24.4 (METHODS.md); DMD2's index 980/999 ~ 72.
+    # SiD's t_max = 0.8 of the grid reaches sigma ~ 24.4; DMD2's index 980/999 ~ 72.
     assert abs(float(common.karras_sigma(torch.tensor(0.8, dtype=torch.float64))) - 24.4) < 0.1
     assert abs(float(common.karras_sigma(torch.tensor(980 / 999, dtype=torch.float64))) - 71.6) < 0.5
 
@@ -658,7 +658,7 @@ def test_nonfinite_loss_skips_step_and_stops(tmp_path):
 
 
 # ==============================================================================================================
-# sid.py: identity 6 of ../shared/METHODS.md on exact Gaussian denoisers, the loss function's pieces
+# sid.py: identity 6 (README, "The maths, checked") on exact Gaussian denoisers, the loss function's pieces
 # (alpha, the detached normaliser, NaN masking), convergence on toy2d, a smoke run on tiny synthetic images and a
 # resume round trip.
 # ==============================================================================================================
@@ -942,7 +942,7 @@ def test_sid_smoke_synthetic_and_resume(tmp_path):
 
 
 # ==============================================================================================================
-# dmd2.py: the DMD gradient identity (METHODS.md identity 7) with exact denoisers, dmd_loss's gradient, the logistic
+# dmd2.py: the DMD gradient identity (identity 7) with exact denoisers, dmd_loss's gradient, the logistic
 # GAN loss's optimum, toy2d convergence (1 step without / with the GAN, 2 steps), a synthetic smoke run and a resume
 # round trip.
 # ==============================================================================================================
@@ -1240,7 +1240,7 @@ def test_dmd2_resume_round_trip(toy_teacher, tmp_path):
 
 
 # ==============================================================================================================
-# add.py: identity 8 of ../shared/METHODS.md (ADD's distillation gradient is the SDS gradient with
+# add.py: identity 8 (ADD's distillation gradient is the SDS gradient with
 # w = 2 c sigma) on exact Gaussian denoisers, the hinge losses and the R1 penalty on the discriminator heads' inputs,
 # the noise levels and the encoder-only feature network, convergence on toy2d with the exact teacher (1 and 4 steps)
 # and the paper's ablation (adversarial only, distillation only), a smoke run on tiny synthetic images and a resume
