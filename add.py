@@ -14,7 +14,7 @@ levels, the top one pure noise (so that sampling can start from noise). Two loss
 At inference the student samples in 1 to 4 steps: denoise pure noise, re-noise to the next student level, denoise.
 
 Paper -> code (notation of README.md, "The maths, checked": EDM form x_t = x0 + sigma eps):
-  Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR     STUDENT_T, student_sigmas()
+  Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR     STUDENT_T, student_levels()
            x_s = alpha_s x0 + sigma_s eps from a real x0           train_iteration ("student input")
   Sec 3.2  frozen feature network F, trainable heads D_k            teacher_features(), Head, Discriminator
            projection on text (here: class) and on c_img of x0      Head.forward, image_embedding()
@@ -25,7 +25,7 @@ Paper -> code (notation of README.md, "The maths, checked": EDM form x_t = x0 + 
   Sec 3.3  L_distill = c(t) d(x_g, sg(D_phi(x_g + sigma_t eps')))   add_distill_loss(), distill_weighting()
            c(t) = alpha_t ("exponential") or the SDS weighting       --weighting {exp,sds}
   Eq 1     L = L_adv^G + lambda L_distill, lambda = 2.5              --distill-weight, train_iteration()
-  Fig 2    1-4 step sampling: denoise, re-noise, denoise            generate(), sampling_levels()
+  Fig 2    1-4 step sampling: denoise, re-noise, denoise            student_sigmas(), common.generate
 
 Noise levels. The paper's teacher (SDXL) is a discrete-time VP model with the "scaled linear" schedule: sqrt(beta_t)
 linear from sqrt(0.00085) to sqrt(0.012) over t = 1..1000, abar_t = prod_{i<=t} (1 - beta_i). A timestep maps to the
@@ -46,8 +46,7 @@ the SDS gradient (DreamFusion) with weight w = 2 c sigma.
 
 Deliberate deviations from the paper (an offline, small-scale, pixel-space version):
   * Feature network. The paper's F is DINOv2 ViT-S (with CLIP for text); here F is the frozen *teacher's* network:
-    its encoder feature maps at every resolution plus the bottleneck (those of `return_features=True`, computed by
-    the encoder half alone) on inputs re-noised to sigma_d, ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2), as in
+    its encoder's feature maps at every resolution (EDMDenoiser.features, the encoder alone) on inputs re-noised to sigma_d, ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2), as in
     LADD (Sauer et al. 2024), SD3-Turbo and NVIDIA FastGen. It needs no downloaded weights, has been trained on
     exactly this data, and the noise makes it a "diffusion GAN" whose real and fake distributions overlap. Also,
     ImageNet-pretrained discriminator features can lower FID (whose Inception network is an ImageNet classifier
@@ -56,14 +55,14 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
     MLP heads: one discriminator for every dataset, and "R1 on the heads' inputs" means the same thing everywhere
     (a discriminator on raw 2-D points would turn it into a pixel-space R1).
   * The image embedding c_img of x0 (what lets the discriminator check that the student used its input) is the
-    frozen teacher's bottleneck at sigma = 0.002, spatially averaged (the paper uses a second feature network). It
+    frozen teacher's lowest-resolution feature map at sigma = 0.002, spatially averaged (the paper uses a second feature network). It
     is off for toy2d (--no-img-cond): in 2-D an embedding of x0 is x0 itself, so the discriminator learns to test
     x_g == x0 and pushes the student towards E[x0 | x_s], the blurry posterior mean, instead of a sample of
-    p(x0 | x_s). Measured with the toy defaults: sw2 0.061 / 0.161 at 1 / 4 steps with --img-cond, against
-    0.039 / 0.042 without. A DINOv2 embedding of a 512px image pins down its content, not its pixels.
+    p(x0 | x_s) (README, "ADD on toy2d", measures it). A DINOv2 embedding of a 512px image pins down its content,
+    not its pixels.
   * The heads are also conditioned (by projection) on the student level s. Without it the discriminator only sees
     the mixture of the four levels' outputs, and the levels can trade errors: with --no-disc-level the toy's
-    1-step sampler kept 2 of 8 modes (sw2 0.53) while the mixture over levels still fooled the discriminator.
+    1-step sampler loses modes while the mixture over levels still fools the discriminator (README, "ADD on toy2d").
   * The distillation term is divided by the number of data dimensions (a per-pixel mean, as torch's MSE and the
     DMD2 code do); add_distill_loss itself sums, as identity 8 needs. A sum over 768 or 12288 pixels would drown
     the O(1) hinge loss at lambda = 2.5.
@@ -79,9 +78,9 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser the student is copied from), teacher_reference, real_batches, SIGMA_MIN /
-SIGMA_MAX, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, evaluate (with FID), bench, train_loop,
-save_generator, load_checkpoint / restore; EDMDenoiser.features (the encoder half), `feature_channels`,
-unet.count_params.
+SIGMA_MAX, generate / student_sampler (the student's sampler), autocast, AmpOptimizer (zero_grad / backward / step),
+ema_update, requires_grad, wrap / unwrap, evaluate (with FID), bench, TrainLoop, save_generator / load_generator;
+EDMDenoiser.features (the encoder's feature maps), `feature_channels`, unet.count_params.
 
 Commands:
     python add.py                                            # toy2d on CPU, about a minute
@@ -101,6 +100,7 @@ import argparse
 import copy
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -113,15 +113,16 @@ import unet
 # ARGUMENTS
 # ================================================================================================================
 
-# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64: the paper's lr 1e-5 and R1 gamma 1e-5.
+# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64: the paper's lr 1e-5; R1 gamma as
+# measured on synthetic images (README, "ADD's R1").
 METHOD_DEFAULTS = {
-    "toy2d": dict(iters=800, batch=128, lr_g=3e-4, lr_f=1e-3, ema=5.0, r1_weight=2e-3, disc_p_mean=-2.0,
+    "toy2d": dict(iters=800, batch=128, lr_g=3e-4, lr_d=1e-3, ema=5.0, r1_weight=2e-3, disc_p_mean=-2.0,
                   disc_dim=64, img_cond=False, eval_every=400),
-    "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_f=2e-4, ema=0.5, r1_weight=1e-3, disc_p_mean=-2.5,
+    "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_d=2e-4, ema=0.5, r1_weight=1e-3, disc_p_mean=-2.5,
                       disc_dim=32, img_cond=True, eval_every=150),
-    "cifar10": dict(iters=100000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0, r1_weight=1e-5, disc_p_mean=-1.2,
+    "cifar10": dict(iters=100000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1e-3, disc_p_mean=-1.2,
                     disc_dim=128, img_cond=True),
-    "imagenet64": dict(iters=200000, batch=256, lr_g=1e-5, lr_f=1e-5, ema=500.0, r1_weight=1e-5, disc_p_mean=-1.2,
+    "imagenet64": dict(iters=200000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1e-3, disc_p_mean=-1.2,
                        disc_dim=128, img_cond=True),
 }
 
@@ -131,7 +132,7 @@ def parse_args(argv=None):
                            method="add")
     g = p.add_argument_group("add")
     g.add_argument("--lr-g", type=float, default=None, help="student (generator) Adam learning rate (betas 0, 0.99)")
-    g.add_argument("--lr-f", type=float, default=None, help="discriminator heads' Adam learning rate (betas 0, 0.99)")
+    g.add_argument("--lr-d", type=float, default=None, help="discriminator heads' Adam learning rate (betas 0, 0.99)")
     g.add_argument("--ema", type=float, default=None, help="student EMA half-life in kimg (0.05 ramp-up; 0: none)")
     g.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4),
                    help="sampling steps of the student used in evaluation (training covers all four levels)")
@@ -156,14 +157,50 @@ def parse_args(argv=None):
     for name in ("distill_weight", "adv_weight", "r1_weight", "ema"):
         if not 0 <= getattr(args, name) < math.inf:  # also rejects NaN
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, name)})")
-    for name in ("lr_g", "lr_f", "disc_p_std"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
+    if not args.disc_p_std > 0:
+        p.error(f"--disc-p-std must be a positive number (got {args.disc_p_std})")
     if args.distill_weight == 0 and args.adv_weight == 0:
         p.error("--distill-weight 0 with --adv-weight 0 leaves nothing to train")
     if args.disc_dim < 4 or not math.isfinite(args.disc_p_mean):
         p.error("--disc-dim must be >= 4 and --disc-p-mean finite")
     return args
+
+
+# ================================================================================================================
+# NOISE LEVELS
+# ================================================================================================================
+
+STUDENT_T = (1000, 750, 500, 250)  # the paper's student timesteps (1-based, of 1000)
+
+
+def vp_sigmas(beta_start=0.00085, beta_end=0.012, T=1000):
+    """EDM sigma of every timestep t = 1..T of SDXL's "scaled linear" VP schedule (sqrt(beta) linear):
+    sigma(t) = sqrt((1 - abar_t) / abar_t), abar_t = prod_{i<=t} (1 - beta_i). (T,) float64; entry t-1 is t."""
+    beta = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - beta, 0)
+    return ((1 - abar) / abar).sqrt()
+
+
+def student_levels():
+    """The four student levels the student trains on, high to low: sigma(t) for t in STUDENT_T with the top one set
+    to sigma_max = 80 (pure noise, zero terminal SNR): float64 [80, 4.082, 1.613, 0.6932]."""
+    table = vp_sigmas()
+    s = torch.stack([table[t - 1] for t in STUDENT_T])
+    s[0] = common.SIGMA_MAX
+    return s
+
+
+def sampling_levels(steps, num_levels=len(STUDENT_T)):
+    """Indices into student_levels() visited by a `steps`-step sampler, evenly spaced from the top:
+    1 -> [0], 2 -> [0, 2], 3 -> [0, 1, 3], 4 -> [0, 1, 2, 3] (t = 1000 | 1000, 500 | 1000, 750, 250 | all)."""
+    return [int(round(i * num_levels / steps)) for i in range(steps)]
+
+
+def student_sigmas(args):
+    """The input noise levels of the --steps-step sampler for common.generate: the visited student levels, the top
+    one pure noise. 1 step: [80]; 2: [80, 1.613]; 4: [80, 4.082, 1.613, 0.6932]."""
+    levels = student_levels()
+    return [float(levels[k]) for k in sampling_levels(args.steps)]
 
 
 # ================================================================================================================
@@ -230,68 +267,20 @@ def r1_penalty(real_logits, features):
 
 
 # ================================================================================================================
-# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# NETWORKS (the student is a copy of the teacher's EDMDenoiser; the discriminator heads are new)
 # ================================================================================================================
 
-STUDENT_T = (1000, 750, 500, 250)  # the paper's student timesteps (1-based, of 1000)
-
-
-def vp_sigmas(beta_start=0.00085, beta_end=0.012, T=1000):
-    """EDM sigma of every timestep t = 1..T of SDXL's "scaled linear" VP schedule (sqrt(beta) linear):
-    sigma(t) = sqrt((1 - abar_t) / abar_t), abar_t = prod_{i<=t} (1 - beta_i). (T,) float64; entry t-1 is t."""
-    beta = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1 - beta, 0)
-    return ((1 - abar) / abar).sqrt()
-
-
-def student_sigmas():
-    """The four student levels, high to low: sigma(t) for t in STUDENT_T with the top one set to sigma_max = 80 (pure
-    noise, zero terminal SNR): float64 [80, 4.082, 1.613, 0.6932]."""
-    table = vp_sigmas()
-    s = torch.stack([table[t - 1] for t in STUDENT_T])
-    s[0] = common.SIGMA_MAX
-    return s
-
-
-def sampling_levels(steps, num_levels=len(STUDENT_T)):
-    """Indices into student_sigmas() visited by a `steps`-step sampler, evenly spaced from the top:
-    1 -> [0], 2 -> [0, 2], 3 -> [0, 1, 3], 4 -> [0, 1, 2, 3] (t = 1000 | 1000, 500 | 1000, 750, 250 | all)."""
-    return [int(round(i * num_levels / steps)) for i in range(steps)]
-
-
-@torch.no_grad()
-def generate(generator, z, labels, steps=1, noise_generator=None):
-    """The student's sampler: x = sigma_max z; at each visited level: x0_hat = G(x; sigma_k, c), then re-noise
-    x = x0_hat + sigma_next eps; the last x0_hat is the sample (1 NFE per step). `noise_generator` (a torch.Generator)
-    makes the re-noising reproducible (evaluation)."""
-    sigmas = student_sigmas()
-    levels = [float(sigmas[k]) for k in sampling_levels(steps)]
-    x = levels[0] * z  # pure noise at the top level
-    for i, sigma in enumerate(levels):
-        x0_hat = generator(x, sigma, labels)
-        if i + 1 < len(levels):
-            eps = torch.randn(x0_hat.shape, device=x0_hat.device, dtype=x0_hat.dtype, generator=noise_generator)
-            x = x0_hat + levels[i + 1] * eps
-    return x0_hat
-
-
-def load_generator(path, args, info):
-    """The saved EMA student (run.dir/generator.pt) as a denoiser; sample with generate(net, z, labels, steps)."""
-    net = common.build_denoiser(args, info)
-    common.restore({"generator": net}, common.load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
-
-
 def teacher_features(teacher_net, x, sigma, labels=None):
-    """The frozen feature network F: the teacher's encoder feature maps (every resolution, bottleneck last; for the
-    toy MLP, the hidden state after every block) at input x and noise level sigma, from the UNet's encoder half
-    alone (EDMDenoiser.features). Gradients flow back to x."""
+    """The frozen feature network F: the teacher's encoder feature maps (every resolution, the lowest last; for the
+    toy MLP, the hidden state after every block) at input x and noise level sigma, from the UNet's encoder alone
+    (EDMDenoiser.features). Gradients flow back to x."""
     return common.unwrap(teacher_net).features(x, sigma, labels)
 
 
 @torch.no_grad()
 def image_embedding(teacher_net, x0, labels=None):
-    """c_img: the frozen teacher's bottleneck features of the clean x0 (sigma = 0.002), spatially averaged: (B, C)."""
+    """c_img: the frozen teacher's lowest-resolution feature map of the clean x0 (sigma = 0.002), spatially
+    averaged: (B, C)."""
     h = teacher_features(teacher_net, x0, common.SIGMA_MIN, labels)[-1]
     return h.float().flatten(2).mean(2) if h.ndim == 4 else h.float()
 
@@ -353,6 +342,18 @@ def build_discriminator(args, info, teacher_net):
                          num_levels=len(STUDENT_T) if args.disc_level else 0)
 
 
+def build_networks(args, info, teacher_net, device):
+    """generator (theta, the student) and ema (the student that is evaluated and saved): copies of the teacher's
+    network, the student kept in eval mode (no dropout, as SDXL has none); disc: the discriminator heads on the
+    frozen teacher's features."""
+    def copy_of_teacher():
+        return copy.deepcopy(teacher_net).to(device)
+
+    return SimpleNamespace(generator=copy_of_teacher().requires_grad_(True),
+                           ema=copy_of_teacher().eval().requires_grad_(False),
+                           disc=build_discriminator(args, info, teacher_net).to(device))
+
+
 # ================================================================================================================
 # ONE TRAINING ITERATION
 # ================================================================================================================
@@ -362,18 +363,19 @@ def _twice(v):
     return None if v is None else torch.cat([v, v])
 
 
-def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t, opt_g, opt_f,
-                    batches):
+def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, step, batches):
     """One ADD iteration: a student update on L_adv^G + lambda L_distill, then a discriminator update on the hinge
-    loss + gamma/2 R1, both on the same real batch. `*_t` are the (DDP / compiled) wrappers used where that network's
-    own parameters are trained. Returns the losses to log."""
+    loss + gamma/2 R1, both on the same real batch. `nets` holds the networks of build_networks and their (DDP /
+    compiled) wrappers generator_t / disc_t, used where that network's own parameters are trained; `batches`
+    yields real data. Returns the losses to log."""
     device = dist.device
     pixels = math.prod(info.shape)  # the distillation term is averaged over pixels (see the docstring)
     x0, labels = next(batches)  # (B, *shape) real data in [-1, 1]
     labels = labels if info.cond else None
     B = x0.shape[0]
-    sigmas = student_sigmas().to(device=device, dtype=torch.float32)
+    sigmas = student_levels().to(device=device, dtype=torch.float32)
     use_disc = args.adv_weight > 0
+    disc = common.unwrap(nets.disc)
     out = {}
 
     # ---- student input: a real x0 noised to a level s ~ U{0..3}; the top level (s = 0) is pure noise ----
@@ -395,13 +397,12 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
     # ---- 1. student G: adversarial + distillation loss; teacher, feature net and heads frozen ----
     common.requires_grad(disc, False)
     with common.autocast(args, device):
-        x_g = generator_t(x_s, sigma_s, labels).float()  # (B, *shape), carries grad to theta
+        x_g = nets.generator_t(x_s, sigma_s, labels).float()  # (B, *shape), carries grad to theta
         loss_g = torch.zeros((), device=device)
         if use_disc:
             sigma_d = disc_noise(B)
             x_d = x_g + common.column(sigma_d, x_g) * torch.randn_like(x_g)
-            fake_logits = common.unwrap(disc)(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img,
-                                              d_level)
+            fake_logits = disc(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img, d_level)
             # L_adv^G = -E[sum_k D_k(F_k(x_g))]
             loss_adv = hinge_g_loss(fake_logits).mean()
             loss_g = loss_g + args.adv_weight * loss_adv
@@ -418,7 +419,9 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
             loss_distill = add_distill_loss(x_g, d_real, sigma_t, args.weighting).mean() / pixels
             loss_g = loss_g + args.distill_weight * loss_distill
             out["loss_distill"] = loss_distill.detach()
-    opt_g.step(loss_g)
+    opt_g.zero_grad()
+    opt_g.backward(loss_g)  # into theta, through the frozen heads and features and towards the teacher's target
+    opt_g.step()
     out["loss_g"] = loss_g.detach()
     if not use_disc:
         return out
@@ -434,21 +437,23 @@ def train_iteration(args, info, dist, teacher, teacher_net, generator, disc, gen
         # the real halves become leaves that require grad, so R1 can differentiate the logits w.r.t. them
         feats_real = [f[:B].detach().requires_grad_(True) for f in feats]
         feats_both = [torch.cat([r, f[B:]]) for r, f in zip(feats_real, feats)]
-        logits = disc_t(feats_both, _twice(labels), _twice(c_img), _twice(d_level))  # list of (2B, N_k)
+        logits = nets.disc_t(feats_both, _twice(labels), _twice(c_img), _twice(d_level))  # list of (2B, N_k)
         real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
         # L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))]
         loss_d = hinge_d_loss(real_logits, fake_logits).mean()
-        loss_f = loss_d
+        loss_disc = loss_d
         if args.r1_weight > 0:
             # + gamma/2 E[R1],  R1 = ||grad_F D(F(x0))||^2,  D = sum_k mean_locations D_k (the hinge's scalar)
             r1 = r1_penalty(real_logits, feats_real).mean()
-            loss_f = loss_f + args.r1_weight / 2 * r1
+            loss_disc = loss_disc + args.r1_weight / 2 * r1
             out["r1"] = r1.detach()
-    opt_f.step(loss_f)
+    opt_d.zero_grad()
+    opt_d.backward(loss_disc)  # into the heads (R1's part through the second derivative)
+    opt_d.step()
     out["loss_d"] = loss_d.detach()
-    # mean logits on real and generated samples: how far apart the discriminator holds them
-    out["d_real"] = _per_sample(real_logits).mean().detach()
-    out["d_fake"] = _per_sample(fake_logits).mean().detach()
+    # mean logits D(F) on real and generated samples: how far apart the discriminator holds them
+    out["logit_real"] = _per_sample(real_logits).mean().detach()
+    out["logit_fake"] = _per_sample(fake_logits).mean().detach()
     return out
 
 
@@ -462,76 +467,61 @@ def main(argv=None):
     dist, info, run, teacher, teacher_net = common.start_method(args)
     device = dist.device
 
-    # theta (student) starts as a copy of the teacher's network (kept in eval mode: no dropout, as SDXL has none);
-    # the discriminator heads sit on the frozen teacher's features.
-    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
-    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
-    disc = build_discriminator(args, info, teacher_net).to(device)
-    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.0, 0.99)),
+    nets = build_networks(args, info, teacher_net, device)
+    opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.99)),
                                 args, device)
-    opt_f = common.AmpOptimizer(torch.optim.Adam(disc.parameters(), lr=args.lr_f, betas=(0.0, 0.99)), args, device)
-    generator_t = common.wrap(generator, args, dist)
+    opt_d = common.AmpOptimizer(torch.optim.Adam(nets.disc.parameters(), lr=args.lr_d, betas=(0.0, 0.99)),
+                                args, device)
+    nets.generator_t = common.wrap(nets.generator, args, dist)
     # R1's double backward fails under torch.compile ("aot_autograd does not currently support double backward"),
     # so the (small) heads get DDP only, never --compile.
-    disc_t = common.wrap(disc, args, dist, compile=False)
-    objects = {"generator": generator, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    nets.disc_t = common.wrap(nets.disc, args, dist, compile=False)
+    objects = {"generator": nets.generator, "disc": nets.disc, "ema": nets.ema, "opt_g": opt_g, "opt_d": opt_d}
     batches = common.real_batches(args, info, dist)  # ADD trains on real images (the student's inputs)
 
-    def step_fn(step):
-        out = train_iteration(args, info, dist, teacher, teacher_net, generator, disc, generator_t, disc_t,
-                              opt_g, opt_f, batches)
-        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
-        return out
+    def iteration(step):
+        losses = train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, step, batches)
+        common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
+                          rampup_ratio=0.05)
+        return losses
 
-    def sampler(steps):
-        # the EMA student's sampler; re-noising draws from its own seeded generator, so every evaluation sees the
-        # same noise and leaves the training RNG streams alone (resume reproduces an uninterrupted run)
-        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-
-        def sample(z, labels):
-            with common.autocast(args, device):
-                return generate(ema, z, labels, steps, noise_generator).float()
-        return sample
+    def sampler(steps=args.steps):  # the EMA student's samples in `steps` steps
+        return common.student_sampler(nets.ema, student_sigmas(argparse.Namespace(steps=steps)), args, device)
 
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, step_fn, sampler(args.steps), teacher, teacher_net,
-                            {"generator": generator, "disc": disc}, student_nfe=args.steps)
+        return common.bench(args, info, dist, iteration, sampler(), teacher, teacher_net,
+                            {"generator": nets.generator, "disc": nets.disc}, student_nfe=args.steps)
     start = run.resume(objects)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     if dist.is_main:
-        print(f"add: student {unet.count_params(generator) / 1e6:.2f}M parameters, discriminator heads "
-              f"{unet.count_params(disc) / 1e3:.1f}k on {len(disc.heads)} teacher feature levels, student sigmas "
-              f"{[round(float(s), 4) for s in student_sigmas()]}, {args.iters} iterations")
+        print(f"add: student {unet.count_params(nets.generator) / 1e6:.2f}M parameters, discriminator heads "
+              f"{unet.count_params(nets.disc) / 1e3:.1f}k on {len(nets.disc.heads)} teacher feature levels, student "
+              f"sigmas {[round(float(s), 4) for s in student_levels()]}, {args.iters} iterations")
 
-    final = {}
+    def evaluate(done):
+        return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag=f"add-{args.steps}step",
+                               reference=x_teacher)[0]
 
-    def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sampler(args.steps), dist, run=run, step=done,
-                                     tag=f"add-{args.steps}step", reference=x_teacher)
-        final.clear()
-        final.update(metrics)
-        return metrics
+    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="add", optimizers=[opt_g, opt_d])
+    for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
+        loop.log(iteration(step))
 
-    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="add", optimizers=[opt_g, opt_f])
-    common.save_generator(args, run, ema)
+    common.save_generator(args, run, nets.ema)
     wall = round(time.time() - t0, 1)
-
     # The same student sampled with 1..4 steps (training does not depend on --steps).
-    per_steps = {}
+    per_steps = {args.steps: loop.metrics}
     for steps in range(1, len(STUDENT_T) + 1):
-        if steps == args.steps:
-            per_steps[steps] = dict(final)
-            continue
-        per_steps[steps], _ = common.evaluate(args, info, sampler(steps), dist, run=run, tag=f"add-{steps}step",
-                                              reference=x_teacher)
-        if per_steps[steps]:
-            run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in per_steps[steps].items()}})
-    result = {"teacher": teacher_metrics, "student": dict(final), "steps": per_steps, "teacher_nfe": nfe,
-              "student_nfe": args.steps, "params": unet.count_params(generator), "wall_s": wall}
+        if steps != args.steps:
+            per_steps[steps], _ = common.evaluate(args, info, sampler(steps), dist, run=run, tag=f"add-{steps}step",
+                                                  reference=x_teacher)
+            if per_steps[steps]:
+                run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in per_steps[steps].items()}})
+    result = {"teacher": teacher_metrics, "student": loop.metrics, "steps": dict(sorted(per_steps.items())),
+              "teacher_nfe": nfe, "student_nfe": args.steps, "params": unet.count_params(nets.generator), "wall_s": wall}
     if dist.is_main:
-        for steps, m in per_steps.items():
+        for steps, m in result["steps"].items():
             if m:
                 print(f"add {steps}-step: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
         print(f"add: done in {wall} s; generator saved to {run.dir / 'generator.pt'}")

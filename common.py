@@ -684,6 +684,33 @@ def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_m
     return x.float()
 
 
+def generate(generator, z, labels, sigmas, noise_generator=None):
+    """The few-step sampler of every student (SiD, DMD2, ADD): x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c),
+    then x = x0 + sigma_{k+1} eps for the next level; the last x0 is the sample (one network evaluation per level).
+    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). `noise_generator` (a
+    torch.Generator) makes the re-noising reproducible. Gradients flow unless the caller turns them off."""
+    x = sigmas[0] * z
+    for k, sigma in enumerate(sigmas):
+        x0 = generator(x, sigma, labels)  # (B, *shape)
+        if k + 1 < len(sigmas):
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=noise_generator)
+            x = x0 + sigmas[k + 1] * eps
+    return x0
+
+
+def student_sampler(net, sigmas, args, device):
+    """fn(z, labels) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient, --amp
+    autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the same
+    noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one)."""
+    noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+    @torch.no_grad()
+    def sample(z, labels):
+        with autocast(args, device):
+            return generate(net, z, labels, sigmas, noise_generator).float()
+    return sample
+
+
 # ================================================================================================================
 # AMP, OPTIMISERS, EMA
 # ================================================================================================================
@@ -705,23 +732,32 @@ def autocast(args, device):
 
 
 class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every step needs:
-    skip the step when the loss is non-finite, scale -> backward -> unscale -> nan_to_num -> clip -> step."""
+    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
+    three calls of one update, as each training iteration writes them:
+        opt.zero_grad()
+        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
+        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
+    Under torchrun every rank skips together (a non-finite loss on any rank)."""
 
     def __init__(self, optimizer, args, device, clip=None):
         self.opt, self.clip = optimizer, clip
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
         self.skipped = 0  # consecutive steps skipped for a non-finite loss
+        self.skip_this = False  # the current update's loss was non-finite
         self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
 
     def set_lr(self, lr):
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def step(self, loss):
-        """Backward `loss` into this optimizer's parameters and step. Returns False if the step was skipped."""
+    def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss):
+        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
+        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
+        --max-skips). Returns whether it back-propagated."""
         finite = torch.isfinite(loss).all()
         if torch.distributed.is_initialized():
             # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
@@ -729,11 +765,19 @@ class AmpOptimizer:
             finite = finite.float()
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             finite = finite > 0
-        if not finite:
+        self.skip_this = not bool(finite)
+        if self.skip_this:
             self.skipped += 1
             return False
         self.skipped = 0
         self.scaler.scale(loss).backward()
+        return True
+
+    def step(self):
+        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
+        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
+        if self.skip_this:
+            return False
         self.scaler.unscale_(self.opt)
         for p in self.params:
             if p.grad is not None:
@@ -1064,7 +1108,7 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
 
 
 @torch.no_grad()
-def generate(fn, info, n, batch, device, seed, desc="sampling"):
+def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
     """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
     device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
     g = torch.Generator().manual_seed(seed)
@@ -1087,7 +1131,7 @@ def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference
     """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
     and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
     FID (every rank must call this then). Returns (metrics, x)."""
-    x, labels = generate(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
+    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
                          desc=f"eval {tag}")
     metrics = {}
     if info.mixture is not None:
@@ -1444,51 +1488,74 @@ def _all_finite(objects):
                for p in obj.parameters())
 
 
-def train_loop(args, run, objects, step_fn, eval_fn, start, total, desc, optimizers=()):
-    """The loop every script shares: for step in [start, total): out = step_fn(step) (a dict of scalars);
-    log every --log-every, evaluate with eval_fn(done) -> dict every --eval-every and at the end (or only that, when
-    start >= total), checkpoint every --ckpt-every, at the end, and on SIGINT/SIGTERM. `optimizers` (AmpOptimizers)
-    are watched for non-finite losses: after --max-skips consecutive skipped steps the run stops with the last good
-    checkpoint kept."""
-    def evaluate_and_log(done):
-        metrics = eval_fn(done)
-        if metrics and run.dist.is_main:
-            run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
-            tqdm.write(f"{desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+class TrainLoop:
+    """The training loop every script writes out in its main():
 
-    if start >= total:  # a finished run, resumed: evaluate it again (e.g. with --fid-samples 50000), no training
-        if run.dist.is_main:
-            print(f"{desc}: already at iteration {start} of {total}; evaluating")
-        evaluate_and_log(start)
-        return
-    t0, done = time.time(), start
-    with _StopFlag() as stop:
-        bar = tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not run.dist.is_main,
-                   dynamic_ncols=True)
-        for step in bar:
-            out = step_fn(step)
-            done = step + 1
-            bad = max((o.skipped for o in optimizers), default=0)
-            if bad >= args.max_skips:
-                raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
-                                f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
-            if done % args.log_every == 0 or done == total:
-                record = {k: float(v) for k, v in out.items()}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
-                run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
-            if (args.eval_every and done % args.eval_every == 0) or done == total:
-                evaluate_and_log(done)
-            if done % args.ckpt_every == 0 or done == total or stop.raised:
-                if not _all_finite(objects):
-                    raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last good "
-                                    f"checkpoint is {run.ckpt_path}")
-                run.save(objects, done)
-            if stop.raised:
-                print(f"\n{desc}: signal {stop.raised} received; checkpoint saved at iteration {done} in "
-                      f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
-                run.dist.barrier()
-                sys.exit(128 + stop.raised)
-        bar.close()
+        loop = common.TrainLoop(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f])
+        for step in loop:                # step = start, ..., total - 1
+            loop.log(iteration(step))    # one training iteration; its losses, a dict of scalars
+
+    The loop object keeps the bookkeeping around each iteration: it logs the losses every --log-every, evaluates
+    with evaluate(done) -> dict every --eval-every and at the end (and only that, when start >= total: a finished run
+    resumed, e.g. with --fid-samples 50000), checkpoints `objects` every --ckpt-every, at the end and on SIGINT /
+    SIGTERM (then exits with 128 + the signal), and stops the run after --max-skips consecutive steps that the
+    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. `metrics` holds the
+    latest evaluation."""
+
+    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
+        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
+        self.start, self.total = start, args.iters if total is None else total
+        self.desc, self.optimizers = desc, list(optimizers)
+        self.losses, self.metrics = {}, {}
+
+    def log(self, losses):
+        """The losses of the iteration that just ran (logged every --log-every)."""
+        self.losses = losses
+
+    def _evaluate_and_log(self, done):
+        metrics = self.evaluate(done)
+        if metrics:
+            self.metrics = dict(metrics)
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.run.dist.is_main:
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def __iter__(self):
+        args, run, desc = self.args, self.run, self.desc
+        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
+            if run.dist.is_main:
+                print(f"{desc}: already at iteration {self.start} of {self.total}; evaluating")
+            self._evaluate_and_log(self.start)
+            return
+        t0 = time.time()
+        with _StopFlag() as stop:
+            bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=desc,
+                       disable=not run.dist.is_main, dynamic_ncols=True)
+            for step in bar:
+                self.losses = {}
+                yield step  # the body of the caller's for-loop runs here
+                done = step + 1
+                bad = max((o.skipped for o in self.optimizers), default=0)
+                if bad >= args.max_skips:
+                    raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
+                                    f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
+                if done % args.log_every == 0 or done == self.total:
+                    record = {k: float(v) for k, v in self.losses.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
+                    run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
+                if (args.eval_every and done % args.eval_every == 0) or done == self.total:
+                    self._evaluate_and_log(done)
+                if done % args.ckpt_every == 0 or done == self.total or stop.raised:
+                    if not _all_finite(self.objects):
+                        raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
+                                        f"good checkpoint is {run.ckpt_path}")
+                    run.save(self.objects, done)
+                if stop.raised:
+                    print(f"\n{desc}: signal {stop.raised} received; checkpoint saved at iteration {done} in "
+                          f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+                    run.dist.barrier()
+                    sys.exit(128 + stop.raised)
+            bar.close()
 
 
 # ================================================================================================================
@@ -1561,7 +1628,9 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, student
         x0 = torch.rand(batch, *info.shape, device=device) * 2 - 1
         with autocast(args, device):
             loss = edm_loss(net_t, x0, sample_labels(info, batch, device)).mean()
-        opt.step(loss)
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
 
     for i in range(args.bench_warmup):
         teacher_step(i)
@@ -1670,20 +1739,21 @@ def train_teacher(args, info, dist, folder):
     start = run.resume(objects)
     batch = args.teacher_batch
 
-    def step_fn(step):
+    if dist.is_main:
+        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
+    loop = TrainLoop(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", optimizers=[opt])
+    for step in loop:
         x0, labels = next(data)
         nimg = step * batch
         opt.set_lr(args.teacher_lr * min(nimg / max(args.teacher_rampup * 1000, 1e-8), 1.0))
         with autocast(args, dist.device):
+            # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
             loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
-        opt.step(loss)
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
         ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
-        return {"loss": loss.detach()}
-
-    if dist.is_main:
-        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
-    train_loop(targs, run, objects, step_fn, lambda done: {}, start, args.teacher_iters, "teacher",
-               optimizers=[opt])
+        loop.log({"loss": loss.detach()})
     if dist.is_main:
         save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
                         {**teacher_config(args), "num_classes": info.label_dim})
@@ -1768,10 +1838,18 @@ def teacher_reference(args, info, teacher, run):
 
 
 def save_generator(args, run, ema):
-    """The final (EMA) generator, alone, as run.dir/generator.pt; each script's load_generator() reads it back."""
+    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
     if run.dist.is_main:
         save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
     run.dist.barrier()
+
+
+def load_generator(path, args, info):
+    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
+    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
+    net = build_denoiser(args, info)
+    restore({"generator": net}, load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
 
 
 # ================================================================================================================

@@ -19,10 +19,11 @@ Paper -> code (arXiv:2405.14867; the authors' code is tianweiy/DMD2, main/edm/ f
     two time-scale update rule (TTUR): 5 fake-score updates per generator update       -> --fake-updates
     GAN: classifier head on D_psi's bottleneck, real and generated images noised       -> Classifier, train_iteration
     non-saturating logistic losses softplus(-D(real)) + softplus(D(fake)), softplus(-D(fake))  -> gan_d_loss, gan_g_loss
-    generator G(80 z; 80), a copy of the teacher                                       -> generate, --sigma-init
-    multi-step generator with K fixed input noise levels                               -> student_sigmas, generate
+    generator G(80 z; 80), a copy of the teacher                                       -> student_sigmas, --sigma-init
+    multi-step generator with K fixed input noise levels                               -> student_sigmas,
+                                                                                          common.generate
     backward simulation: step k trained on the generator's own k-step input            -> backward_simulation
-    AdamW(0.9, 0.999, wd 0.01), lr warm-up, grad-norm clip 10, bf16, no EMA            -> main, --warmup, --grad-clip
+    AdamW(0.9, 0.999, wd 0.01), lr warm-up, grad-norm clip 10, bf16, no EMA            -> main, warmup_lr, --grad-clip
     networks without dropout (dropout=0.0, DMD2 main/edm/edm_network.py:11)            -> build_networks
 
 Deliberate deviations from the paper and the authors' code:
@@ -54,9 +55,9 @@ stay collapsed and leave the work to the second (the final samples are what coun
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, real_batches (for the GAN),
-edm_loss, karras_sigma, autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate
-(with FID), bench, train_loop, save_generator; the networks' `return_features=True` (bottleneck features),
-unet.count_params.
+edm_loss, karras_sigma, generate / student_sampler (the student's sampler), autocast, AmpOptimizer (zero_grad /
+backward / step), ema_update, requires_grad, set_dropout, wrap / unwrap, sample_labels, evaluate (with FID), bench,
+TrainLoop, save_generator / load_generator; EDMDenoiser.features (the encoder's feature maps), unet.count_params.
 
 Commands:
     python dmd2.py                                           # toy2d on CPU, about a minute
@@ -74,6 +75,7 @@ Commands:
 import copy
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -94,15 +96,9 @@ import unet
 METHOD_DEFAULTS = {
     "toy2d": dict(iters=400, batch=256, lr_g=3e-4, lr_f=2e-3, ema=0.0, warmup=0, eval_every=100),
     "synthetic": dict(iters=50, batch=32, lr_g=1e-4, lr_f=2e-4, ema=0.0, warmup=0, eval_every=25),
-    "cifar10": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500, batch=256),
-    "imagenet64": dict(iters=40000, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500, batch=280),
+    "cifar10": dict(iters=40000, batch=256, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500),
+    "imagenet64": dict(iters=40000, batch=280, lr_g=2e-6, lr_f=2e-6, ema=0.0, warmup=500),
 }
-
-# The 1000-point Karras grid of noise levels (index i -> karras_sigma(i / 999)) and the index range of the
-# distribution matching gradient, [0.02, 0.98] of the grid (sigma ~0.003 .. ~72).
-GRID = 1000
-DMD_MIN_INDEX, DMD_MAX_INDEX = 20, 980
-
 
 
 def parse_args(argv=None):
@@ -112,34 +108,31 @@ def parse_args(argv=None):
                    help="generator AdamW learning rate (paper 2e-6)")
     g.add_argument("--lr-f", type=float, default=None,
                    help="fake score + GAN classifier AdamW learning rate (paper 2e-6)")
+    g.add_argument("--ema", type=float, default=None,
+                   help="half-life in kimg of the generator EMA that is evaluated and saved, capped at 5%% of the "
+                        "images seen so far (0: no EMA, as the paper)")
+    g.add_argument("--sigma-init", type=float, default=common.SIGMA_MAX,
+                   help="noise level of the generator's input sigma_init * z (first step)")
+    g.add_argument("--steps", type=int, default=1,
+                   help="sampling steps of the student (1 to 4), trained with backward simulation")
     g.add_argument("--fake-updates", type=int, default=5,
                    help="two time-scale update rule: fake score / classifier updates per generator update")
+    g.add_argument("--fake-samples", default="final", choices=("final", "steps"),
+                   help="with --steps > 1, what the fake score learns: 'final' the K-step sampler's outputs; 'steps' "
+                        "the outputs of the randomly chosen steps the generator is trained on (the authors' code; a "
+                        "mixture over steps, which toy2d shows can split the modes between steps)")
     g.add_argument("--gan-weight", type=float, default=1.0,
                    help="scale of both GAN weights; 0 turns the GAN off (no classifier, no real data: TTUR-only)")
     g.add_argument("--gan-weight-g", type=float, default=3e-3,
                    help="weight of the generator's non-saturating GAN loss (paper 3e-3)")
     g.add_argument("--gan-weight-f", type=float, default=1e-2,
                    help="weight of the classifier's GAN loss on the fake score side (paper 1e-2)")
-    g.add_argument("--steps", type=int, default=1,
-                   help="sampling steps of the student (1 to 4), trained with backward simulation")
-    g.add_argument("--fake-samples", default="final", choices=("final", "steps"),
-                   help="with --steps > 1, what the fake score learns: 'final' the K-step sampler's outputs; 'steps' "
-                        "the outputs of the randomly chosen steps the generator is trained on (the authors' code; a "
-                        "mixture over steps, which toy2d shows can split the modes between steps)")
-    g.add_argument("--sigma-init", type=float, default=common.SIGMA_MAX,
-                   help="noise level of the generator's input sigma_init * z (first step)")
-    g.add_argument("--ema", type=float, default=None,
-                   help="half-life in kimg of the generator EMA that is evaluated and saved, capped at 5%% of the "
-                        "images seen so far (0: no EMA, as the paper)")
     g.add_argument("--warmup", type=int, default=None,
                    help="linear learning-rate warm-up of both optimisers from 0, counted in fake-score updates (the "
                         "authors' steps): the n-th fake update uses lr_f min(1, n / warmup), the generator update "
                         "that follows fake update n uses lr_g min(1, n / warmup)")
     g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping of both optimisers")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
-    for name in ("lr_g", "lr_f"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
     if args.fake_updates < 1:
         p.error(f"--fake-updates must be >= 1 (got {args.fake_updates})")
     if not 1 <= args.steps <= 4:
@@ -150,6 +143,48 @@ def parse_args(argv=None):
         if not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     return args
+
+
+# ================================================================================================================
+# NOISE LEVELS
+# ================================================================================================================
+
+# The 1000-point Karras grid of noise levels (index i -> karras_sigma(i / 999)) and the index range of the
+# distribution matching gradient, [0.02, 0.98] of the grid (sigma ~0.003 .. ~72).
+GRID = 1000
+DMD_MIN_INDEX, DMD_MAX_INDEX = 20, 980
+
+
+def student_sigmas(args):
+    """The K = --steps input noise levels of the student for common.generate: sigma_init for the first step (pure
+    noise), then the Karras grid at u = (K-1)/(K+1), ..., 1/(K+1) for the re-noised inputs. K=2: [80, 0.47];
+    K=3: [80, 2.52, 0.17]; K=4: [80, 5.84, 0.97, 0.085]."""
+    u = torch.arange(args.steps - 1, 0, -1, dtype=torch.float64) / (args.steps + 1)
+    return [float(args.sigma_init)] + common.karras_sigma(u).tolist()
+
+
+def grid_sigma(n, device, lo=0, hi=GRID - 1):
+    """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999)."""
+    i = torch.randint(lo, hi + 1, (n,), device=device)
+    return common.karras_sigma(i.float() / (GRID - 1))  # (B,)
+
+
+@torch.no_grad()
+def backward_simulation(generator, z, labels, sigmas):
+    """Training inputs of a K-step student: per sample k ~ U{0..K-1}, the generator's own input at step k, obtained
+    by running it k steps from noise without gradient (x_0 = sigma_0 z, x_{j+1} = G(x_j; sigma_j) + sigma_{j+1} eps).
+    Returns (x_in, sigma_in (B,))."""
+    B = z.shape[0]
+    x = sigmas[0] * z
+    x_in, sigma_in = x.clone(), torch.full((B,), float(sigmas[0]), device=z.device)
+    if len(sigmas) == 1:
+        return x_in, sigma_in
+    k = torch.randint(len(sigmas), (B,), device=z.device)
+    for j in range(1, int(k.max()) + 1):
+        x = generator(x, sigmas[j - 1], labels) + sigmas[j] * torch.randn_like(x)
+        pick = k == j
+        x_in[pick], sigma_in[pick] = x[pick], float(sigmas[j])
+    return x_in, sigma_in
 
 
 # ================================================================================================================
@@ -189,7 +224,7 @@ def gan_g_loss(fake_logits):
 
 
 # ================================================================================================================
-# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# NETWORKS (the generator and the fake score are copies of the teacher's EDMDenoiser; the GAN classifier is new)
 # ================================================================================================================
 
 class Classifier(nn.Module):
@@ -231,71 +266,16 @@ def build_classifier(fake, info):
 
 
 def build_networks(args, info, teacher_net, device):
-    """(generator, fake, ema, head): theta and psi start as copies of the teacher's network, without dropout as the
-    authors' networks (dropout=0.0; the teacher keeps its own); ema is the generator that is evaluated and saved;
-    head is the GAN classifier, a fresh head on psi's encoder output (None with --gan-weight 0)."""
+    """generator (theta), fake (psi) and ema (the generator that is evaluated and saved): copies of the teacher's
+    network without dropout, as the authors' networks (dropout=0.0; the teacher keeps its own); head: the GAN
+    classifier, a fresh head on psi's encoder output (None with --gan-weight 0)."""
     def copy_of_teacher():
         return common.set_dropout(copy.deepcopy(teacher_net), 0.0).to(device)
 
-    generator, fake, ema = copy_of_teacher(), copy_of_teacher(), copy_of_teacher()
-    head = build_classifier(fake, info).to(device) if args.gan_weight > 0 else None
-    return generator.requires_grad_(True), fake.requires_grad_(True), ema.eval().requires_grad_(False), head
-
-
-def grid_sigma(n, device, lo=0, hi=GRID - 1):
-    """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999)."""
-    i = torch.randint(lo, hi + 1, (n,), device=device)
-    return common.karras_sigma(i.float() / (GRID - 1))  # (B,)
-
-
-def student_sigmas(steps, sigma_init):
-    """The K input noise levels of a K-step student: sigma_init for the first step (pure noise), then the Karras grid
-    at u = (K-1)/(K+1), ..., 1/(K+1) for the re-noised inputs. K=2: [80, 0.47]; K=3: [80, 2.52, 0.17];
-    K=4: [80, 5.84, 0.97, 0.085]."""
-    u = torch.arange(steps - 1, 0, -1, dtype=torch.float64) / (steps + 1)
-    return [float(sigma_init)] + common.karras_sigma(u).tolist()
-
-
-def _noise(x, generator=None):
-    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-
-
-@torch.no_grad()
-def generate(generator, z, labels, sigmas, noise_generator=None):
-    """The K-step sampler: x = sigma_0 z; for k: x0 = G(x; sigma_k, c); x = x0 + sigma_{k+1} eps; return the last x0.
-    `noise_generator` (a torch.Generator) makes the re-noising reproducible (evaluation)."""
-    x = sigmas[0] * z
-    for k, sigma in enumerate(sigmas):
-        x0 = generator(x, sigma, labels)
-        if k + 1 < len(sigmas):
-            x = x0 + sigmas[k + 1] * _noise(x0, noise_generator)
-    return x0
-
-
-def load_generator(path, args, info):
-    """The saved EMA generator (run.dir/generator.pt) as a denoiser; sample with
-    generate(net, z, labels, student_sigmas(steps, sigma_init)) using the run's --steps and --sigma-init."""
-    net = common.build_denoiser(args, info)
-    common.restore({"generator": net}, common.load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def backward_simulation(generator, z, labels, sigmas):
-    """Training inputs of a K-step student: per sample k ~ U{0..K-1}, the generator's own input at step k, obtained
-    by running it k steps from noise without gradient (x_0 = sigma_0 z, x_{j+1} = G(x_j; sigma_j) + sigma_{j+1} eps).
-    Returns (x_in, sigma_in (B,))."""
-    B = z.shape[0]
-    x = sigmas[0] * z
-    x_in, sigma_in = x.clone(), torch.full((B,), float(sigmas[0]), device=z.device)
-    if len(sigmas) == 1:
-        return x_in, sigma_in
-    k = torch.randint(len(sigmas), (B,), device=z.device)
-    for j in range(1, int(k.max()) + 1):
-        x = generator(x, sigmas[j - 1], labels) + sigmas[j] * torch.randn_like(x)
-        pick = k == j
-        x_in[pick], sigma_in[pick] = x[pick], float(sigmas[j])
-    return x_in, sigma_in
+    fake = copy_of_teacher().requires_grad_(True)
+    return SimpleNamespace(generator=copy_of_teacher().requires_grad_(True), fake=fake,
+                           ema=copy_of_teacher().eval().requires_grad_(False),
+                           head=build_classifier(fake, info).to(device) if args.gan_weight > 0 else None)
 
 
 # ================================================================================================================
@@ -308,20 +288,21 @@ def warmup_lr(lr, n, warmup):
     return lr * min(1.0, n / warmup) if warmup else lr
 
 
-def train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t, opt_g, opt_f,
-                    batches, sigmas, step):
+def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches):
     """The two time-scale update rule: --fake-updates updates of the fake score D_psi (and the GAN classifier on its
-    bottleneck), then one generator update. `*_t` are the (DDP / compiled) wrappers used where that network's own
-    parameters are trained; `head` is None without the GAN. Returns the losses to log."""
+    encoder output), then one generator update. `nets` holds the networks of build_networks and their (DDP /
+    compiled) wrappers generator_t / fake_t / head_t, used where that network's own parameters are trained
+    (nets.head is None without the GAN); `batches` yields real data for the GAN. Returns the losses to log."""
     device, batch = dist.device, args.batch // dist.world  # this rank's share of the batch
     shape = (batch, *info.shape)
     pixels = math.prod(info.shape)  # losses are averaged over pixels, as in the authors' code
-    gan = head is not None
+    sigmas = student_sigmas(args)
+    gan = nets.head is not None
     out = {}
 
     # ---- 1. Fake score psi (+ classifier): EDM loss on detached generator samples, GAN loss on noised real/fake ----
-    generator.eval()
-    for net in (fake, head) if gan else (fake,):
+    nets.generator.eval()
+    for net in (nets.fake, nets.head) if gan else (nets.fake,):
         common.requires_grad(net, True).train()
     for j in range(args.fake_updates):
         opt_f.set_lr(warmup_lr(args.lr_f, step * args.fake_updates + j, args.warmup))
@@ -329,13 +310,13 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
         labels = common.sample_labels(info, batch, device)  # the generator's labels (None if unconditional)
         with torch.no_grad(), common.autocast(args, device):
             if args.fake_samples == "final":  # the K-step sampler's outputs only
-                x_g = generate(generator, z, labels, sigmas).float()
+                x_g = common.generate(nets.generator, z, labels, sigmas).float()
             else:  # the outputs of randomly chosen steps, as the generator is trained on (a mixture over steps)
-                x_in, sigma_in = backward_simulation(generator, z, labels, sigmas)
-                x_g = generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
+                x_in, sigma_in = backward_simulation(nets.generator, z, labels, sigmas)
+                x_g = nets.generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
         with common.autocast(args, device):
             # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma = grid[i], i ~ U{0..999}
-            loss_fake = common.edm_loss(fake_t, x_g, labels, sigma=grid_sigma(batch, device)).mean() / pixels
+            loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=grid_sigma(batch, device)).mean() / pixels
             loss_f = loss_fake
             if gan:
                 x0, real_labels = next(batches)  # real data: the only place DMD2 uses it
@@ -345,12 +326,14 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
                 sigma = grid_sigma(2 * batch, device)
                 x_t = x_both + common.column(sigma, x_both) * torch.randn_like(x_both)
                 # the encoder of D_psi alone (its decoder plays no part in the GAN), as the authors' return_bottleneck
-                features = common.unwrap(fake_t).features(x_t, sigma, labels_both)
-                logits = head_t(features[-1])  # (2B,) from D_psi's encoder output
+                features = common.unwrap(nets.fake_t).features(x_t, sigma, labels_both)
+                logits = nets.head_t(features[-1])  # (2B,) from D_psi's encoder output
                 # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
                 loss_d = gan_d_loss(logits[:batch], logits[batch:]).mean()
                 loss_f = loss_f + args.gan_weight * args.gan_weight_f * loss_d
-        opt_f.step(loss_f)
+        opt_f.zero_grad()
+        opt_f.backward(loss_f)
+        opt_f.step()
     out["loss_fake"] = loss_fake.detach()
     if gan:
         out["loss_d"] = loss_d.detach()
@@ -359,37 +342,40 @@ def train_iteration(args, info, dist, teacher, generator, fake, head, generator_
         out["p_fake"] = torch.sigmoid(logits[batch:].detach()).mean()
 
     # ---- 2. Generator G: DMD gradient (+ GAN); teacher, fake and classifier frozen, gradients flow through x_t ----
-    for net in (fake, head) if gan else (fake,):
+    for net in (nets.fake, nets.head) if gan else (nets.fake,):
         common.requires_grad(net, False).eval()
     z = torch.randn(shape, device=device)  # fresh latents
     labels = common.sample_labels(info, batch, device)
     with torch.no_grad(), common.autocast(args, device):
-        x_in, sigma_in = backward_simulation(generator, z, labels, sigmas)  # step k's input, k ~ U{0..K-1}
-    generator.train()
+        x_in, sigma_in = backward_simulation(nets.generator, z, labels, sigmas)  # step k's input, k ~ U{0..K-1}
+    nets.generator.train()
     with common.autocast(args, device):
-        x_g = generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
+        x_g = nets.generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
         # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{20..980} (sigma ~0.003 .. ~72)
         sigma = grid_sigma(batch, device, DMD_MIN_INDEX, DMD_MAX_INDEX)
         x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
         with torch.no_grad():
             d_real = teacher(x_t, sigma, labels)  # D_phi(x_t)
-            d_fake = common.unwrap(fake)(x_t, sigma, labels)  # D_psi(x_t)
+            d_fake = common.unwrap(nets.fake)(x_t, sigma, labels)  # D_psi(x_t)
         # dL/dx_g = g = (D_psi(x_t) - D_phi(x_t)) / mean_CHW |x_g - D_phi(x_t)|
         loss_dmd = dmd_loss(x_g, d_real, d_fake).mean() / pixels
         loss_g = loss_dmd
         if gan:
             sigma = grid_sigma(batch, device)
             x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
-            features = common.unwrap(fake).features(x_t, sigma, labels)  # D_psi's encoder, parameters frozen
+            features = common.unwrap(nets.fake).features(x_t, sigma, labels)  # D_psi's encoder, parameters frozen
             # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
-            loss_adv = gan_g_loss(common.unwrap(head)(features[-1])).mean()
+            loss_adv = gan_g_loss(common.unwrap(nets.head)(features[-1])).mean()
             loss_g = loss_g + args.gan_weight * args.gan_weight_g * loss_adv
     # the authors' generator update follows their fake-score step (step + 1) * fake_updates
     opt_g.set_lr(warmup_lr(args.lr_g, (step + 1) * args.fake_updates, args.warmup))
-    opt_g.step(loss_g)
+    opt_g.zero_grad()
+    opt_g.backward(loss_g)  # through x_g into theta (the DMD gradient g, and the GAN through the frozen classifier)
+    opt_g.step()
     out["loss_dmd"] = loss_dmd.detach()
     if gan:
-        out["loss_g_gan"] = loss_adv.detach()
+        out["loss_adv"] = loss_adv.detach()
+    out["loss_g"] = loss_g.detach()
     return out
 
 
@@ -403,73 +389,56 @@ def main(argv=None):
     dist, info, run, teacher, teacher_net = common.start_method(args)
     device = dist.device
 
-    # theta (generator) and psi (fake score): copies of the teacher without dropout; the GAN classifier on psi
-    generator, fake, ema, head = build_networks(args, info, teacher_net, device)
-    gan = head is not None
+    nets = build_networks(args, info, teacher_net, device)
+    gan = nets.head is not None
 
     def adamw(params, lr):
         # AdamW(0.9, 0.999, weight decay 0.01), gradient norm clipped at --grad-clip (10): the paper's settings
         return common.AmpOptimizer(torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01),
                                    args, device, clip=args.grad_clip)
 
-    opt_g = adamw(generator.parameters(), args.lr_g)
-    opt_f = adamw(list(fake.parameters()) + (list(head.parameters()) if gan else []), args.lr_f)
-    generator_t, fake_t = common.wrap(generator, args, dist), common.wrap(fake, args, dist)
-    head_t = common.wrap(head, args, dist) if gan else None
-    objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    opt_g = adamw(nets.generator.parameters(), args.lr_g)
+    opt_f = adamw(list(nets.fake.parameters()) + (list(nets.head.parameters()) if gan else []), args.lr_f)
+    nets.generator_t, nets.fake_t = common.wrap(nets.generator, args, dist), common.wrap(nets.fake, args, dist)
+    nets.head_t = common.wrap(nets.head, args, dist) if gan else None
+    objects = {"generator": nets.generator, "fake": nets.fake, "ema": nets.ema, "opt_g": opt_g, "opt_f": opt_f}
     if gan:
-        objects["head"] = head
+        objects["head"] = nets.head
     batches = common.real_batches(args, info, dist) if gan else None  # real data feeds the GAN only
-    sigmas = student_sigmas(args.steps, args.sigma_init)
 
-    def step_fn(step):
-        out = train_iteration(args, info, dist, teacher, generator, fake, head, generator_t, fake_t, head_t,
-                              opt_g, opt_f, batches, sigmas, step)
-        if args.ema > 0:
-            common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
-        else:  # no EMA (the paper): evaluate the generator itself
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), generator.parameters()):
-                    p_ema.copy_(p)
-        return out
+    def iteration(step):
+        losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches)
+        # --ema 0 (the paper: no EMA) makes the EMA an exact copy of the generator
+        common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
+                          rampup_ratio=0.05)
+        return losses
 
-    def sampler():
-        # the EMA generator's K-step sampler; its re-noising draws from its own seeded generator, so every evaluation
-        # sees the same noise and leaves the training RNG streams alone
-        noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-
-        def sample(z, labels):
-            with common.autocast(args, device):
-                return generate(ema, z, labels, sigmas, noise_generator).float()
-        return sample
+    def sampler():  # the EMA generator's K-step samples
+        return common.student_sampler(nets.ema, student_sigmas(args), args, device)
 
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, step_fn, sampler(), teacher, teacher_net,
-                            {"generator": generator, "fake": fake, **({"head": head} if gan else {})},
+        return common.bench(args, info, dist, iteration, sampler(), teacher, teacher_net,
+                            {"generator": nets.generator, "fake": nets.fake, **({"head": nets.head} if gan else {})},
                             student_nfe=args.steps)
     start = run.resume(objects)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     if dist.is_main:
-        print(f"dmd2: generator {unet.count_params(generator) / 1e6:.2f}M parameters, "
-              + (f"classifier {unet.count_params(head) / 1e3:.1f}k" if gan else "no GAN")
-              + f", {args.steps}-step sigmas {[round(s, 3) for s in sigmas]}, {args.iters} iterations")
+        print(f"dmd2: generator {unet.count_params(nets.generator) / 1e6:.2f}M parameters, "
+              + (f"classifier {unet.count_params(nets.head) / 1e3:.1f}k" if gan else "no GAN")
+              + f", {args.steps}-step sigmas {[round(s, 3) for s in student_sigmas(args)]}, {args.iters} iterations")
 
-    final = {}
+    def evaluate(done):
+        return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2", reference=x_teacher)[0]
 
-    def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2",
-                                     reference=x_teacher)
-        final.clear()
-        final.update(metrics)
-        return metrics
+    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="dmd2", optimizers=[opt_g, opt_f])
+    for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
+        loop.log(iteration(step))
 
-    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="dmd2",
-                      optimizers=[opt_g, opt_f])
-    common.save_generator(args, run, ema)
-    result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": args.steps,
-              "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
+    common.save_generator(args, run, nets.ema)
+    result = {"teacher": teacher_metrics, "student": loop.metrics, "teacher_nfe": nfe, "student_nfe": args.steps,
+              "params": unet.count_params(nets.generator), "wall_s": round(time.time() - t0, 1)}
     if dist.is_main:
         print(f"dmd2: done in {result['wall_s']} s; generator saved to {run.dir / 'generator.pt'}")
     return result

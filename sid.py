@@ -32,10 +32,11 @@ on (sigma, x_t) only; SiD's w also depends on x_g, so with it they are approxima
 
 Paper -> code
     fake-score update: EDM denoising loss on stopgrad(G(z))        -> common.edm_loss in train_iteration (step 1)
-    G(z) = D_G(sigma_init z; sigma_init, c), sigma_init = 2.5      -> generate()
-    sigma = Karras grid at u ~ U(0, t_max), t_max = 800/1000       -> common.karras_sigma in train_iteration
+    G(z) = D_G(sigma_init z; sigma_init, c), sigma_init = 2.5      -> student_sigmas, common.generate
+    sigma = Karras grid at u ~ U(0, t_max), t_max = 800/1000       -> generator_loss_sigma
     generator loss L2 - alpha L1 with the w normaliser             -> sid_generator_loss()
     samples with NaN in any term are dropped                       -> finite_rows() in train_iteration
+    theta and psi start as copies of the teacher (dropout kept)    -> build_networks
     Adam(betas=(0, 0.999)) for G and psi, EMA of G (0.05 ramp-up)  -> main(), common.ema_update
     Algorithm 1: 1 fake update then 1 generator update             -> train_iteration()
 
@@ -63,12 +64,13 @@ Pitfalls (from SiD's issue tracker)
       Watch the evaluation metrics (sw2 / precision / modes / fd here, FID on images) instead.
     - fp16 can diverge; prefer bf16 (the default on CUDA).
     - Under DDP, G's backward must run inside DDP's gradient sync (it does here: the generator's forward in the
-      generator step goes through common.wrap and its backward is a plain .backward() in AmpOptimizer.step).
+      generator step goes through common.wrap, and its backward, opt_g.backward(loss_g), runs right after).
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser that G and psi are copied from), teacher_reference, edm_loss, karras_sigma,
-autocast, AmpOptimizer, ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate (with FID), bench,
-train_loop, save_generator; unet.count_params.
+generate / student_sampler (the student's sampler), autocast, AmpOptimizer (zero_grad / backward / step),
+ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate (with FID), bench, TrainLoop, save_generator /
+load_generator; unet.count_params.
 
 Commands:
     python sid.py                                          # toy2d, about a minute on 2 CPU cores
@@ -85,6 +87,7 @@ Commands:
 
 import copy
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -110,22 +113,21 @@ def parse_args(argv=None):
     p = common.base_parser("SiD: one-step distillation of an EDM teacher by score identity distillation.",
                            method="sid")
     g = p.add_argument_group("sid")
-    g.add_argument("--alpha", type=float, default=1.2,
-                   help="generator loss L2 - alpha * L1 (paper 1.2; 0.5 is unbiased with an optimal fake score)")
-    g.add_argument("--sigma-init", type=float, default=2.5,
-                   help="generator input noise level: G(z) = D_G(sigma_init * z; sigma_init)")
-    g.add_argument("--t-max", type=float, default=0.8,
-                   help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
     g.add_argument("--lr-g", type=float, default=None,
                    help="generator Adam learning rate, betas (0, 0.999)")
     g.add_argument("--lr-f", type=float, default=None,
                    help="fake-score Adam learning rate, betas (0, 0.999)")
     g.add_argument("--ema", type=float, default=None,
                    help="generator EMA half-life in kimg, capped at 5%% of the images seen so far (EDM's ramp-up)")
+    g.add_argument("--sigma-init", type=float, default=2.5,
+                   help="generator input noise level: G(z) = D_G(sigma_init * z; sigma_init)")
+    g.add_argument("--alpha", type=float, default=1.2,
+                   help="generator loss L2 - alpha * L1 (paper 1.2; 0.5 is unbiased with an optimal fake score)")
+    g.add_argument("--t-max", type=float, default=0.8,
+                   help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
-    for name in ("lr_g", "lr_f", "sigma_init"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
+    if not args.sigma_init > 0:
+        p.error(f"--sigma-init must be a positive number (got {args.sigma_init})")
     if not 0 < args.t_max <= 1:
         p.error(f"--t-max must be in (0, 1] (got {args.t_max})")
     if not args.ema >= 0:
@@ -136,21 +138,35 @@ def parse_args(argv=None):
 
 
 # ================================================================================================================
+# NOISE LEVELS
+# ================================================================================================================
+
+def student_sigmas(args):
+    """The generator's input noise levels for common.generate: one, sigma_init (G(z) = D_G(sigma_init z; sigma_init))."""
+    return [float(args.sigma_init)]
+
+
+def generator_loss_sigma(n, t_max, device):
+    """n noise levels of the generator loss: sigma = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho with
+    u ~ U(0, t_max), so sigma in [0.002, ~24.4] for t_max = 0.8 (SiD's tmax = 800 of 1000). (n,)"""
+    return common.karras_sigma(torch.rand(n, device=device) * t_max)
+
+
+# ================================================================================================================
 # LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
 # ================================================================================================================
 
 def sid_generator_loss(x_g, d_real, d_fake, alpha=1.2, weight=None):
-    """SiD's generator loss per sample (B,), summed over the non-batch dimensions:
-        (d_real - d_fake) . ((d_real - x_g) - alpha (d_real - d_fake)) / w  =  sigma^2 (L2 - alpha L1) / w,
+    """SiD's generator loss per sample (B,), sigma^2 (L2 - alpha L1) / w in x0 form (the module docstring derives it),
     with d_real = D_phi(x_t), d_fake = D_psi(x_t), x_t = x_g + sigma eps. w is SiD's normaliser
     stopgrad(mean |x_g - d_real|) over the non-batch dimensions when `weight` is None, else the given (B,) weight
     (used as given: detach it yourself if it should carry no gradient). weight = sigma^2 gives L2 - alpha L1."""
     if weight is None:
-        # w = stopgrad(mean_{CHW} |x_g - d_real|), floored so a perfect sample cannot divide by zero
+        # w = stopgrad(mean_{CHW} |x_g - D_phi|), floored so a perfect sample cannot divide by zero
         with torch.no_grad():
             weight = (x_g - d_real).abs().flatten(1).mean(1).clamp_min(1e-5)  # (B,)
     w = common.column(weight, x_g)  # (B, 1, ..., 1)
-    # sum_{CHW} (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / w
+    # sum_{CHW} (D_phi - D_psi) ((D_phi - x_g) - alpha (D_phi - D_psi)) / w
     loss = (d_real - d_fake) * ((d_real - x_g) - alpha * (d_real - d_fake)) / w
     return loss.flatten(1).sum(1)  # (B,)
 
@@ -166,73 +182,74 @@ def finite_rows(*tensors):
 
 
 # ================================================================================================================
-# NETWORKS (method-specific pieces; the generator is a copy of the teacher's EDMDenoiser)
+# NETWORKS (the generator and the fake score are copies of the teacher's EDMDenoiser)
 # ================================================================================================================
 
-def generate(generator, z, labels, sigma_init=2.5):
-    """One-step sampler: x_g = G(z) = D_G(sigma_init z; sigma_init, labels), z ~ N(0, I) of the data shape.
-    The generator is an EDM denoiser asked to denoise pure noise at sigma_init; it starts as the teacher."""
-    return generator(sigma_init * z, sigma_init, labels)
+def build_networks(args, info, teacher_net, device):
+    """generator (theta), fake (psi) and ema (the generator that is evaluated and saved): copies of the teacher's
+    network, dropout kept as in the authors' code (EDM's networks with their training dropout)."""
+    def copy_of_teacher():
+        return copy.deepcopy(teacher_net).to(device)
 
-
-def load_generator(path, args, info):
-    """The saved EMA generator (run.dir/generator.pt) as a denoiser to pass to generate()."""
-    net = common.build_denoiser(args, info)
-    common.restore({"generator": net}, common.load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
+    return SimpleNamespace(generator=copy_of_teacher().requires_grad_(True),
+                           fake=copy_of_teacher().requires_grad_(True),
+                           ema=copy_of_teacher().eval().requires_grad_(False))
 
 
 # ================================================================================================================
 # ONE TRAINING ITERATION
 # ================================================================================================================
 
-def train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f):
-    """Algorithm 1 of the paper: one fake-score update, then one generator update. `generator_t` / `fake_t` are
-    the (DDP / compiled) wrappers used where that network's own parameters are trained. Returns the losses."""
+def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step):
+    """Algorithm 1 of the paper: one fake-score update, then one generator update. `nets` holds the networks of
+    build_networks and their (DDP / compiled) wrappers generator_t / fake_t, used where that network's own
+    parameters are trained. Returns the losses to log."""
     device, batch = dist.device, args.batch // dist.world  # this rank's share of the batch
     shape = (batch, *info.shape)
 
     # ---- 1. Fake score psi: EDM denoising on generator samples (G fixed, in eval mode as in SiD's code) ----
-    generator.eval()
-    common.requires_grad(fake, True)
-    fake.train()
+    nets.generator.eval()
+    common.requires_grad(nets.fake, True).train()
     z = torch.randn(shape, device=device)
     labels = common.sample_labels(info, batch, device)  # data-free: labels only
     with torch.no_grad(), common.autocast(args, device):
-        x_g = generate(generator, z, labels, args.sigma_init).float()  # (B, *shape)
+        x_g = common.generate(nets.generator, z, labels, student_sigmas(args)).float()  # (B, *shape)
     keep_f = finite_rows(x_g)  # drop non-finite generator samples (an empty batch gives NaN: the step is skipped)
     x_g, labels = x_g[keep_f], None if labels is None else labels[keep_f]
     with common.autocast(args, device):
         # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, ln sigma ~ N(-1.2, 1.2^2)
-        loss_f = common.edm_loss(fake_t, x_g, labels).mean()
-    opt_f.step(loss_f)
+        loss_fake = common.edm_loss(nets.fake_t, x_g, labels).mean()
+    opt_f.zero_grad()
+    opt_f.backward(loss_fake)
+    opt_f.step()
 
     # ---- 2. Generator G: SiD loss through x_t; teacher and fake frozen, gradients flow through their inputs ----
-    common.requires_grad(fake, False)
-    fake.eval()
-    generator.train()
+    common.requires_grad(nets.fake, False).eval()
+    nets.generator.train()
     z = torch.randn(shape, device=device)  # fresh latents
     labels = common.sample_labels(info, batch, device)
     eps = torch.randn(shape, device=device)
-    # u ~ U(0, t_max), sigma = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho  in [0.002, ~24.4]
-    sigma = common.karras_sigma(torch.rand(batch, device=device) * args.t_max)  # (B,)
+    sigma = generator_loss_sigma(batch, args.t_max, device)  # (B,) in [0.002, ~24.4]
     with common.autocast(args, device):
-        x_g = generate(generator_t, z, labels, args.sigma_init).float()  # (B, *shape), carries grad to theta
+        # x_g = G(z) = D_G(sigma_init z; sigma_init, c): carries the gradient to theta
+        x_g = common.generate(nets.generator_t, z, labels, student_sigmas(args)).float()  # (B, *shape)
         x_t = x_g + common.column(sigma, x_g) * eps
-        d_real = teacher(x_t, sigma, labels)  # f_phi(x_t): teacher parameters frozen
-        d_fake = common.unwrap(fake)(x_t, sigma, labels)  # f_psi(x_t): plain module, parameters frozen
+        d_real = teacher(x_t, sigma, labels)  # D_phi(x_t): parameters frozen
+        d_fake = common.unwrap(nets.fake)(x_t, sigma, labels)  # D_psi(x_t): plain module, parameters frozen
     # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), sum the
     # loss over them and divide by the whole batch, as the authors' code does (a dropped sample contributes 0). A NaN
     # that backward still carries into shared weights (one raised inside a network) is cleaned by AmpOptimizer's
     # nan_to_num; a batch with no sample left gets a NaN loss, so that AmpOptimizer skips the step and counts it.
     keep = finite_rows(x_g, d_real, d_fake)  # (B,) bool
-    # 1/B sum_{kept b} sum_{CHW} (D_phi - D_psi) ((D_phi - x_g) - alpha (D_phi - D_psi)) / stopgrad(mean_{CHW}|x_g - D_phi|)
+    # 1/B sum_b sigma_b^2 (L2 - alpha L1)_b / w_b over the kept samples b
     loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha).sum() / batch
     if not keep.any():
         loss_g = torch.full_like(loss_g, float("nan"))
-    opt_g.step(loss_g)
+    opt_g.zero_grad()
+    opt_g.backward(loss_g)  # through x_t, the teacher and the fake score into theta
+    opt_g.step()
     dropped = int((~keep_f).sum()) + int((~keep).sum())
-    return {"loss_f": loss_f.detach(), "loss_g": loss_g.detach(), "nan_samples": dropped}
+    return {"loss_fake": loss_fake.detach(), "loss_g": loss_g.detach(), "nan_samples": dropped}
 
 
 # ================================================================================================================
@@ -245,48 +262,43 @@ def main(argv=None):
     dist, info, run, teacher, teacher_net = common.start_method(args)
     device = dist.device
 
-    # theta (generator) and psi (fake score) both start as copies of the teacher's network.
-    generator = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
-    fake = copy.deepcopy(teacher_net).to(device).requires_grad_(True)
-    ema = copy.deepcopy(teacher_net).to(device).eval().requires_grad_(False)
-    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.0, 0.999)),
+    nets = build_networks(args, info, teacher_net, device)
+    opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.999)),
                                 args, device)
-    opt_f = common.AmpOptimizer(torch.optim.Adam(fake.parameters(), lr=args.lr_f, betas=(0.0, 0.999)),
+    opt_f = common.AmpOptimizer(torch.optim.Adam(nets.fake.parameters(), lr=args.lr_f, betas=(0.0, 0.999)),
                                 args, device)
-    generator_t, fake_t = common.wrap(generator, args, dist), common.wrap(fake, args, dist)
-    objects = {"generator": generator, "fake": fake, "ema": ema, "opt_g": opt_g, "opt_f": opt_f}
+    nets.generator_t, nets.fake_t = common.wrap(nets.generator, args, dist), common.wrap(nets.fake, args, dist)
+    objects = {"generator": nets.generator, "fake": nets.fake, "ema": nets.ema, "opt_g": opt_g, "opt_f": opt_f}
 
-    def step_fn(step):
-        out = train_iteration(args, info, dist, teacher, generator, fake, generator_t, fake_t, opt_g, opt_f)
-        common.ema_update(ema, generator, args.ema, args.batch, nimg=(step + 1) * args.batch, rampup_ratio=0.05)
-        return out
+    def iteration(step):
+        losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step)
+        common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
+                          rampup_ratio=0.05)
+        return losses
 
-    def sample(z, labels):
-        with common.autocast(args, device):
-            return generate(ema, z, labels, args.sigma_init).float()
+    def sampler():  # the EMA generator's one-step samples
+        return common.student_sampler(nets.ema, student_sigmas(args), args, device)
 
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, step_fn, sample, teacher, teacher_net,
-                            {"generator": generator, "fake": fake}, student_nfe=1)
+        return common.bench(args, info, dist, iteration, sampler(), teacher, teacher_net,
+                            {"generator": nets.generator, "fake": nets.fake}, student_nfe=1)
     start = run.resume(objects)
 
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     if dist.is_main:
-        print(f"sid: generator {unet.count_params(generator) / 1e6:.2f}M parameters, {args.iters} iterations")
+        print(f"sid: generator {unet.count_params(nets.generator) / 1e6:.2f}M parameters, {args.iters} iterations")
 
-    final = {}
+    def evaluate(done):
+        return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="sid", reference=x_teacher)[0]
 
-    def eval_fn(done):
-        metrics, _ = common.evaluate(args, info, sample, dist, run=run, step=done, tag="sid", reference=x_teacher)
-        final.clear()
-        final.update(metrics)
-        return metrics
+    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f])
+    for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
+        loop.log(iteration(step))
 
-    common.train_loop(args, run, objects, step_fn, eval_fn, start, args.iters, desc="sid", optimizers=[opt_g, opt_f])
-    common.save_generator(args, run, ema)
-    result = {"teacher": teacher_metrics, "student": dict(final), "teacher_nfe": nfe, "student_nfe": 1,
-              "params": unet.count_params(generator), "wall_s": round(time.time() - t0, 1)}
+    common.save_generator(args, run, nets.ema)
+    result = {"teacher": teacher_metrics, "student": loop.metrics, "teacher_nfe": nfe, "student_nfe": 1,
+              "params": unet.count_params(nets.generator), "wall_s": round(time.time() - t0, 1)}
     if dist.is_main:
         print(f"sid: done in {result['wall_s']} s; generator saved to {run.dir / 'generator.pt'}")
     return result

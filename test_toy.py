@@ -7,7 +7,9 @@ The identities are numbered as in README.md, "The maths, checked", which gives e
 import json
 import math
 import warnings
+from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -566,7 +568,7 @@ def test_imagenet64_npz_and_folder(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _tiny_run(tmp_path, iters, extra=()):
-    """A miniature training run through Run + train_loop: a toy2d MLP denoiser trained with the EDM loss."""
+    """A miniature training run through Run + TrainLoop: a toy2d MLP denoiser trained with the EDM loss."""
     p = common.base_parser("t", "test")
     args = common.parse_args(p, argv=["--out-dir", str(tmp_path / "run"), "--iters", str(iters), "--batch", "64",
                                       "--ckpt-every", "5", "--log-every", "5", "--eval-every", "0", *extra])
@@ -579,13 +581,14 @@ def _tiny_run(tmp_path, iters, extra=()):
     start = run.resume(objects)
     data = common.real_batches(args, info, dist)
 
-    def step_fn(step):
+    loop = common.TrainLoop(args, run, objects, lambda done: {}, start, desc="tiny", optimizers=[opt])
+    for step in loop:
         x0, _ = next(data)
         loss = common.edm_loss(net, x0).mean()
-        opt.step(loss)
-        return {"loss": loss.detach()}
-
-    common.train_loop(args, run, objects, step_fn, lambda done: {}, start, args.iters, "tiny", optimizers=[opt])
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        loop.log({"loss": loss.detach()})
     return net, run
 
 
@@ -646,11 +649,18 @@ def test_nonfinite_loss_skips_step_and_stops(tmp_path):
     net = torch.nn.Linear(2, 2)
     opt = common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), args, torch.device("cpu"))
     w = net.weight.clone()
-    assert opt.step(net(torch.full((1, 2), float("nan"))).sum()) is False
-    assert torch.equal(net.weight, w) and opt.skipped == 1
-    assert opt.step(net(torch.ones(1, 2)).sum()) is True and opt.skipped == 0
+
+    def update(x):
+        opt.zero_grad()
+        backward = opt.backward(net(x).sum())
+        return backward, opt.step()
+
+    assert update(torch.full((1, 2), float("nan"))) == (False, False)
+    assert torch.equal(net.weight, w) and opt.skipped == 1 and net.weight.grad is None
+    assert update(torch.ones(1, 2)) == (True, True) and opt.skipped == 0
+    assert not torch.equal(net.weight, w)
     # the consecutive-skip count travels with the checkpoint
-    opt.step(net(torch.full((1, 2), float("nan"))).sum())
+    update(torch.full((1, 2), float("nan")))
     common.save_checkpoint(tmp_path / "c.pt", {"opt": opt}, 3, {})
     other = common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), args, torch.device("cpu"))
     common.restore({"opt": other}, common.load_checkpoint(tmp_path / "c.pt"))
@@ -861,9 +871,10 @@ def test_sid_iteration_survives_nan_teacher_samples():
                                 dist.device)
     opt_f = common.AmpOptimizer(torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999)), args,
                                 dist.device)
-    out = sid.train_iteration(args, info, dist, bad_teacher, generator, fake, generator, fake, opt_g, opt_f)
+    nets = SimpleNamespace(generator=generator, fake=fake, generator_t=generator, fake_t=fake)
+    out = sid.train_iteration(args, info, dist, bad_teacher, nets, opt_g, opt_f, 0)
     assert out["nan_samples"] == 16
-    assert math.isfinite(float(out["loss_g"])) and math.isfinite(float(out["loss_f"]))
+    assert math.isfinite(float(out["loss_g"])) and math.isfinite(float(out["loss_fake"]))
     assert opt_g.skipped == 0 and opt_f.skipped == 0
     assert all(torch.isfinite(p).all() for p in generator.parameters())
     assert any((p - b).abs().max() > 0 for p, b in zip(generator.parameters(), before))
@@ -883,7 +894,8 @@ def test_sid_toy2d_converges(toy_teacher, tmp_path):
     args = sid.parse_args(flags)
     info = common.dataset_info(args)
     _, teacher_net = common.load_or_train_teacher(args, info, common.Dist())
-    start, _ = common.evaluate(args, info, lambda z, labels: sid.generate(teacher_net, z, labels, args.sigma_init),
+    start, _ = common.evaluate(args, info, common.student_sampler(teacher_net, sid.student_sigmas(args), args,
+                                                                  torch.device("cpu")),
                                common.Dist())
     print("start", start, "\nteacher", teacher, "\nstudent", student)
     assert student["modes"] == 8 and start["modes"] < 8
@@ -923,8 +935,8 @@ def test_sid_smoke_synthetic_and_resume(tmp_path):
     assert (tmp_path / "full" / "sid-000002.png").is_file() and (tmp_path / "full" / "sid-000004.png").is_file()
     args = sid.parse_args(_synthetic_flags(teachers, tmp_path / "full", 4))
     info = common.dataset_info(args)
-    generator = sid.load_generator(tmp_path / "full" / "generator.pt", args, info)
-    x = sid.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), args.sigma_init)
+    generator = common.load_generator(tmp_path / "full" / "generator.pt", args, info)
+    x = common.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), sid.student_sigmas(args))
     assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
 
     sid.main(_synthetic_flags(teachers, tmp_path / "split", 2))
@@ -1091,16 +1103,16 @@ def test_dmd2_networks_train_without_dropout():
     with torch.no_grad():
         for p in teacher_net.parameters():
             p.add_(0.05 * torch.randn_like(p))  # zero-initialised layers would hide dropout
-    generator, fake, ema, head = dmd2.build_networks(args, info, teacher_net, torch.device("cpu"))
+    nets = dmd2.build_networks(args, info, teacher_net, torch.device("cpu"))
     x, sigma, labels = torch.randn(4, *info.shape), torch.full((4,), 1.0), torch.arange(4)
     with torch.no_grad():
-        for net in (generator.train(), fake.train()):
+        for net in (nets.generator.train(), nets.fake.train(), nets.ema.train()):
             assert torch.equal(net(x, sigma, labels), net(x, sigma, labels))
             assert all(m.p == 0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
         assert not torch.equal(teacher_net.train()(x, sigma, labels), teacher_net(x, sigma, labels))
     assert all(m.p == 0.5 for m in teacher_net.modules() if isinstance(m, torch.nn.Dropout))
-    assert head is not None and dmd2.build_networks(dmd2.parse_args(SMOKE + ["--gan-weight", "0"]), info,
-                                                    teacher_net, torch.device("cpu"))[3] is None
+    assert nets.head is not None and dmd2.build_networks(dmd2.parse_args(SMOKE + ["--gan-weight", "0"]), info,
+                                                         teacher_net, torch.device("cpu")).head is None
 
 
 def test_dmd2_gan_head_is_the_authors_on_the_encoder_output():
@@ -1149,9 +1161,9 @@ def test_dmd2_warmup_counts_fake_score_updates_from_zero(tmp_path):
 def test_dmd2_student_sigmas_and_backward_simulation():
     """The K-level schedule starts at sigma_init and decreases; backward simulation feeds step k the generator's own
     k-step output re-noised to sigma_k (checked with a generator that returns a constant)."""
-    assert dmd2.student_sigmas(1, 80.0) == [80.0]
-    assert dmd2.student_sigmas(2, 2.5) == pytest.approx([2.5, common.karras_sigma(1 / 3)])
-    s4 = dmd2.student_sigmas(4, 80.0)
+    assert dmd2.student_sigmas(Namespace(steps=1, sigma_init=80.0)) == [80.0]
+    assert dmd2.student_sigmas(Namespace(steps=2, sigma_init=2.5)) == pytest.approx([2.5, common.karras_sigma(1 / 3)])
+    s4 = dmd2.student_sigmas(Namespace(steps=4, sigma_init=80.0))
     assert s4 == pytest.approx([80.0, common.karras_sigma(0.6), common.karras_sigma(0.4), common.karras_sigma(0.2)])
     assert all(a > b for a, b in zip(s4, s4[1:]))
 
@@ -1168,7 +1180,7 @@ def test_dmd2_student_sigmas_and_backward_simulation():
         x = x_in[pick]
         centre = 0.0 if k == 0 else 3.0  # step 0 sees pure noise, later steps G's output + noise
         assert (x.mean() - centre).abs() < 0.1 * s + 0.05 and (x.std() / s - 1).abs() < 0.1
-    out = dmd2.generate(Const(), z[:8], None, s4)
+    out = common.generate(Const(), z[:8], None, s4)
     assert torch.equal(out, torch.full_like(out, 3.0))
 
 
@@ -1440,13 +1452,14 @@ def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
     seen = []
 
     class Capture(common.AmpOptimizer):
-        def step(self, loss):
+        def backward(self, loss):
             seen.append(loss.detach())
-            return super().step(loss)
+            return super().backward(loss)
 
     opt_d = Capture(torch.optim.Adam(disc.parameters(), lr=0.0), args, dist.device)
-    out = add.train_iteration(args, info, dist, teacher_net, teacher_net, generator, disc, generator, disc, opt_g,
-                              opt_d, common.real_batches(args, info, dist))
+    nets = SimpleNamespace(generator=generator, disc=disc, generator_t=generator, disc_t=disc)
+    out = add.train_iteration(args, info, dist, teacher_net, teacher_net, nets, opt_g, opt_d, 0,
+                              common.real_batches(args, info, dist))
     assert float(out["r1"]) > 0
     torch.testing.assert_close(seen[-1], out["loss_d"] + 0.37 / 2 * out["r1"])
 
@@ -1457,8 +1470,8 @@ def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
 
 def test_add_student_levels_and_sampler():
     """The four levels from SDXL's scaled-linear schedule (top = pure noise at sigma_max), the visited levels per
-    step count, and generate(): 1 step is G(80 z; 80); with a generator that returns a constant, k steps still
-    call it at the right sigmas in order."""
+    step count, and the sampler common.generate at student_sigmas: 1 step is G(80 z; 80); with a generator that
+    returns a constant, k steps still call it at the right sigmas in order."""
     beta = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=F64) ** 2
     abar = 1.0
     sig = {}
@@ -1466,7 +1479,7 @@ def test_add_student_levels_and_sampler():
         abar *= 1 - float(beta[t - 1])
         sig[t] = math.sqrt((1 - abar) / abar)
     expect = [80.0, sig[750], sig[500], sig[250]]
-    torch.testing.assert_close(add.student_sigmas(), torch.tensor(expect, dtype=F64))
+    torch.testing.assert_close(add.student_levels(), torch.tensor(expect, dtype=F64))
     assert abs(sig[1000] - 14.61) < 0.01 and abs(sig[750] - 4.082) < 1e-3 and abs(sig[250] - 0.6932) < 1e-3
     assert [add.sampling_levels(k) for k in (1, 2, 3, 4)] == [[0], [0, 2], [0, 1, 3], [0, 1, 2, 3]]
     calls = []
@@ -1476,11 +1489,12 @@ def test_add_student_levels_and_sampler():
         return torch.full_like(x, 0.5)
 
     z = torch.randn(6, 2)
-    out = add.generate(fake_generator, z, None, steps=1)
+    out = common.generate(fake_generator, z, None, add.student_sigmas(Namespace(steps=1)))
     assert calls[0][0] == 80.0 and torch.equal(calls[0][1], 80.0 * z) and torch.equal(out, torch.full_like(z, 0.5))
     calls.clear()
-    add.generate(fake_generator, z, None, steps=3, noise_generator=torch.Generator().manual_seed(0))
-    s = add.student_sigmas()
+    common.generate(fake_generator, z, None, add.student_sigmas(Namespace(steps=3)),
+                    noise_generator=torch.Generator().manual_seed(0))
+    s = add.student_levels()
     assert [c[0] for c in calls] == pytest.approx([80.0, float(s[1]), float(s[3])])
     # the re-noised input is x0_hat + sigma eps: its spread around 0.5 is sigma
     assert abs(float((calls[2][1] - 0.5).std()) - float(s[3])) < 0.6 * float(s[3])
@@ -1508,7 +1522,7 @@ def test_add_encoder_features_equal_return_features():
 # Convergence on toy2d and the ablation
 # ----------------------------------------------------------------------------------------------------------------
 
-ADD_TOY_FLAGS = ["--teacher", "analytic", "--iters", "300", "--batch", "128", "--lr-g", "3e-4", "--lr-f", "1e-3",
+ADD_TOY_FLAGS = ["--teacher", "analytic", "--iters", "300", "--batch", "128", "--lr-g", "3e-4", "--lr-d", "1e-3",
              "--eval-samples", "4000", "--eval-every", "0"]
 
 
@@ -1578,8 +1592,8 @@ def test_add_smoke_synthetic(tmp_path):
         assert key in log
     assert (tmp_path / "run" / "add-1step-000004.png").is_file()
     args = add.parse_args(flags)
-    net = add.load_generator(tmp_path / "run" / "generator.pt", args, common.dataset_info(args))
-    x = add.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=2)
+    net = common.load_generator(tmp_path / "run" / "generator.pt", args, common.dataset_info(args))
+    x = common.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), add.student_sigmas(args))
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
@@ -1738,7 +1752,7 @@ def test_nan_teacher_skips_generator_steps_and_stops(toy_teacher, tmp_path, monk
     (["--dataset", "mnist"], "invalid choice"),
     (["--batch", "0"], "--batch must be positive"),
     (["--lr-g=-1e-4"], "--lr-g must be a positive number"),
-    (["--lr-f", "nan"], "--lr-f must be a positive number"),
+    (["--lr-g", "nan"], "--lr-g must be a positive number"),
     (["--iters", "-5"], "--iters must be >= 0"),
     (["--resume", "--overwrite"], "contradict"),
 ])
@@ -1944,6 +1958,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 COMPILE = {"cpu": ["--compile", "--compile-backend", "aot_eager"], "cuda": ["--compile"]}
 
 
+# learning rates so small that a run's networks stay as they were (to compare the losses of one batch)
+FROZEN = {"sid": ["--lr-g", "1e-12", "--lr-f", "1e-12"], "dmd2": ["--lr-g", "1e-12", "--lr-f", "1e-12"],
+          "add": ["--lr-g", "1e-12", "--lr-d", "1e-12"]}
+
+
 def _precision_flags(toy_teacher, tmp_path, dataset, device):
     if dataset == "toy2d":
         flags, _ = toy_teacher
@@ -1970,8 +1989,7 @@ def test_mixed_precision_and_compile_agree_with_fp32(toy_teacher, tmp_path, meth
     fp16's first steps are skipped by the GradScaler. Bounds: |a - b| <= rtol |b| + atol with (rtol, atol) bf16
     (0.05, 0.02), fp16 (0.01, 0.005), compile (1e-4, 1e-6); measured worst cases on the CPU (relative, for losses
     away from 0) bf16 1e-2, fp16 3e-3, compile 0 (aot_eager)."""
-    base = _precision_flags(toy_teacher, tmp_path, dataset, device) + ["--iters", "1", "--lr-g", "1e-12",
-                                                                       "--lr-f", "1e-12"]
+    base = _precision_flags(toy_teacher, tmp_path, dataset, device) + ["--iters", "1"] + FROZEN[method]
     runs = {"fp32": ["--amp", "fp32"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
             "compile": ["--amp", "fp32"] + COMPILE[device]}
     tolerance = {"bf16": (0.05, 0.02), "fp16": (0.01, 0.005), "compile": (1e-4, 1e-6)}
@@ -1981,7 +1999,7 @@ def test_mixed_precision_and_compile_agree_with_fp32(toy_teacher, tmp_path, meth
         METHODS[method].main(base + extra + ["--out-dir", str(tmp_path / name)])
         logged[name] = _first_losses(tmp_path / name)
     ref = logged.pop("fp32")
-    losses = [k for k in ref if k.startswith("loss") or k in ("r1", "d_real", "d_fake", "p_real", "p_fake")]
+    losses = [k for k in ref if k.startswith("loss") or k in ("r1", "logit_real", "logit_fake", "p_real", "p_fake")]
     assert len(losses) >= 2, ref
     for name, rec in logged.items():
         rtol, atol = tolerance[name]
@@ -2033,8 +2051,7 @@ def test_fp16_compiled_checkpoint_resumes_in_fp32_and_back(toy_teacher, tmp_path
 def test_inductor_compiles_a_method_on_the_cpu(toy_teacher, tmp_path):
     """The default --compile backend (inductor: generated C++ kernels on the CPU) trains ADD on toy2d, the cheapest
     script to compile, and matches the eager run's first losses."""
-    base = _precision_flags(toy_teacher, tmp_path, "toy2d", "cpu") + ["--iters", "2", "--lr-g", "1e-12",
-                                                                     "--lr-f", "1e-12"]
+    base = _precision_flags(toy_teacher, tmp_path, "toy2d", "cpu") + ["--iters", "2"] + FROZEN["add"]
     add.main(base + ["--out-dir", str(tmp_path / "eager")])
     torch._dynamo.reset()
     add.main(base + ["--compile", "--out-dir", str(tmp_path / "inductor")])
