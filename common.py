@@ -1,6 +1,7 @@
-"""Everything the three distillation scripts share: data, exact Gaussian-mixture denoisers, EDM (preconditioning,
-loss, sigma grids, Heun sampler), AMP / optimisation / EMA, checkpoints, the run folder, evaluation and pictures, a
-training loop, and the teacher (trained once, cached, reused by sid.py, dmd2.py and add.py).
+"""Everything the three distillation scripts share, maths first: exact Gaussian-mixture denoisers, EDM
+(preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
+(trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop; then the
+plumbing a reader can skip: evaluation, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
 
 Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
@@ -11,10 +12,25 @@ Run it on its own to train (or load) the teacher and evaluate it with the 35-NFE
     python common.py --dataset cifar10 --data-dir data   # GPU; downloads CIFAR-10 on first use
     torchrun --nproc_per_node=8 common.py --dataset imagenet64 --data-dir data/imagenet64
 
-Sections (search for the banner):  ARGUMENTS | DISTRIBUTED | GAUSSIAN MIXTURES | DATA | EDM | AMP, OPTIMISERS, EMA |
-CHECKPOINTS | RUN FOLDER | EVALUATION | PICTURES | TRAINING LOOP | TEACHER | MAIN
+Sections, in file order (search for the banner):
+    GAUSSIAN MIXTURES       GaussianMixture (exact denoiser, score, density), toy2d_mixture, synthetic_mixture
+    EDM                     EDMDenoiser, AnalyticDenoiser, karras_sigma, edm_loss, heun_sample, generate (students)
+    METRICS                 frechet_distance, sliced_w2, mixture_metrics
+    DATA                    DatasetInfo, sample_labels, real_batches (mixtures, CIFAR-10, ImageNet-64)
+    TEACHER                 build_denoiser, train_teacher, load_or_train_teacher
+    AMP, OPTIMISERS, EMA    autocast, AmpOptimizer (zero_grad / backward / step), ema_update, set_dropout
+    TRAINING LOOP           TrainLoop (logging, evaluation, checkpoints, signals, skipped steps)
+    EVALUATION              sample_many, evaluate
+    CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
+    RUN FOLDER              Run (never overwritten, one live process), hold_folder
+    ARGUMENTS               base_parser, parse_args (per-dataset defaults, validation)
+    DISTRIBUTED             init_distributed, wrap / unwrap (DDP, torch.compile)
+    THE FRAME OF A METHOD   start_method, teacher_reference, save_generator / load_generator
+    PICTURES                save_picture, side_by_side
+    FID                     fid, fid_reference, fid_detector, downloads with checksums
+    BENCHMARK               bench (--bench), bench_compare
+    MAIN                    python common.py: the teacher alone
 """
-
 import argparse
 import contextlib
 import copy
@@ -68,6 +84,1060 @@ def run_main(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ================================================================================================================
+# GAUSSIAN MIXTURES (exact denoisers)
+# ================================================================================================================
+
+class GaussianMixture:
+    """p(x0) = sum_k w_k N(x0; mu_k, diag(v_k)) in any dimension D; v_k is a scalar (isotropic) or a D-vector.
+
+    Noising by sigma keeps it a mixture: p_sigma(x) = sum_k w_k N(x; mu_k, diag(v_k + sigma^2)). So everything is
+    closed-form:
+        responsibilities  r_k(x) = w_k N(x; mu_k, v_k + s^2) / sum_j w_j N(x; mu_j, v_j + s^2)
+        denoiser          D(x; s) = E[x0 | x] = sum_k r_k(x) [mu_k + v_k / (v_k + s^2) (x - mu_k)]
+        score             grad log p_s(x) = (D(x; s) - x) / s^2                          (Tweedie)
+    With `labels`, the class-conditional versions use component `labels[b]` alone (r = one-hot).
+    Inputs are flat (B, D); sigma is a float or a (B,) tensor; computations run in x's dtype and device.
+    """
+
+    def __init__(self, weights, means, variances):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
+        self.variances = torch.as_tensor(variances, dtype=torch.float64)  # (K,) or (K, D)
+        self.isotropic = self.variances.ndim == 1
+        self.num_components, self.dim = self.means.shape
+
+    def _p(self, x):
+        return (self.weights.to(x), self.means.to(x), self.variances.to(x))
+
+    def _sigma(self, sigma, x):
+        return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+
+    def component_log_prob(self, x, sigma=0.0):
+        """log N(x; mu_k, v_k + sigma^2) for every component: (B, D) -> (B, K)."""
+        _, mu, v = self._p(x)
+        s2 = self._sigma(sigma, x) ** 2
+        if self.isotropic:
+            var = v[None, :] + s2[:, None]  # (B, K)
+            d2 = (x * x).sum(1, keepdim=True) - 2 * x @ mu.T + (mu * mu).sum(1)[None, :]
+            return -0.5 * (d2.clamp_min(0) / var + self.dim * torch.log(2 * math.pi * var))
+        var = v[None] + s2[:, None, None]  # (B, K, D)
+        d = x[:, None, :] - mu[None]
+        return -0.5 * ((d * d / var).sum(-1) + torch.log(2 * math.pi * var).sum(-1))
+
+    def responsibilities(self, x, sigma=0.0, labels=None):
+        """p(k | x_sigma): (B, K); one-hot at the label when labels are given."""
+        if labels is not None:
+            return F.one_hot(labels.long(), self.num_components).to(x)
+        w, _, _ = self._p(x)
+        return torch.softmax(torch.log(w)[None] + self.component_log_prob(x, sigma), dim=1)
+
+    def denoise(self, x, sigma, labels=None):
+        """Exact posterior mean E[x0 | x_sigma = x]: (B, D) -> (B, D)."""
+        _, mu, v = self._p(x)
+        s2 = self._sigma(sigma, x) ** 2
+        r = self.responsibilities(x, sigma, labels)  # (B, K)
+        if self.isotropic:
+            g = v[None, :] / (v[None, :] + s2[:, None])  # (B, K) shrinkage towards x
+            return (r * (1 - g)) @ mu + (r * g).sum(1, keepdim=True) * x
+        g = v[None] / (v[None] + s2[:, None, None])  # (B, K, D)
+        return torch.einsum("bk,bkd->bd", r, (1 - g) * mu[None] + g * x[:, None, :])
+
+    def score(self, x, sigma, labels=None):
+        """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2 (Tweedie), sigma > 0."""
+        s2 = self._sigma(sigma, x)[:, None] ** 2
+        return (self.denoise(x, sigma, labels) - x) / s2
+
+    def log_prob(self, x, sigma=0.0, labels=None):
+        """log p_sigma(x) (or log p_sigma(x | c) with labels): (B, D) -> (B,)."""
+        comp = self.component_log_prob(x, sigma)
+        if labels is not None:
+            return comp.gather(1, labels.long()[:, None])[:, 0]
+        w, _, _ = self._p(x)
+        return torch.logsumexp(torch.log(w)[None] + comp, dim=1)
+
+    def sample(self, n, labels=None, generator=None, device="cpu", dtype=torch.float32):
+        """n samples (n, D) and their component labels (n,); `labels` fixes the components."""
+        if labels is None:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        labels = labels.cpu()
+        std = self.variances.sqrt()[labels]
+        std = std[:, None] if self.isotropic else std
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[labels] + std * noise
+        return x.to(device=device, dtype=dtype), labels.to(device)
+
+    def mean(self):
+        return self.weights @ self.means  # (D,)
+
+    def covariance(self):
+        """Exact Cov[x0] = sum_k w_k (diag(v_k) + mu_k mu_k^T) - m m^T (float64, (D, D))."""
+        v = self.variances[:, None].expand(-1, self.dim) if self.isotropic else self.variances
+        m = self.mean()
+        second = torch.einsum("k,kd,ke->de", self.weights, self.means, self.means)
+        return torch.diag(self.weights @ v) + second - torch.outer(m, m)
+
+
+def toy2d_mixture():
+    """Eight modes on a ring of radius 0.8 with unequal weights (8:7:...:1) and some elongated (diagonal) modes."""
+    k = torch.arange(8, dtype=torch.float64)
+    angle = 2 * math.pi * k / 8
+    means = 0.8 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    weights = 8.0 - k
+    std = torch.tensor([[0.06, 0.06], [0.09, 0.04], [0.05, 0.05], [0.04, 0.09],
+                        [0.07, 0.07], [0.09, 0.05], [0.06, 0.06], [0.05, 0.08]], dtype=torch.float64)
+    return GaussianMixture(weights, means, std ** 2)
+
+
+SYNTHETIC_NOISE_STD = 0.1
+
+
+def synthetic_templates(resolution, num_classes=10, channels=3):
+    """Ten smooth, visually distinct template images in [-0.8, 0.8], identical at every resolution: random
+    low-frequency patterns (5x5 coefficients, bicubic upsampling) on a per-class base colour. Fixed seed."""
+    g = torch.Generator().manual_seed(20240501)
+    coarse = torch.randn(num_classes, channels, 5, 5, generator=g, dtype=torch.float64)
+    colour = torch.rand(num_classes, channels, 1, 1, generator=g, dtype=torch.float64) * 2 - 1
+    img = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=True)
+    img = 0.8 * torch.tanh(0.6 * img + 1.2 * colour)
+    if resolution != 64:
+        img = F.interpolate(img, size=(resolution, resolution), mode="area")
+    return img  # (K, C, R, R)
+
+
+def synthetic_mixture(resolution):
+    """A miniature class-conditional CIFAR-10: x0 = template_c + N(0, 0.1^2 I), ten equally likely classes."""
+    t = synthetic_templates(resolution)
+    return GaussianMixture(torch.ones(len(t)), t.flatten(1), torch.full((len(t),), SYNTHETIC_NOISE_STD ** 2))
+
+
+# ================================================================================================================
+# EDM: preconditioning, loss, sigma grids, sampler
+# ================================================================================================================
+
+def column(v, x):
+    """A scalar or per-sample (B,) value viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x, in x's
+    dtype: the shape every per-sample sigma or weight takes in the losses."""
+    return torch.as_tensor(v, device=x.device).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _as_column(sigma, x):
+    """sigma as a float32 (B,) tensor, and viewed as (B, 1, ..., 1) to broadcast against x."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    return sigma, sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class EDMDenoiser(nn.Module):
+    """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) with (sd = sigma_data)
+        c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2),  c_noise = ln(s)/4.
+    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the network's feature maps];
+    features(x, sigma, labels=None) -> the same feature maps alone (for the UNet, from its encoder half only)."""
+
+    def __init__(self, net, sigma_data=SIGMA_DATA):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+
+    def features(self, x, sigma, labels=None):
+        sigma, s = _as_column(sigma, x)
+        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
+        return self.net.features(c_in * x, sigma.log() / 4, labels if self.net.num_classes else None)
+
+    def forward(self, x, sigma, labels=None, return_features=False):
+        sigma, s = _as_column(sigma, x)
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (s ** 2 + sd ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        out = self.net(c_in * x, c_noise, labels if self.net.num_classes else None, return_features=return_features)
+        F_x, features = out if return_features else (out, None)
+        D = c_skip * x + c_out * F_x.float()
+        return (D, features) if return_features else D
+
+
+class AnalyticDenoiser(nn.Module):
+    """The exact posterior mean of a GaussianMixture with the EDMDenoiser call signature: a perfect teacher.
+    Unconditional (ignores labels) unless cond=True. Always computed in float32 outside autocast."""
+
+    def __init__(self, mixture, shape, cond=False):
+        super().__init__()
+        self.mixture, self.shape, self.cond = mixture, tuple(shape), cond
+
+    def forward(self, x, sigma, labels=None, return_features=False):
+        if return_features:
+            raise ValueError("the analytic denoiser has no features")
+        with torch.autocast(x.device.type, enabled=False):
+            sigma, _ = _as_column(sigma, x)
+            D = self.mixture.denoise(x.float().flatten(1), sigma, labels if self.cond else None)
+        return D.reshape(x.shape)
+
+
+def karras_sigma(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
+    """The Karras grid as a function of u in [0, 1]: sigma(u) = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho;
+    u = 0 -> sigma_min, u = 1 -> sigma_max. SiD draws u ~ U(0, t_max); DMD2 draws u = i / 999 on a 1000-point grid."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + u * (hi - lo)) ** rho
+
+
+def sampling_sigmas(steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu"):
+    """EDM's sampling schedule t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0: (steps + 1,) float64."""
+    u = torch.linspace(1, 0, steps, dtype=torch.float64) if steps > 1 else torch.ones(1, dtype=torch.float64)
+    return torch.cat([karras_sigma(u, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]).to(device)
+
+
+def edm_loss(denoiser, x0, labels=None, sigma=None, noise=None, P_mean=-1.2, P_std=1.2, sigma_data=SIGMA_DATA):
+    """EDM loss per sample, summed over non-batch dimensions (B,):
+        ln sigma ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2,
+        L = lambda(sigma) * || D(x0 + sigma eps; sigma, c) - x0 ||^2.
+    `sigma` (B,) overrides the log-normal draw (DMD2 draws it on the Karras grid); `noise` fixes eps."""
+    B = x0.shape[0]
+    if sigma is None:
+        sigma = (torch.randn(B, device=x0.device) * P_std + P_mean).exp()
+    sigma, s = _as_column(sigma, x0)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
+    D = denoiser(x0 + s * noise, sigma, labels)
+    return (weight * (D - x0) ** 2).flatten(1).sum(1)
+
+
+def heun_nfe(steps):
+    """Network evaluations of the Heun sampler: 2 per step, minus the skipped correction at the last step."""
+    return 2 * steps - 1
+
+
+@torch.no_grad()
+def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, churn=0.0):
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; with churn > 0, Algorithm 2's
+    stochastic 'churn' with S_noise = 1 over all sigmas). z ~ N(0, I) of the data's shape; x_0 = sigma_max z.
+        d_i = (x_i - D(x_i; t_i)) / t_i,   x_{i+1} = x_i + (t_{i+1} - t_i) d_i,
+        if t_{i+1} > 0:  d' = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1},  x_{i+1} = x_i + (t_{i+1} - t_i)(d_i + d')/2."""
+    t = sampling_sigmas(steps, sigma_min, sigma_max, rho, z.device)
+    x = z.double() * t[0]
+    for i in range(steps):
+        t_cur, t_next = t[i], t[i + 1]
+        if churn > 0:
+            gamma = min(churn / steps, math.sqrt(2) - 1)
+            t_hat = t_cur * (1 + gamma)
+            x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * torch.randn_like(x)
+            t_cur = t_hat
+        d = (x - denoiser(x.float(), t_cur.float(), labels).double()) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if t_next > 0:
+            d2 = (x_next - denoiser(x_next.float(), t_next.float(), labels).double()) / t_next
+            x_next = x + (t_next - t_cur) * (d + d2) / 2
+        x = x_next
+    return x.float()
+
+
+def generate(generator, z, labels, sigmas, noise_generator=None):
+    """The few-step sampler of every student (SiD, DMD2, ADD): x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c),
+    then x = x0 + sigma_{k+1} eps for the next level; the last x0 is the sample (one network evaluation per level).
+    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). `noise_generator` (a
+    torch.Generator) makes the re-noising reproducible. Gradients flow unless the caller turns them off."""
+    x = sigmas[0] * z
+    for k, sigma in enumerate(sigmas):
+        x0 = generator(x, sigma, labels)  # (B, *shape)
+        if k + 1 < len(sigmas):
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=noise_generator)
+            x = x0 + sigmas[k + 1] * eps
+    return x0
+
+
+def student_sampler(net, sigmas, args, device):
+    """fn(z, labels) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient, --amp
+    autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the same
+    noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one)."""
+    noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+    @torch.no_grad()
+    def sample(z, labels):
+        with autocast(args, device):
+            return generate(net, z, labels, sigmas, noise_generator).float()
+    return sample
+
+
+# ================================================================================================================
+# METRICS on the built-in datasets (their exact densities) and the Frechet distance
+# ================================================================================================================
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet (2-Wasserstein) distance of two Gaussians.
+    float64, scipy.linalg.sqrtm, with a small ridge when the product is near-singular (as the FID code does)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():
+        ridge = np.eye(len(cov1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((cov1 + ridge) @ (cov2 + ridge))
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def sliced_w2(x, y, projections=256, seed=0):
+    """Sliced 2-Wasserstein distance between two equal-size point sets (n, D): the root mean square, over random
+    unit directions, of the 1-D W2 distance (sorted projections)."""
+    n = min(len(x), len(y))
+    x, y = x[:n].double(), y[:n].double()
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = torch.sort(x.cpu() @ dirs, dim=0)
+    py, _ = torch.sort(y.cpu() @ dirs, dim=0)
+    return float(((px - py) ** 2).mean().sqrt())
+
+
+def mixture_metrics(x, mixture, labels=None, seed=0):
+    """Sample quality against the exact mixture. x (n, ...) is flattened to (n, D). Each sample is assigned to the
+    component of highest likelihood N(x; mu_k, v_k) ("nearest component").
+        sw2        sliced W2 to fresh true samples (0 = perfect; compare with two true sets of the same size)
+        mode_tv    total variation between assigned shares and the true weights, 0.5 sum_k |share_k - w_k|
+        modes      components holding at least a quarter of their true share
+        precision  share of samples inside their component's 99.9% ellipsoid (chi^2_D quantile)
+        mode_w2    (D = 2) the shape of each mode: Gaussian W2 distance (sqrt of the Frechet distance) between the
+                   samples assigned to a component and fresh true samples assigned to it, averaged with the true
+                   weights over the components holding >= 10 samples of each. sw2, mode_tv and precision can look
+                   fine while every mode has shrunk to a spike or smeared along a filament; this does not.
+        fd         (D > 2) Frechet distance of the samples' mean/covariance to the mixture's exact ones
+        class_acc  (with labels) share of samples assigned to the component of their label."""
+    x = x.detach().flatten(1).double().cpu()
+    n, D = x.shape
+    comp = mixture.component_log_prob(x, 0.0)  # (n, K)
+    assign = comp.argmax(1)
+    share = torch.bincount(assign, minlength=mixture.num_components).double() / n
+    w = mixture.weights
+    # Mahalanobis^2 = -2 (log N - log-normaliser) for a diagonal Gaussian.
+    v = mixture.variances[:, None].expand(-1, D) if mixture.isotropic else mixture.variances
+    lognorm = -0.5 * torch.log(2 * math.pi * v).sum(1)
+    maha2 = -2 * (comp.gather(1, assign[:, None])[:, 0] - lognorm[assign])
+    true_x, _ = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out = {
+        "sw2": sliced_w2(x, true_x, seed=seed),
+        "mode_tv": float(0.5 * (share - w).abs().sum()),
+        "modes": int((share >= 0.25 * w).sum()),
+        "precision": float((maha2 <= scipy.stats.chi2.ppf(0.999, D)).double().mean()),
+    }
+    if D == 2:
+        true_assign = mixture.component_log_prob(true_x, 0.0).argmax(1)
+        total, weight = 0.0, 0.0
+        for k in range(mixture.num_components):
+            a, b = x[assign == k], true_x[true_assign == k]
+            if len(a) >= 10 and len(b) >= 10:
+                fd = frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+                total, weight = total + float(w[k]) * math.sqrt(max(fd, 0.0)), weight + float(w[k])
+        out["mode_w2"] = total / weight if weight else float("nan")
+    if D > 2:
+        out["fd"] = frechet_distance(x.mean(0), torch.cov(x.T), mixture.mean(), mixture.covariance())
+    if labels is not None:
+        out["class_acc"] = float((assign == labels.cpu()).double().mean())
+    return out
+
+
+# ================================================================================================================
+# DATA
+# ================================================================================================================
+
+@dataclass
+class DatasetInfo:
+    name: str
+    shape: tuple  # (2,) or (C, H, W)
+    num_classes: int  # classes in the data (0 if none)
+    cond: bool  # whether the networks are class-conditional
+    mixture: GaussianMixture = None  # exact data density for toy2d / synthetic
+
+    @property
+    def label_dim(self):
+        return self.num_classes if self.cond else 0
+
+
+def dataset_info(args):
+    if args.dataset == "toy2d":
+        m = toy2d_mixture()
+        return DatasetInfo("toy2d", (2,), m.num_components, bool(args.cond), m)
+    if args.dataset == "synthetic":
+        r = args.resolution
+        return DatasetInfo("synthetic", (3, r, r), 10, bool(args.cond), synthetic_mixture(r))
+    if args.dataset == "cifar10":
+        return DatasetInfo("cifar10", (3, 32, 32), 10, bool(args.cond))
+    return DatasetInfo("imagenet64", (3, 64, 64), 1000, bool(args.cond))
+
+
+def sample_labels(info, n, device, generator=None):
+    """Uniform random class labels (n,) for conditional models, None otherwise (data-free label sampling)."""
+    if not info.cond:
+        return None
+    return torch.randint(info.num_classes, (n,), device="cpu", generator=generator).to(device)
+
+
+def balanced_labels(info, n, device, offset=0):
+    """Class-balanced labels for evaluation: offset, offset+1, ... mod K; None for unconditional models."""
+    if not info.cond:
+        return None
+    return (torch.arange(offset, offset + n) % info.num_classes).to(device)
+
+
+def _mixture_batches(mixture, info, batch, device):
+    while True:
+        x, labels = mixture.sample(batch, device=device)
+        yield x.reshape(batch, *info.shape), labels
+
+
+def _tensor_batches(images, labels, batch, device, flip):
+    """uint8 images (N, C, H, W) held in memory -> random batches in [-1, 1] forever (with replacement)."""
+    n = len(images)
+    while True:
+        idx = torch.randint(n, (batch,))
+        x = images[idx].to(device).float() / 127.5 - 1
+        if flip:
+            x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        yield x, labels[idx].to(device)
+
+
+def load_cifar10(data_dir):
+    """CIFAR-10 train split as uint8 (50000, 3, 32, 32) and labels; torchvision downloads it on first use."""
+    import torchvision
+    try:
+        ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+    except Exception as e:  # no network, bad folder, corrupt archive
+        raise UserError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({_reason(e)}). "
+                        f"Put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) in "
+                        f"{data_dir!r} or pass --data-dir") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def load_imagenet64_npz(data_dir):
+    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir:
+    `data` uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 (N, 3, 64, 64) and labels 0..999."""
+    files = sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
+    images, labels = [], []
+    for f in tqdm(files, desc="reading imagenet64 npz", disable=len(files) < 2):
+        try:
+            with np.load(f) as d:
+                data, lab = d["data"], d["labels"]
+        except Exception as e:
+            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                            f"remove it from --data-dir") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
+            raise UserError(f"{f}: 'data' has shape {data.shape}; expected (N, 12288) for 64x64 ImageNet")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
+        labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64) - 1))
+    images, labels = torch.cat(images), torch.cat(labels)
+    if labels.min() < 0 or labels.max() > 999:
+        raise UserError(f"imagenet64 labels in {data_dir!r} are outside 1..1000")
+    return images, labels
+
+
+def _folder_batches(data_dir, batch, device, workers, rank):
+    """A folder of class subfolders of images (torchvision ImageFolder), center-cropped and resized to 64."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
+    ds = ImageFolder(data_dir, transform=tf)
+    gen = torch.Generator().manual_seed(rank)
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**62, generator=gen)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    for x, y in loader:
+        yield x.to(device).float() / 127.5 - 1, y.to(device)
+
+
+class _CenterCropSquare:
+    """Center crop to the short side (a square), before resizing to 64x64."""
+
+    def __call__(self, img):
+        import torchvision.transforms.functional as TF
+        return TF.center_crop(img, min(img.size))
+
+
+def real_batches(args, info, dist):
+    """Infinite iterator of (x in [-1, 1] of shape (B, *shape), labels (B,)) per rank (B = batch / world)."""
+    batch, device = args.batch // dist.world, dist.device
+    if info.mixture is not None:
+        return _mixture_batches(info.mixture, info, batch, device)
+    if args.dataset == "cifar10":
+        images, labels = load_cifar10(args.data_dir)
+        return _tensor_batches(images, labels, batch, device, flip=True)
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise UserError(f"imagenet64: {str(root)!r} is not a folder. Put the downsampled ImageNet 64x64 npz batches "
+                        f"(train_data_batch_1.npz ...) or class subfolders of images there, or pass --data-dir")
+    if any(root.glob("*.npz")):
+        images, labels = load_imagenet64_npz(root)
+        return _tensor_batches(images, labels, batch, device, flip=False)
+    if any(p.is_dir() for p in root.iterdir()):
+        return _folder_batches(root, batch, device, args.workers, dist.rank)
+    raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
+                    f"ImageNet 64x64 train_data_batch_*.npz files (https://image-net.org/download-images, "
+                    f"'Downsampled ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
+
+
+# ================================================================================================================
+# TEACHER
+# ================================================================================================================
+
+TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "teacher_batch", "teacher_lr",
+                "teacher_ema", "teacher_rampup", "teacher_seed")
+
+
+def teacher_config(args):
+    return {k: getattr(args, k) for k in TEACHER_KEYS}
+
+
+def teacher_folder(args):
+    """runs/teachers/<dataset><res>-<preset>-<cond|uncond>-<hash of the training config>/"""
+    cfg = teacher_config(args)
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    res = "" if args.dataset == "toy2d" else str(args.resolution)
+    return Path(args.teacher_dir) / f"{args.dataset}{res}-{args.preset}-{'cond' if args.cond else 'uncond'}-{key}"
+
+
+def build_denoiser(args, info):
+    """A fresh EDM denoiser with the preset's network: the architecture of the teacher and all its copies."""
+    return EDMDenoiser(unet.build_network(args.preset, info.shape, info.label_dim))
+
+
+def train_teacher(args, info, dist, folder):
+    """EDM training (Karras et al. 2022, Sec. 5): Adam(0.9, 0.999), lr warm-up over --teacher-rampup kimg,
+    EMA with --teacher-ema half-life, nan_to_num on gradients, AMP per --amp. Resumable: an interrupted run
+    continues from folder/ckpt.pt the next time the teacher is asked for. Writes folder/teacher.pt (EMA)."""
+    net = build_denoiser(args, info).to(dist.device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = AmpOptimizer(torch.optim.Adam(net.parameters(), lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8),
+                       args, dist.device)
+    net_t = wrap(net, args, dist)
+    targs = copy.copy(args)
+    targs.out_dir, targs.batch, targs.eval_every, targs.method = str(folder), args.teacher_batch, 0, "teacher"
+    targs.resume = (folder / "ckpt.pt").is_file()
+    targs.overwrite = not targs.resume
+    data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
+    run = Run(targs, dist)
+    objects = {"net": net, "ema": ema, "opt": opt}
+    start = run.resume(objects)
+    batch = args.teacher_batch
+
+    if dist.is_main:
+        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
+    loop = TrainLoop(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", optimizers=[opt])
+    for step in loop:
+        x0, labels = next(data)
+        nimg = step * batch
+        opt.set_lr(args.teacher_lr * min(nimg / max(args.teacher_rampup * 1000, 1e-8), 1.0))
+        with autocast(args, dist.device):
+            # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
+            loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
+        loop.log({"loss": loss.detach()})
+    if dist.is_main:
+        save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
+                        {**teacher_config(args), "num_classes": info.label_dim})
+    dist.barrier()
+
+
+def load_teacher_file(path, args, info):
+    """A trained teacher (EMA weights) from a teacher.pt, checked against this run's data and network flags."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    for key in ("dataset", "resolution", "preset", "cond"):
+        if key in cfg and cfg[key] != getattr(args, key):
+            raise UserError(f"teacher {path} was trained with {key}={cfg[key]!r} but this run has "
+                            f"{key}={getattr(args, key)!r}")
+    net = build_denoiser(args, info)
+    restore({"ema": net}, ckpt, path)
+    return net
+
+
+def load_or_train_teacher(args, info, dist):
+    """Returns (teacher, teacher_net):
+        teacher      the frozen D_phi the method distils from: the trained network, or with --teacher analytic
+                     the exact mixture denoiser;
+        teacher_net  the trained EDMDenoiser (frozen, eval) that the method's networks are copied from.
+    --teacher auto trains the teacher once into --teacher-dir (keyed by dataset, network and training config)
+    and loads it from there afterwards; --teacher PATH loads a given teacher.pt."""
+    if args.teacher not in ("auto", "analytic"):
+        path = Path(args.teacher)
+    else:
+        folder = teacher_folder(args)
+        path = folder / "teacher.pt"
+        if not path.is_file():
+            train_teacher(args, info, dist, folder)
+    teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
+    if args.teacher == "analytic":
+        teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
+    else:
+        teacher = teacher_net
+    # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
+    seed_everything(args.seed + dist.rank)
+    return teacher, teacher_net
+
+
+# ================================================================================================================
+# AMP, OPTIMISERS, EMA
+# ================================================================================================================
+
+def amp_dtype(args, device):
+    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
+    mode = args.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+
+
+def autocast(args, device):
+    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
+    dtype = amp_dtype(args, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class AmpOptimizer:
+    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
+    three calls of one update, as each training iteration writes them:
+        opt.zero_grad()
+        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
+        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
+    Under torchrun every rank skips together (a non-finite loss on any rank)."""
+
+    def __init__(self, optimizer, args, device, clip=None):
+        self.opt, self.clip = optimizer, clip
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+        self.skipped = 0  # consecutive steps skipped for a non-finite loss
+        self.skip_this = False  # the current update's loss was non-finite
+        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
+
+    def set_lr(self, lr):
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss):
+        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
+        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
+        --max-skips). Returns whether it back-propagated."""
+        finite = torch.isfinite(loss).all()
+        if torch.distributed.is_initialized():
+            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
+            # gradient all-reduce forever
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite > 0
+        self.skip_this = not bool(finite)
+        if self.skip_this:
+            self.skipped += 1
+            return False
+        self.skipped = 0
+        self.scaler.scale(loss).backward()
+        return True
+
+    def step(self):
+        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
+        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
+        if self.skip_this:
+            return False
+        self.scaler.unscale_(self.opt)
+        for p in self.params:
+            if p.grad is not None:
+                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return True
+
+    def state_dict(self):
+        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
+        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
+        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
+        scale when the checkpoint has none."""
+        self.opt.load_state_dict(state["opt"])
+        if not self.scaler.is_enabled():
+            self.idle_scaler_state = dict(state["scaler"])
+        elif state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
+
+
+@torch.no_grad()
+def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
+    """EMA with a half-life in images: beta = 0.5^(batch / halflife_img); with rampup_ratio (EDM: 0.05), the
+    half-life is capped at rampup_ratio * images seen so far, so early averages forget the initialisation fast."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None and nimg is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    for p_ema, p in zip(ema.parameters(), unwrap(net).parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
+        b_ema.copy_(b)
+
+
+def set_dropout(net, p):
+    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
+    the teacher's dropout). Returns the network."""
+    for m in unwrap(net).modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return net
+
+
+def requires_grad(net, flag):
+    """Freeze / unfreeze a network's parameters (gradients still flow through its inputs when frozen)."""
+    for p in unwrap(net).parameters():
+        p.requires_grad_(flag)
+    return net
+
+
+# ================================================================================================================
+# TRAINING LOOP
+# ================================================================================================================
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
+
+    def __init__(self):
+        self.raised = None
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _all_finite(objects):
+    return all(torch.isfinite(p).all() for obj in objects.values() if isinstance(obj, nn.Module)
+               for p in obj.parameters())
+
+
+class TrainLoop:
+    """The training loop every script writes out in its main():
+
+        loop = common.TrainLoop(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f])
+        for step in loop:                # step = start, ..., total - 1
+            loop.log(iteration(step))    # one training iteration; its losses, a dict of scalars
+
+    The loop object keeps the bookkeeping around each iteration: it logs the losses every --log-every, evaluates
+    with evaluate(done) -> dict every --eval-every and at the end (and only that, when start >= total: a finished run
+    resumed, e.g. with --fid-samples 50000), checkpoints `objects` every --ckpt-every, at the end and on SIGINT /
+    SIGTERM (then exits with 128 + the signal), and stops the run after --max-skips consecutive steps that the
+    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. `metrics` holds the
+    latest evaluation."""
+
+    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
+        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
+        self.start, self.total = start, args.iters if total is None else total
+        self.desc, self.optimizers = desc, list(optimizers)
+        self.losses, self.metrics = {}, {}
+
+    def log(self, losses):
+        """The losses of the iteration that just ran (logged every --log-every)."""
+        self.losses = losses
+
+    def _evaluate_and_log(self, done):
+        metrics = self.evaluate(done)
+        if metrics:
+            self.metrics = dict(metrics)
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.run.dist.is_main:
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def __iter__(self):
+        args, run, desc = self.args, self.run, self.desc
+        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
+            if run.dist.is_main:
+                print(f"{desc}: already at iteration {self.start} of {self.total}; evaluating")
+            self._evaluate_and_log(self.start)
+            return
+        t0 = time.time()
+        with _StopFlag() as stop:
+            bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=desc,
+                       disable=not run.dist.is_main, dynamic_ncols=True)
+            for step in bar:
+                self.losses = {}
+                yield step  # the body of the caller's for-loop runs here
+                done = step + 1
+                bad = max((o.skipped for o in self.optimizers), default=0)
+                if bad >= args.max_skips:
+                    raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
+                                    f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
+                if done % args.log_every == 0 or done == self.total:
+                    record = {k: float(v) for k, v in self.losses.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
+                    run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
+                if (args.eval_every and done % args.eval_every == 0) or done == self.total:
+                    self._evaluate_and_log(done)
+                if done % args.ckpt_every == 0 or done == self.total or stop.raised:
+                    if not _all_finite(self.objects):
+                        raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
+                                        f"good checkpoint is {run.ckpt_path}")
+                    run.save(self.objects, done)
+                if stop.raised:
+                    print(f"\n{desc}: signal {stop.raised} received; checkpoint saved at iteration {done} in "
+                          f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+                    run.dist.barrier()
+                    sys.exit(128 + stop.raised)
+            bar.close()
+
+
+# ================================================================================================================
+# EVALUATION: sample a generator on fixed latents, score it, draw it
+# ================================================================================================================
+
+@torch.no_grad()
+def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
+    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
+    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(n, *info.shape, generator=g)
+    labels_all = balanced_labels(info, n, "cpu")
+    out = []
+    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
+        z = z_all[i:i + batch].to(device)
+        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
+        out.append(fn(z, labels).float().cpu())
+    return torch.cat(out), labels_all
+
+
+def teacher_sampler(teacher, steps):
+    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
+    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
+
+
+def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
+    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
+    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
+    FID (every rank must call this then). Returns (metrics, x)."""
+    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
+                         desc=f"eval {tag}")
+    metrics = {}
+    if info.mixture is not None:
+        metrics = mixture_metrics(x, info.mixture, labels)
+    if args.fid_samples:
+        metrics.update(fid(args, info, fn, dist))
+    if run is not None and run.dist.is_main:
+        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
+        save_picture(run.dir / name, info, x, reference)
+    return metrics, x
+
+
+# ================================================================================================================
+# CHECKPOINTS
+# ================================================================================================================
+
+def rng_state():
+    """Every RNG's state in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def save_checkpoint(path, objects, step, config):
+    """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config.
+    Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the old checkpoint, so a
+    kill at any moment leaves either the old or the new checkpoint, never half of one."""
+    path = Path(path)
+    state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
+             "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no arbitrary unpickling); a clear UserError when missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({_reason(e)}); "
+                        f"replace it with a good copy or delete it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "state" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    return ckpt
+
+
+def restore(objects, ckpt, path="checkpoint"):
+    """Load each object's state from a checkpoint; a mismatch (other preset, resolution, classes) is a UserError."""
+    for name, obj in objects.items():
+        if name not in ckpt["state"]:
+            raise UserError(f"{path} has no {name!r} (has {sorted(ckpt['state'])}); is it from another method?")
+        try:
+            unwrap(obj).load_state_dict(ckpt["state"][name])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"{path}: {name!r} does not fit this configuration (other --preset, --resolution "
+                            f"or --cond?): {_reason(e)}") from None
+
+
+# ================================================================================================================
+# RUN FOLDER
+# ================================================================================================================
+
+_HELD_LOCKS = {}  # run folder -> the open file whose flock this process holds (released when the process ends)
+
+
+def hold_folder(folder, create):
+    """One live run per folder: hold an exclusive flock on folder/.lock for the rest of this process (the kernel
+    drops it when the process ends, however it ends, so a lock left by a killed run never blocks --resume). The file
+    holds the holder's pid, for the error a second process gets. With create=False (the folder may not be ours to
+    write in yet) only an existing .lock is opened, and a folder without one is left as it is. Re-entrant within a
+    process. Returns False where file locks are not available (not Linux / macOS)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    folder = Path(folder).resolve()
+    if folder in _HELD_LOCKS:
+        return True
+    path = folder / ".lock"
+    if not create and not path.is_file():
+        return True
+    f = open(path, "a+" if create else "r")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{folder} is in use by another run (process {pid}); wait for it to end or stop it, or "
+                        f"choose another --out-dir") from None
+    if create:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    _HELD_LOCKS[folder] = f
+    return True
+
+
+class Run:
+    """The run folder: config.json, metrics.jsonl, ckpt.pt, pictures. Only rank 0 writes, and only one process at a
+    time: rank 0 holds the folder's lock (hold_folder) from before its first write until it ends.
+    An existing run is never overwritten: continue it with --resume or discard it with --overwrite."""
+
+    def __init__(self, args, dist):
+        self.dir, self.dist, self.args = Path(args.out_dir), dist, args
+        self.ckpt_path = self.dir / "ckpt.pt"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        if dist.is_main and self.dir.is_dir():
+            hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
+        if args.resume and not self.ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint {self.ckpt_path} to continue from")
+        # a folder holds a run once it has a checkpoint, a metrics log or a generator; a config.json alone (a run
+        # that failed before its first log line, e.g. on missing data) is simply started again
+        held = [f for f in (self.ckpt_path, self.metrics_path, self.dir / "generator.pt") if f.exists()]
+        if not args.resume and held and not args.overwrite:
+            raise UserError(f"{self.dir} already holds a run; pass --resume to continue it or --overwrite to start "
+                            f"again (or choose another --out-dir)")
+        dist.barrier()  # every rank has checked before rank 0 writes anything
+        self.opened = False
+
+    def open(self):
+        """Create the folder, clear the old run's files with --overwrite, write config.json. Deferred until
+        resume(), which every script calls once its data, teacher and checkpoint have loaded, so that input which
+        fails earlier leaves nothing behind."""
+        if self.opened:
+            return
+        self.opened = True
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            hold_folder(self.dir, create=True)  # before the first write, and before --overwrite clears anything
+            if self.args.overwrite:
+                for f in [self.ckpt_path, self.metrics_path, self.dir / "generator.pt", *self.dir.glob("*.png")]:
+                    f.unlink(missing_ok=True)
+            (self.dir / "config.json").write_text(json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
+
+    def log(self, record):
+        self.open()
+        if self.dist.is_main:
+            record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, objects, step):
+        self.open()
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
+
+    def resume(self, objects):
+        """Restore objects and RNG states from ckpt.pt when --resume; returns the step to continue from (0 if new)."""
+        if not self.args.resume:
+            self.open()
+            return 0
+        ckpt = load_checkpoint(self.ckpt_path)
+        old = ckpt["config"]
+        for key in ("dataset", "resolution", "preset", "cond", "method"):
+            if old.get(key) != getattr(self.args, key):
+                raise UserError(f"--resume: the run in {self.dir} has {key}={old.get(key)!r}, this command "
+                                f"{key}={getattr(self.args, key)!r}")
+        restore(objects, ckpt, self.ckpt_path)
+        self.open()
+        if self.dist.world == 1:
+            set_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            self._drop_metrics_after(ckpt["step"])
+        if self.dist.is_main:
+            print(f"resumed {self.dir} at iteration {ckpt['step']}")
+        return ckpt["step"]
+
+    def _drop_metrics_after(self, step):
+        """A run killed after its last checkpoint logged iterations that the resumed run repeats: drop those lines
+        (and a half-written last line), so metrics.jsonl holds each iteration once."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("iter", 0) <= step:
+                keep.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
 
 # ================================================================================================================
@@ -299,849 +1369,121 @@ def unwrap(net):
 
 
 # ================================================================================================================
-# GAUSSIAN MIXTURES (exact denoisers)
+# THE FRAME OF A METHOD SCRIPT: what sid.py, dmd2.py and add.py do before and after their own training
 # ================================================================================================================
 
-class GaussianMixture:
-    """p(x0) = sum_k w_k N(x0; mu_k, diag(v_k)) in any dimension D; v_k is a scalar (isotropic) or a D-vector.
-
-    Noising by sigma keeps it a mixture: p_sigma(x) = sum_k w_k N(x; mu_k, diag(v_k + sigma^2)). So everything is
-    closed-form:
-        responsibilities  r_k(x) = w_k N(x; mu_k, v_k + s^2) / sum_j w_j N(x; mu_j, v_j + s^2)
-        denoiser          D(x; s) = E[x0 | x] = sum_k r_k(x) [mu_k + v_k / (v_k + s^2) (x - mu_k)]
-        score             grad log p_s(x) = (D(x; s) - x) / s^2                          (Tweedie)
-    With `labels`, the class-conditional versions use component `labels[b]` alone (r = one-hot).
-    Inputs are flat (B, D); sigma is a float or a (B,) tensor; computations run in x's dtype and device.
-    """
-
-    def __init__(self, weights, means, variances):
-        self.weights = torch.as_tensor(weights, dtype=torch.float64)
-        self.weights = self.weights / self.weights.sum()
-        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
-        self.variances = torch.as_tensor(variances, dtype=torch.float64)  # (K,) or (K, D)
-        self.isotropic = self.variances.ndim == 1
-        self.num_components, self.dim = self.means.shape
-
-    def _p(self, x):
-        return (self.weights.to(x), self.means.to(x), self.variances.to(x))
-
-    def _sigma(self, sigma, x):
-        return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
-
-    def component_log_prob(self, x, sigma=0.0):
-        """log N(x; mu_k, v_k + sigma^2) for every component: (B, D) -> (B, K)."""
-        _, mu, v = self._p(x)
-        s2 = self._sigma(sigma, x) ** 2
-        if self.isotropic:
-            var = v[None, :] + s2[:, None]  # (B, K)
-            d2 = (x * x).sum(1, keepdim=True) - 2 * x @ mu.T + (mu * mu).sum(1)[None, :]
-            return -0.5 * (d2.clamp_min(0) / var + self.dim * torch.log(2 * math.pi * var))
-        var = v[None] + s2[:, None, None]  # (B, K, D)
-        d = x[:, None, :] - mu[None]
-        return -0.5 * ((d * d / var).sum(-1) + torch.log(2 * math.pi * var).sum(-1))
-
-    def responsibilities(self, x, sigma=0.0, labels=None):
-        """p(k | x_sigma): (B, K); one-hot at the label when labels are given."""
-        if labels is not None:
-            return F.one_hot(labels.long(), self.num_components).to(x)
-        w, _, _ = self._p(x)
-        return torch.softmax(torch.log(w)[None] + self.component_log_prob(x, sigma), dim=1)
-
-    def denoise(self, x, sigma, labels=None):
-        """Exact posterior mean E[x0 | x_sigma = x]: (B, D) -> (B, D)."""
-        _, mu, v = self._p(x)
-        s2 = self._sigma(sigma, x) ** 2
-        r = self.responsibilities(x, sigma, labels)  # (B, K)
-        if self.isotropic:
-            g = v[None, :] / (v[None, :] + s2[:, None])  # (B, K) shrinkage towards x
-            return (r * (1 - g)) @ mu + (r * g).sum(1, keepdim=True) * x
-        g = v[None] / (v[None] + s2[:, None, None])  # (B, K, D)
-        return torch.einsum("bk,bkd->bd", r, (1 - g) * mu[None] + g * x[:, None, :])
-
-    def score(self, x, sigma, labels=None):
-        """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2 (Tweedie), sigma > 0."""
-        s2 = self._sigma(sigma, x)[:, None] ** 2
-        return (self.denoise(x, sigma, labels) - x) / s2
-
-    def log_prob(self, x, sigma=0.0, labels=None):
-        """log p_sigma(x) (or log p_sigma(x | c) with labels): (B, D) -> (B,)."""
-        comp = self.component_log_prob(x, sigma)
-        if labels is not None:
-            return comp.gather(1, labels.long()[:, None])[:, 0]
-        w, _, _ = self._p(x)
-        return torch.logsumexp(torch.log(w)[None] + comp, dim=1)
-
-    def sample(self, n, labels=None, generator=None, device="cpu", dtype=torch.float32):
-        """n samples (n, D) and their component labels (n,); `labels` fixes the components."""
-        if labels is None:
-            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        labels = labels.cpu()
-        std = self.variances.sqrt()[labels]
-        std = std[:, None] if self.isotropic else std
-        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[labels] + std * noise
-        return x.to(device=device, dtype=dtype), labels.to(device)
-
-    def mean(self):
-        return self.weights @ self.means  # (D,)
-
-    def covariance(self):
-        """Exact Cov[x0] = sum_k w_k (diag(v_k) + mu_k mu_k^T) - m m^T (float64, (D, D))."""
-        v = self.variances[:, None].expand(-1, self.dim) if self.isotropic else self.variances
-        m = self.mean()
-        second = torch.einsum("k,kd,ke->de", self.weights, self.means, self.means)
-        return torch.diag(self.weights @ v) + second - torch.outer(m, m)
-
-
-def toy2d_mixture():
-    """Eight modes on a ring of radius 0.8 with unequal weights (8:7:...:1) and some elongated (diagonal) modes."""
-    k = torch.arange(8, dtype=torch.float64)
-    angle = 2 * math.pi * k / 8
-    means = 0.8 * torch.stack([angle.cos(), angle.sin()], dim=1)
-    weights = 8.0 - k
-    std = torch.tensor([[0.06, 0.06], [0.09, 0.04], [0.05, 0.05], [0.04, 0.09],
-                        [0.07, 0.07], [0.09, 0.05], [0.06, 0.06], [0.05, 0.08]], dtype=torch.float64)
-    return GaussianMixture(weights, means, std ** 2)
-
-
-SYNTHETIC_NOISE_STD = 0.1
-
-
-def synthetic_templates(resolution, num_classes=10, channels=3):
-    """Ten smooth, visually distinct template images in [-0.8, 0.8], identical at every resolution: random
-    low-frequency patterns (5x5 coefficients, bicubic upsampling) on a per-class base colour. Fixed seed."""
-    g = torch.Generator().manual_seed(20240501)
-    coarse = torch.randn(num_classes, channels, 5, 5, generator=g, dtype=torch.float64)
-    colour = torch.rand(num_classes, channels, 1, 1, generator=g, dtype=torch.float64) * 2 - 1
-    img = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=True)
-    img = 0.8 * torch.tanh(0.6 * img + 1.2 * colour)
-    if resolution != 64:
-        img = F.interpolate(img, size=(resolution, resolution), mode="area")
-    return img  # (K, C, R, R)
-
-
-def synthetic_mixture(resolution):
-    """A miniature class-conditional CIFAR-10: x0 = template_c + N(0, 0.1^2 I), ten equally likely classes."""
-    t = synthetic_templates(resolution)
-    return GaussianMixture(torch.ones(len(t)), t.flatten(1), torch.full((len(t),), SYNTHETIC_NOISE_STD ** 2))
-
-
-# ================================================================================================================
-# DATA
-# ================================================================================================================
-
-@dataclass
-class DatasetInfo:
-    name: str
-    shape: tuple  # (2,) or (C, H, W)
-    num_classes: int  # classes in the data (0 if none)
-    cond: bool  # whether the networks are class-conditional
-    mixture: GaussianMixture = None  # exact data density for toy2d / synthetic
-
-    @property
-    def label_dim(self):
-        return self.num_classes if self.cond else 0
-
-
-def dataset_info(args):
-    if args.dataset == "toy2d":
-        m = toy2d_mixture()
-        return DatasetInfo("toy2d", (2,), m.num_components, bool(args.cond), m)
-    if args.dataset == "synthetic":
-        r = args.resolution
-        return DatasetInfo("synthetic", (3, r, r), 10, bool(args.cond), synthetic_mixture(r))
-    if args.dataset == "cifar10":
-        return DatasetInfo("cifar10", (3, 32, 32), 10, bool(args.cond))
-    return DatasetInfo("imagenet64", (3, 64, 64), 1000, bool(args.cond))
-
-
-def sample_labels(info, n, device, generator=None):
-    """Uniform random class labels (n,) for conditional models, None otherwise (data-free label sampling)."""
-    if not info.cond:
-        return None
-    return torch.randint(info.num_classes, (n,), device="cpu", generator=generator).to(device)
-
-
-def balanced_labels(info, n, device, offset=0):
-    """Class-balanced labels for evaluation: offset, offset+1, ... mod K; None for unconditional models."""
-    if not info.cond:
-        return None
-    return (torch.arange(offset, offset + n) % info.num_classes).to(device)
-
-
-def _mixture_batches(mixture, info, batch, device):
-    while True:
-        x, labels = mixture.sample(batch, device=device)
-        yield x.reshape(batch, *info.shape), labels
-
-
-def _tensor_batches(images, labels, batch, device, flip):
-    """uint8 images (N, C, H, W) held in memory -> random batches in [-1, 1] forever (with replacement)."""
-    n = len(images)
-    while True:
-        idx = torch.randint(n, (batch,))
-        x = images[idx].to(device).float() / 127.5 - 1
-        if flip:
-            x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        yield x, labels[idx].to(device)
-
-
-def load_cifar10(data_dir):
-    """CIFAR-10 train split as uint8 (50000, 3, 32, 32) and labels; torchvision downloads it on first use."""
-    import torchvision
-    try:
-        ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-    except Exception as e:  # no network, bad folder, corrupt archive
-        raise UserError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({_reason(e)}). "
-                        f"Put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) in "
-                        f"{data_dir!r} or pass --data-dir") from None
-    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.as_tensor(ds.targets, dtype=torch.long)
-
-
-def load_imagenet64_npz(data_dir):
-    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir:
-    `data` uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 (N, 3, 64, 64) and labels 0..999."""
-    files = sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
-    images, labels = [], []
-    for f in tqdm(files, desc="reading imagenet64 npz", disable=len(files) < 2):
-        try:
-            with np.load(f) as d:
-                data, lab = d["data"], d["labels"]
-        except Exception as e:
-            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
-                            f"remove it from --data-dir") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-            raise UserError(f"{f}: 'data' has shape {data.shape}; expected (N, 12288) for 64x64 ImageNet")
-        images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
-        labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64) - 1))
-    images, labels = torch.cat(images), torch.cat(labels)
-    if labels.min() < 0 or labels.max() > 999:
-        raise UserError(f"imagenet64 labels in {data_dir!r} are outside 1..1000")
-    return images, labels
-
-
-def _folder_batches(data_dir, batch, device, workers, rank):
-    """A folder of class subfolders of images (torchvision ImageFolder), center-cropped and resized to 64."""
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
-    ds = ImageFolder(data_dir, transform=tf)
-    gen = torch.Generator().manual_seed(rank)
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**62, generator=gen)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                                         drop_last=True, persistent_workers=workers > 0)
-    for x, y in loader:
-        yield x.to(device).float() / 127.5 - 1, y.to(device)
-
-
-class _CenterCropSquare:
-    """Center crop to the short side (a square), before resizing to 64x64."""
-
-    def __call__(self, img):
-        import torchvision.transforms.functional as TF
-        return TF.center_crop(img, min(img.size))
-
-
-def real_batches(args, info, dist):
-    """Infinite iterator of (x in [-1, 1] of shape (B, *shape), labels (B,)) per rank (B = batch / world)."""
-    batch, device = args.batch // dist.world, dist.device
-    if info.mixture is not None:
-        return _mixture_batches(info.mixture, info, batch, device)
-    if args.dataset == "cifar10":
-        images, labels = load_cifar10(args.data_dir)
-        return _tensor_batches(images, labels, batch, device, flip=True)
-    root = Path(args.data_dir)
-    if not root.is_dir():
-        raise UserError(f"imagenet64: {str(root)!r} is not a folder. Put the downsampled ImageNet 64x64 npz batches "
-                        f"(train_data_batch_1.npz ...) or class subfolders of images there, or pass --data-dir")
-    if any(root.glob("*.npz")):
-        images, labels = load_imagenet64_npz(root)
-        return _tensor_batches(images, labels, batch, device, flip=False)
-    if any(p.is_dir() for p in root.iterdir()):
-        return _folder_batches(root, batch, device, args.workers, dist.rank)
-    raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
-                    f"ImageNet 64x64 train_data_batch_*.npz files (https://image-net.org/download-images, "
-                    f"'Downsampled ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
-
-
-# ================================================================================================================
-# EDM: preconditioning, loss, sigma grids, sampler
-# ================================================================================================================
-
-def column(v, x):
-    """A scalar or per-sample (B,) value viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x, in x's
-    dtype: the shape every per-sample sigma or weight takes in the losses."""
-    return torch.as_tensor(v, device=x.device).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def _as_column(sigma, x):
-    """sigma as a float32 (B,) tensor, and viewed as (B, 1, ..., 1) to broadcast against x."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
-    return sigma, sigma.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-class EDMDenoiser(nn.Module):
-    """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) with (sd = sigma_data)
-        c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2),  c_noise = ln(s)/4.
-    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the network's feature maps];
-    features(x, sigma, labels=None) -> the same feature maps alone (for the UNet, from its encoder half only)."""
-
-    def __init__(self, net, sigma_data=SIGMA_DATA):
-        super().__init__()
-        self.net, self.sigma_data = net, sigma_data
-
-    def features(self, x, sigma, labels=None):
-        sigma, s = _as_column(sigma, x)
-        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
-        return self.net.features(c_in * x, sigma.log() / 4, labels if self.net.num_classes else None)
-
-    def forward(self, x, sigma, labels=None, return_features=False):
-        sigma, s = _as_column(sigma, x)
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (s ** 2 + sd ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        out = self.net(c_in * x, c_noise, labels if self.net.num_classes else None, return_features=return_features)
-        F_x, features = out if return_features else (out, None)
-        D = c_skip * x + c_out * F_x.float()
-        return (D, features) if return_features else D
-
-
-class AnalyticDenoiser(nn.Module):
-    """The exact posterior mean of a GaussianMixture with the EDMDenoiser call signature: a perfect teacher.
-    Unconditional (ignores labels) unless cond=True. Always computed in float32 outside autocast."""
-
-    def __init__(self, mixture, shape, cond=False):
-        super().__init__()
-        self.mixture, self.shape, self.cond = mixture, tuple(shape), cond
-
-    def forward(self, x, sigma, labels=None, return_features=False):
-        if return_features:
-            raise ValueError("the analytic denoiser has no features")
-        with torch.autocast(x.device.type, enabled=False):
-            sigma, _ = _as_column(sigma, x)
-            D = self.mixture.denoise(x.float().flatten(1), sigma, labels if self.cond else None)
-        return D.reshape(x.shape)
-
-
-def karras_sigma(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
-    """The Karras grid as a function of u in [0, 1]: sigma(u) = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho;
-    u = 0 -> sigma_min, u = 1 -> sigma_max. SiD draws u ~ U(0, t_max); DMD2 draws u = i / 999 on a 1000-point grid."""
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (lo + u * (hi - lo)) ** rho
-
-
-def sampling_sigmas(steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu"):
-    """EDM's sampling schedule t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0: (steps + 1,) float64."""
-    u = torch.linspace(1, 0, steps, dtype=torch.float64) if steps > 1 else torch.ones(1, dtype=torch.float64)
-    return torch.cat([karras_sigma(u, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]).to(device)
-
-
-def edm_loss(denoiser, x0, labels=None, sigma=None, noise=None, P_mean=-1.2, P_std=1.2, sigma_data=SIGMA_DATA):
-    """EDM loss per sample, summed over non-batch dimensions (B,):
-        ln sigma ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2,
-        L = lambda(sigma) * || D(x0 + sigma eps; sigma, c) - x0 ||^2.
-    `sigma` (B,) overrides the log-normal draw (DMD2 draws it on the Karras grid); `noise` fixes eps."""
-    B = x0.shape[0]
-    if sigma is None:
-        sigma = (torch.randn(B, device=x0.device) * P_std + P_mean).exp()
-    sigma, s = _as_column(sigma, x0)
-    if noise is None:
-        noise = torch.randn_like(x0)
-    weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
-    D = denoiser(x0 + s * noise, sigma, labels)
-    return (weight * (D - x0) ** 2).flatten(1).sum(1)
-
-
-def heun_nfe(steps):
-    """Network evaluations of the Heun sampler: 2 per step, minus the skipped correction at the last step."""
-    return 2 * steps - 1
-
-
-@torch.no_grad()
-def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, churn=0.0):
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; with churn > 0, Algorithm 2's
-    stochastic 'churn' with S_noise = 1 over all sigmas). z ~ N(0, I) of the data's shape; x_0 = sigma_max z.
-        d_i = (x_i - D(x_i; t_i)) / t_i,   x_{i+1} = x_i + (t_{i+1} - t_i) d_i,
-        if t_{i+1} > 0:  d' = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1},  x_{i+1} = x_i + (t_{i+1} - t_i)(d_i + d')/2."""
-    t = sampling_sigmas(steps, sigma_min, sigma_max, rho, z.device)
-    x = z.double() * t[0]
-    for i in range(steps):
-        t_cur, t_next = t[i], t[i + 1]
-        if churn > 0:
-            gamma = min(churn / steps, math.sqrt(2) - 1)
-            t_hat = t_cur * (1 + gamma)
-            x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * torch.randn_like(x)
-            t_cur = t_hat
-        d = (x - denoiser(x.float(), t_cur.float(), labels).double()) / t_cur
-        x_next = x + (t_next - t_cur) * d
-        if t_next > 0:
-            d2 = (x_next - denoiser(x_next.float(), t_next.float(), labels).double()) / t_next
-            x_next = x + (t_next - t_cur) * (d + d2) / 2
-        x = x_next
-    return x.float()
-
-
-def generate(generator, z, labels, sigmas, noise_generator=None):
-    """The few-step sampler of every student (SiD, DMD2, ADD): x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c),
-    then x = x0 + sigma_{k+1} eps for the next level; the last x0 is the sample (one network evaluation per level).
-    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). `noise_generator` (a
-    torch.Generator) makes the re-noising reproducible. Gradients flow unless the caller turns them off."""
-    x = sigmas[0] * z
-    for k, sigma in enumerate(sigmas):
-        x0 = generator(x, sigma, labels)  # (B, *shape)
-        if k + 1 < len(sigmas):
-            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=noise_generator)
-            x = x0 + sigmas[k + 1] * eps
-    return x0
-
-
-def student_sampler(net, sigmas, args, device):
-    """fn(z, labels) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient, --amp
-    autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the same
-    noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one)."""
-    noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-
-    @torch.no_grad()
-    def sample(z, labels):
-        with autocast(args, device):
-            return generate(net, z, labels, sigmas, noise_generator).float()
-    return sample
-
-
-# ================================================================================================================
-# AMP, OPTIMISERS, EMA
-# ================================================================================================================
-
-def amp_dtype(args, device):
-    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
-    mode = args.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
-
-
-def autocast(args, device):
-    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
-    dtype = amp_dtype(args, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
-    three calls of one update, as each training iteration writes them:
-        opt.zero_grad()
-        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
-        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
-    Under torchrun every rank skips together (a non-finite loss on any rank)."""
-
-    def __init__(self, optimizer, args, device, clip=None):
-        self.opt, self.clip = optimizer, clip
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
-        self.skipped = 0  # consecutive steps skipped for a non-finite loss
-        self.skip_this = False  # the current update's loss was non-finite
-        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
-
-    def set_lr(self, lr):
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
-
-    def backward(self, loss):
-        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
-        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
-        --max-skips). Returns whether it back-propagated."""
-        finite = torch.isfinite(loss).all()
-        if torch.distributed.is_initialized():
-            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
-            # gradient all-reduce forever
-            finite = finite.float()
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            finite = finite > 0
-        self.skip_this = not bool(finite)
-        if self.skip_this:
-            self.skipped += 1
-            return False
-        self.skipped = 0
-        self.scaler.scale(loss).backward()
-        return True
-
-    def step(self):
-        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
-        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
-        if self.skip_this:
-            return False
-        self.scaler.unscale_(self.opt)
-        for p in self.params:
-            if p.grad is not None:
-                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return True
-
-    def state_dict(self):
-        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
-        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
-
-    def load_state_dict(self, state):
-        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
-        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
-        scale when the checkpoint has none."""
-        self.opt.load_state_dict(state["opt"])
-        if not self.scaler.is_enabled():
-            self.idle_scaler_state = dict(state["scaler"])
-        elif state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
-
-
-@torch.no_grad()
-def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
-    """EMA with a half-life in images: beta = 0.5^(batch / halflife_img); with rampup_ratio (EDM: 0.05), the
-    half-life is capped at rampup_ratio * images seen so far, so early averages forget the initialisation fast."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None and nimg is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    beta = 0.5 ** (batch / max(halflife, 1e-8))
-    for p_ema, p in zip(ema.parameters(), unwrap(net).parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
-        b_ema.copy_(b)
-
-
-def set_dropout(net, p):
-    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
-    the teacher's dropout). Returns the network."""
-    for m in unwrap(net).modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-    return net
-
-
-def requires_grad(net, flag):
-    """Freeze / unfreeze a network's parameters (gradients still flow through its inputs when frozen)."""
-    for p in unwrap(net).parameters():
-        p.requires_grad_(flag)
-    return net
-
-
-# ================================================================================================================
-# CHECKPOINTS
-# ================================================================================================================
-
-def rng_state():
-    """Every RNG's state in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
-def save_checkpoint(path, objects, step, config):
-    """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config.
-    Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the old checkpoint, so a
-    kill at any moment leaves either the old or the new checkpoint, never half of one."""
-    path = Path(path)
-    state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
-             "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (no arbitrary unpickling); a clear UserError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({_reason(e)}); "
-                        f"replace it with a good copy or delete it") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "state" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project")
-    return ckpt
-
-
-def restore(objects, ckpt, path="checkpoint"):
-    """Load each object's state from a checkpoint; a mismatch (other preset, resolution, classes) is a UserError."""
-    for name, obj in objects.items():
-        if name not in ckpt["state"]:
-            raise UserError(f"{path} has no {name!r} (has {sorted(ckpt['state'])}); is it from another method?")
-        try:
-            unwrap(obj).load_state_dict(ckpt["state"][name])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UserError(f"{path}: {name!r} does not fit this configuration (other --preset, --resolution "
-                            f"or --cond?): {_reason(e)}") from None
-
-
-# ================================================================================================================
-# RUN FOLDER
-# ================================================================================================================
-
-_HELD_LOCKS = {}  # run folder -> the open file whose flock this process holds (released when the process ends)
-
-
-def hold_folder(folder, create):
-    """One live run per folder: hold an exclusive flock on folder/.lock for the rest of this process (the kernel
-    drops it when the process ends, however it ends, so a lock left by a killed run never blocks --resume). The file
-    holds the holder's pid, for the error a second process gets. With create=False (the folder may not be ours to
-    write in yet) only an existing .lock is opened, and a folder without one is left as it is. Re-entrant within a
-    process. Returns False where file locks are not available (not Linux / macOS)."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    folder = Path(folder).resolve()
-    if folder in _HELD_LOCKS:
-        return True
-    path = folder / ".lock"
-    if not create and not path.is_file():
-        return True
-    f = open(path, "a+" if create else "r")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise UserError(f"{folder} is in use by another run (process {pid}); wait for it to end or stop it, or "
-                        f"choose another --out-dir") from None
-    if create:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-    _HELD_LOCKS[folder] = f
-    return True
-
-
-class Run:
-    """The run folder: config.json, metrics.jsonl, ckpt.pt, pictures. Only rank 0 writes, and only one process at a
-    time: rank 0 holds the folder's lock (hold_folder) from before its first write until it ends.
-    An existing run is never overwritten: continue it with --resume or discard it with --overwrite."""
-
-    def __init__(self, args, dist):
-        self.dir, self.dist, self.args = Path(args.out_dir), dist, args
-        self.ckpt_path = self.dir / "ckpt.pt"
-        self.metrics_path = self.dir / "metrics.jsonl"
-        if dist.is_main and self.dir.is_dir():
-            hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
-        if args.resume and not self.ckpt_path.is_file():
-            raise UserError(f"--resume: no checkpoint {self.ckpt_path} to continue from")
-        # a folder holds a run once it has a checkpoint, a metrics log or a generator; a config.json alone (a run
-        # that failed before its first log line, e.g. on missing data) is simply started again
-        held = [f for f in (self.ckpt_path, self.metrics_path, self.dir / "generator.pt") if f.exists()]
-        if not args.resume and held and not args.overwrite:
-            raise UserError(f"{self.dir} already holds a run; pass --resume to continue it or --overwrite to start "
-                            f"again (or choose another --out-dir)")
-        dist.barrier()  # every rank has checked before rank 0 writes anything
-        self.opened = False
-
-    def open(self):
-        """Create the folder, clear the old run's files with --overwrite, write config.json. Deferred until
-        resume(), which every script calls once its data, teacher and checkpoint have loaded, so that input which
-        fails earlier leaves nothing behind."""
-        if self.opened:
-            return
-        self.opened = True
-        if self.dist.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            hold_folder(self.dir, create=True)  # before the first write, and before --overwrite clears anything
-            if self.args.overwrite:
-                for f in [self.ckpt_path, self.metrics_path, self.dir / "generator.pt", *self.dir.glob("*.png")]:
-                    f.unlink(missing_ok=True)
-            (self.dir / "config.json").write_text(json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
-
-    def log(self, record):
-        self.open()
-        if self.dist.is_main:
-            record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(self, objects, step):
-        self.open()
-        if self.dist.is_main:
-            save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
-
-    def resume(self, objects):
-        """Restore objects and RNG states from ckpt.pt when --resume; returns the step to continue from (0 if new)."""
-        if not self.args.resume:
-            self.open()
-            return 0
-        ckpt = load_checkpoint(self.ckpt_path)
-        old = ckpt["config"]
-        for key in ("dataset", "resolution", "preset", "cond", "method"):
-            if old.get(key) != getattr(self.args, key):
-                raise UserError(f"--resume: the run in {self.dir} has {key}={old.get(key)!r}, this command "
-                                f"{key}={getattr(self.args, key)!r}")
-        restore(objects, ckpt, self.ckpt_path)
-        self.open()
-        if self.dist.world == 1:
-            set_rng_state(ckpt["rng"])
-        if self.dist.is_main:
-            self._drop_metrics_after(ckpt["step"])
-        if self.dist.is_main:
-            print(f"resumed {self.dir} at iteration {ckpt['step']}")
-        return ckpt["step"]
-
-    def _drop_metrics_after(self, step):
-        """A run killed after its last checkpoint logged iterations that the resumed run repeats: drop those lines
-        (and a half-written last line), so metrics.jsonl holds each iteration once."""
-        if not self.metrics_path.is_file():
-            return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("iter", 0) <= step:
-                keep.append(line)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
-
-
-# ================================================================================================================
-# EVALUATION
-# ================================================================================================================
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet (2-Wasserstein) distance of two Gaussians.
-    float64, scipy.linalg.sqrtm, with a small ridge when the product is near-singular (as the FID code does)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(len(cov1)) * 1e-6
-        covmean = scipy.linalg.sqrtm((cov1 + ridge) @ (cov2 + ridge))
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
-
-
-def sliced_w2(x, y, projections=256, seed=0):
-    """Sliced 2-Wasserstein distance between two equal-size point sets (n, D): the root mean square, over random
-    unit directions, of the 1-D W2 distance (sorted projections)."""
-    n = min(len(x), len(y))
-    x, y = x[:n].double(), y[:n].double()
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = torch.sort(x.cpu() @ dirs, dim=0)
-    py, _ = torch.sort(y.cpu() @ dirs, dim=0)
-    return float(((px - py) ** 2).mean().sqrt())
-
-
-def mixture_metrics(x, mixture, labels=None, seed=0):
-    """Sample quality against the exact mixture. x (n, ...) is flattened to (n, D). Each sample is assigned to the
-    component of highest likelihood N(x; mu_k, v_k) ("nearest component").
-        sw2        sliced W2 to fresh true samples (0 = perfect; compare with two true sets of the same size)
-        mode_tv    total variation between assigned shares and the true weights, 0.5 sum_k |share_k - w_k|
-        modes      components holding at least a quarter of their true share
-        precision  share of samples inside their component's 99.9% ellipsoid (chi^2_D quantile)
-        mode_w2    (D = 2) the shape of each mode: Gaussian W2 distance (sqrt of the Frechet distance) between the
-                   samples assigned to a component and fresh true samples assigned to it, averaged with the true
-                   weights over the components holding >= 10 samples of each. sw2, mode_tv and precision can look
-                   fine while every mode has shrunk to a spike or smeared along a filament; this does not.
-        fd         (D > 2) Frechet distance of the samples' mean/covariance to the mixture's exact ones
-        class_acc  (with labels) share of samples assigned to the component of their label."""
-    x = x.detach().flatten(1).double().cpu()
-    n, D = x.shape
-    comp = mixture.component_log_prob(x, 0.0)  # (n, K)
-    assign = comp.argmax(1)
-    share = torch.bincount(assign, minlength=mixture.num_components).double() / n
-    w = mixture.weights
-    # Mahalanobis^2 = -2 (log N - log-normaliser) for a diagonal Gaussian.
-    v = mixture.variances[:, None].expand(-1, D) if mixture.isotropic else mixture.variances
-    lognorm = -0.5 * torch.log(2 * math.pi * v).sum(1)
-    maha2 = -2 * (comp.gather(1, assign[:, None])[:, 0] - lognorm[assign])
-    true_x, _ = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    out = {
-        "sw2": sliced_w2(x, true_x, seed=seed),
-        "mode_tv": float(0.5 * (share - w).abs().sum()),
-        "modes": int((share >= 0.25 * w).sum()),
-        "precision": float((maha2 <= scipy.stats.chi2.ppf(0.999, D)).double().mean()),
-    }
-    if D == 2:
-        true_assign = mixture.component_log_prob(true_x, 0.0).argmax(1)
-        total, weight = 0.0, 0.0
-        for k in range(mixture.num_components):
-            a, b = x[assign == k], true_x[true_assign == k]
-            if len(a) >= 10 and len(b) >= 10:
-                fd = frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
-                total, weight = total + float(w[k]) * math.sqrt(max(fd, 0.0)), weight + float(w[k])
-        out["mode_w2"] = total / weight if weight else float("nan")
-    if D > 2:
-        out["fd"] = frechet_distance(x.mean(0), torch.cov(x.T), mixture.mean(), mixture.covariance())
-    if labels is not None:
-        out["class_acc"] = float((assign == labels.cpu()).double().mean())
-    return out
-
-
-@torch.no_grad()
-def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
-    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
-    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
-    g = torch.Generator().manual_seed(seed)
-    z_all = torch.randn(n, *info.shape, generator=g)
-    labels_all = balanced_labels(info, n, "cpu")
-    out = []
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
-        z = z_all[i:i + batch].to(device)
-        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
-        out.append(fn(z, labels).float().cpu())
-    return torch.cat(out), labels_all
-
-
-def teacher_sampler(teacher, steps):
-    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
-    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
-
-
-def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
-    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
-    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
-    FID (every rank must call this then). Returns (metrics, x)."""
-    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
-                         desc=f"eval {tag}")
-    metrics = {}
-    if info.mixture is not None:
-        metrics = mixture_metrics(x, info.mixture, labels)
+def start_method(args):
+    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
+    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
+    run is None and the teacher has random weights."""
+    dist = init_distributed(args)
+    info = dataset_info(args)
+    if dist.is_main:
+        print_config(args)
+    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
+        return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples:
-        metrics.update(fid(args, info, fn, dist))
-    if run is not None and run.dist.is_main:
-        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
-        save_picture(run.dir / name, info, x, reference)
-    return metrics, x
+        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
+    if args.teacher not in ("auto", "analytic"):
+        # a given teacher file is loaded (and checked against the run) before anything is written
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+        run = Run(args, dist)
+    else:
+        # the run folder is checked before a teacher is trained, which can take hours
+        run = Run(args, dist)
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+    return dist, info, run, teacher, teacher_net
+
+
+def teacher_reference(args, info, teacher, run):
+    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
+    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
+    nfe = heun_nfe(args.teacher_steps)
+    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
+                          tag=f"teacher-{nfe}nfe")
+    if metrics:
+        run.log({f"teacher/{k}": v for k, v in metrics.items()})
+        if run.dist.is_main:
+            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics, x, nfe
+
+
+def save_generator(args, run, ema):
+    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
+    if run.dist.is_main:
+        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    run.dist.barrier()
+
+
+def load_generator(path, args, info):
+    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
+    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
+    net = build_denoiser(args, info)
+    restore({"generator": net}, load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
+
+
+# ================================================================================================================
+# PICTURES (no plotting dependency: torchvision's save_image)
+# ================================================================================================================
+
+def render_scatter(points, lim=1.3, size=192, colour=(0.1, 0.3, 0.9)):
+    """A 2-D point set as a (3, size, size) image: log-density histogram on [-lim, lim]^2, white background."""
+    p = points.detach().double().cpu()
+    ij = ((p + lim) / (2 * lim) * size).floor().long()
+    keep = ((ij >= 0) & (ij < size)).all(1)
+    ij = ij[keep]
+    hist = torch.zeros(size * size, dtype=torch.float64)
+    hist.index_add_(0, (size - 1 - ij[:, 1]) * size + ij[:, 0], torch.ones(len(ij), dtype=torch.float64))
+    dens = torch.log1p(hist.reshape(size, size))
+    dens = dens / dens.max().clamp_min(1e-8)
+    c = torch.tensor(colour, dtype=torch.float64)[:, None, None]
+    return (1 - dens[None] * (1 - c)).float()
+
+
+def save_picture(path, info, x, reference=None, true=None):
+    """toy2d: scatter panels [true density | reference | x]; images: a grid with reference rows above x rows."""
+    from torchvision.utils import save_image
+    if len(info.shape) == 1:
+        if true is None and info.mixture is not None:
+            true, _ = info.mixture.sample(len(x), generator=torch.Generator().manual_seed(0))
+        panels = [render_scatter(true, colour=(0.2, 0.2, 0.2))] if true is not None else []
+        if reference is not None:
+            panels.append(render_scatter(reference, colour=(0.1, 0.5, 0.1)))
+        panels.append(render_scatter(x, colour=(0.8, 0.1, 0.1)))
+        gap = torch.ones(3, panels[0].shape[1], 6)
+        img = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=2)
+        save_image(img, path)
+        return
+    rows = 8
+    imgs = [x[:rows * 8]]
+    if reference is not None:
+        imgs.insert(0, reference[:rows * 8])
+    save_image(torch.cat(imgs).clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1), padding=1)
+
+
+def side_by_side(out, panels, gap=6, label_height=14):
+    """Compose a labelled figure from toy2d evaluation pictures: `panels` is a list of (label, png, index), taking
+    the index-th square panel (0 = true density, 1 = teacher, 2 = student) of a picture that save_picture wrote.
+    Example: side_by_side("assets/toy2d.png", [("data", "runs/r/sid/sid-001000.png", 0), ...])."""
+    from PIL import Image, ImageDraw
+    crops = []
+    for label, png, index in panels:
+        img = Image.open(png).convert("RGB")
+        size = (img.width - 2 * gap) // 3  # three square panels separated by `gap` columns
+        if img.height != size:
+            raise UserError(f"{png} is not a toy2d evaluation picture (three {img.height}px panels)")
+        left = index * (size + gap)
+        crops.append((label, img.crop((left, 0, left + size, size))))
+    size = crops[0][1].width
+    fig = Image.new("RGB", (len(crops) * size + (len(crops) - 1) * gap, size + label_height), "white")
+    draw = ImageDraw.Draw(fig)
+    for i, (label, crop) in enumerate(crops):
+        x = i * (size + gap)
+        draw.text((x + 2, 1), label, fill=(0, 0, 0))
+        fig.paste(crop, (x, label_height))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out)
 
 
 # ================================================================================================================
@@ -1394,171 +1736,6 @@ def fid(args, info, fn, dist, n=None, seed=None):
 
 
 # ================================================================================================================
-# PICTURES (no plotting dependency: torchvision's save_image)
-# ================================================================================================================
-
-def render_scatter(points, lim=1.3, size=192, colour=(0.1, 0.3, 0.9)):
-    """A 2-D point set as a (3, size, size) image: log-density histogram on [-lim, lim]^2, white background."""
-    p = points.detach().double().cpu()
-    ij = ((p + lim) / (2 * lim) * size).floor().long()
-    keep = ((ij >= 0) & (ij < size)).all(1)
-    ij = ij[keep]
-    hist = torch.zeros(size * size, dtype=torch.float64)
-    hist.index_add_(0, (size - 1 - ij[:, 1]) * size + ij[:, 0], torch.ones(len(ij), dtype=torch.float64))
-    dens = torch.log1p(hist.reshape(size, size))
-    dens = dens / dens.max().clamp_min(1e-8)
-    c = torch.tensor(colour, dtype=torch.float64)[:, None, None]
-    return (1 - dens[None] * (1 - c)).float()
-
-
-def save_picture(path, info, x, reference=None, true=None):
-    """toy2d: scatter panels [true density | reference | x]; images: a grid with reference rows above x rows."""
-    from torchvision.utils import save_image
-    if len(info.shape) == 1:
-        if true is None and info.mixture is not None:
-            true, _ = info.mixture.sample(len(x), generator=torch.Generator().manual_seed(0))
-        panels = [render_scatter(true, colour=(0.2, 0.2, 0.2))] if true is not None else []
-        if reference is not None:
-            panels.append(render_scatter(reference, colour=(0.1, 0.5, 0.1)))
-        panels.append(render_scatter(x, colour=(0.8, 0.1, 0.1)))
-        gap = torch.ones(3, panels[0].shape[1], 6)
-        img = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=2)
-        save_image(img, path)
-        return
-    rows = 8
-    imgs = [x[:rows * 8]]
-    if reference is not None:
-        imgs.insert(0, reference[:rows * 8])
-    save_image(torch.cat(imgs).clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1), padding=1)
-
-
-def side_by_side(out, panels, gap=6, label_height=14):
-    """Compose a labelled figure from toy2d evaluation pictures: `panels` is a list of (label, png, index), taking
-    the index-th square panel (0 = true density, 1 = teacher, 2 = student) of a picture that save_picture wrote.
-    Example: side_by_side("assets/toy2d.png", [("data", "runs/r/sid/sid-001000.png", 0), ...])."""
-    from PIL import Image, ImageDraw
-    crops = []
-    for label, png, index in panels:
-        img = Image.open(png).convert("RGB")
-        size = (img.width - 2 * gap) // 3  # three square panels separated by `gap` columns
-        if img.height != size:
-            raise UserError(f"{png} is not a toy2d evaluation picture (three {img.height}px panels)")
-        left = index * (size + gap)
-        crops.append((label, img.crop((left, 0, left + size, size))))
-    size = crops[0][1].width
-    fig = Image.new("RGB", (len(crops) * size + (len(crops) - 1) * gap, size + label_height), "white")
-    draw = ImageDraw.Draw(fig)
-    for i, (label, crop) in enumerate(crops):
-        x = i * (size + gap)
-        draw.text((x + 2, 1), label, fill=(0, 0, 0))
-        fig.paste(crop, (x, label_height))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.save(out)
-
-
-# ================================================================================================================
-# TRAINING LOOP
-# ================================================================================================================
-
-class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
-
-    def __init__(self):
-        self.raised = None
-        self.old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.raised = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-def _all_finite(objects):
-    return all(torch.isfinite(p).all() for obj in objects.values() if isinstance(obj, nn.Module)
-               for p in obj.parameters())
-
-
-class TrainLoop:
-    """The training loop every script writes out in its main():
-
-        loop = common.TrainLoop(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f])
-        for step in loop:                # step = start, ..., total - 1
-            loop.log(iteration(step))    # one training iteration; its losses, a dict of scalars
-
-    The loop object keeps the bookkeeping around each iteration: it logs the losses every --log-every, evaluates
-    with evaluate(done) -> dict every --eval-every and at the end (and only that, when start >= total: a finished run
-    resumed, e.g. with --fid-samples 50000), checkpoints `objects` every --ckpt-every, at the end and on SIGINT /
-    SIGTERM (then exits with 128 + the signal), and stops the run after --max-skips consecutive steps that the
-    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. `metrics` holds the
-    latest evaluation."""
-
-    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
-        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
-        self.start, self.total = start, args.iters if total is None else total
-        self.desc, self.optimizers = desc, list(optimizers)
-        self.losses, self.metrics = {}, {}
-
-    def log(self, losses):
-        """The losses of the iteration that just ran (logged every --log-every)."""
-        self.losses = losses
-
-    def _evaluate_and_log(self, done):
-        metrics = self.evaluate(done)
-        if metrics:
-            self.metrics = dict(metrics)
-            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
-            if self.run.dist.is_main:
-                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-    def __iter__(self):
-        args, run, desc = self.args, self.run, self.desc
-        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
-            if run.dist.is_main:
-                print(f"{desc}: already at iteration {self.start} of {self.total}; evaluating")
-            self._evaluate_and_log(self.start)
-            return
-        t0 = time.time()
-        with _StopFlag() as stop:
-            bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=desc,
-                       disable=not run.dist.is_main, dynamic_ncols=True)
-            for step in bar:
-                self.losses = {}
-                yield step  # the body of the caller's for-loop runs here
-                done = step + 1
-                bad = max((o.skipped for o in self.optimizers), default=0)
-                if bad >= args.max_skips:
-                    raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
-                                    f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
-                if done % args.log_every == 0 or done == self.total:
-                    record = {k: float(v) for k, v in self.losses.items()}
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
-                    run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
-                if (args.eval_every and done % args.eval_every == 0) or done == self.total:
-                    self._evaluate_and_log(done)
-                if done % args.ckpt_every == 0 or done == self.total or stop.raised:
-                    if not _all_finite(self.objects):
-                        raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
-                                        f"good checkpoint is {run.ckpt_path}")
-                    run.save(self.objects, done)
-                if stop.raised:
-                    print(f"\n{desc}: signal {stop.raised} received; checkpoint saved at iteration {done} in "
-                          f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
-                    run.dist.barrier()
-                    sys.exit(128 + stop.raised)
-            bar.close()
-
-
-# ================================================================================================================
 # BENCHMARK (--bench)
 # ================================================================================================================
 # Speed is measured here, not in tests. Every number of one --bench line comes from the same process, so the ratios
@@ -1693,163 +1870,6 @@ def bench_compare(main, argv, base):
         out["compile_vs_eager"] = round(speed["bf16_compile"] / speed["bf16"], 3)
     print(json.dumps(out), flush=True)
     return out
-
-
-# ================================================================================================================
-# TEACHER
-# ================================================================================================================
-
-TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "teacher_batch", "teacher_lr",
-                "teacher_ema", "teacher_rampup", "teacher_seed")
-
-
-def teacher_config(args):
-    return {k: getattr(args, k) for k in TEACHER_KEYS}
-
-
-def teacher_folder(args):
-    """runs/teachers/<dataset><res>-<preset>-<cond|uncond>-<hash of the training config>/"""
-    cfg = teacher_config(args)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    res = "" if args.dataset == "toy2d" else str(args.resolution)
-    return Path(args.teacher_dir) / f"{args.dataset}{res}-{args.preset}-{'cond' if args.cond else 'uncond'}-{key}"
-
-
-def build_denoiser(args, info):
-    """A fresh EDM denoiser with the preset's network: the architecture of the teacher and all its copies."""
-    return EDMDenoiser(unet.build_network(args.preset, info.shape, info.label_dim))
-
-
-def train_teacher(args, info, dist, folder):
-    """EDM training (Karras et al. 2022, Sec. 5): Adam(0.9, 0.999), lr warm-up over --teacher-rampup kimg,
-    EMA with --teacher-ema half-life, nan_to_num on gradients, AMP per --amp. Resumable: an interrupted run
-    continues from folder/ckpt.pt the next time the teacher is asked for. Writes folder/teacher.pt (EMA)."""
-    net = build_denoiser(args, info).to(dist.device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = AmpOptimizer(torch.optim.Adam(net.parameters(), lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8),
-                       args, dist.device)
-    net_t = wrap(net, args, dist)
-    targs = copy.copy(args)
-    targs.out_dir, targs.batch, targs.eval_every, targs.method = str(folder), args.teacher_batch, 0, "teacher"
-    targs.resume = (folder / "ckpt.pt").is_file()
-    targs.overwrite = not targs.resume
-    data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
-    run = Run(targs, dist)
-    objects = {"net": net, "ema": ema, "opt": opt}
-    start = run.resume(objects)
-    batch = args.teacher_batch
-
-    if dist.is_main:
-        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
-    loop = TrainLoop(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", optimizers=[opt])
-    for step in loop:
-        x0, labels = next(data)
-        nimg = step * batch
-        opt.set_lr(args.teacher_lr * min(nimg / max(args.teacher_rampup * 1000, 1e-8), 1.0))
-        with autocast(args, dist.device):
-            # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
-            loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
-        loop.log({"loss": loss.detach()})
-    if dist.is_main:
-        save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
-                        {**teacher_config(args), "num_classes": info.label_dim})
-    dist.barrier()
-
-
-def load_teacher_file(path, args, info):
-    """A trained teacher (EMA weights) from a teacher.pt, checked against this run's data and network flags."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    for key in ("dataset", "resolution", "preset", "cond"):
-        if key in cfg and cfg[key] != getattr(args, key):
-            raise UserError(f"teacher {path} was trained with {key}={cfg[key]!r} but this run has "
-                            f"{key}={getattr(args, key)!r}")
-    net = build_denoiser(args, info)
-    restore({"ema": net}, ckpt, path)
-    return net
-
-
-def load_or_train_teacher(args, info, dist):
-    """Returns (teacher, teacher_net):
-        teacher      the frozen D_phi the method distils from: the trained network, or with --teacher analytic
-                     the exact mixture denoiser;
-        teacher_net  the trained EDMDenoiser (frozen, eval) that the method's networks are copied from.
-    --teacher auto trains the teacher once into --teacher-dir (keyed by dataset, network and training config)
-    and loads it from there afterwards; --teacher PATH loads a given teacher.pt."""
-    if args.teacher not in ("auto", "analytic"):
-        path = Path(args.teacher)
-    else:
-        folder = teacher_folder(args)
-        path = folder / "teacher.pt"
-        if not path.is_file():
-            train_teacher(args, info, dist, folder)
-    teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
-    if args.teacher == "analytic":
-        teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
-    else:
-        teacher = teacher_net
-    # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
-    seed_everything(args.seed + dist.rank)
-    return teacher, teacher_net
-
-
-# ================================================================================================================
-# THE FRAME OF A METHOD SCRIPT (what sid.py, dmd2.py and add.py do before and after their own training)
-# ================================================================================================================
-
-def start_method(args):
-    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
-    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
-    run is None and the teacher has random weights."""
-    dist = init_distributed(args)
-    info = dataset_info(args)
-    if dist.is_main:
-        print_config(args)
-    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
-        return (dist, info, None, *bench_networks(args, info, dist))
-    if args.fid_samples:
-        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
-    if args.teacher not in ("auto", "analytic"):
-        # a given teacher file is loaded (and checked against the run) before anything is written
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-        run = Run(args, dist)
-    else:
-        # the run folder is checked before a teacher is trained, which can take hours
-        run = Run(args, dist)
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-    return dist, info, run, teacher, teacher_net
-
-
-def teacher_reference(args, info, teacher, run):
-    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
-    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
-    nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
-                          tag=f"teacher-{nfe}nfe")
-    if metrics:
-        run.log({f"teacher/{k}": v for k, v in metrics.items()})
-        if run.dist.is_main:
-            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics, x, nfe
-
-
-def save_generator(args, run, ema):
-    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
-    if run.dist.is_main:
-        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
-    run.dist.barrier()
-
-
-def load_generator(path, args, info):
-    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
-    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
-    net = build_denoiser(args, info)
-    restore({"generator": net}, load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
 
 
 # ================================================================================================================
