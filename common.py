@@ -35,10 +35,13 @@ import argparse
 import contextlib
 import copy
 import gc
+import collections
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -584,7 +587,8 @@ TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "tea
 
 
 def teacher_config(args):
-    return {k: getattr(args, k) for k in TEACHER_KEYS}
+    """What a trained teacher is made of (its cache key): data, network preset and layout, training flags."""
+    return {**{k: getattr(args, k) for k in TEACHER_KEYS}, "layout": unet.layout_version(args.preset)}
 
 
 def teacher_folder(args):
@@ -648,6 +652,9 @@ def load_teacher_file(path, args, info):
         if key in cfg and cfg[key] != getattr(args, key):
             raise UserError(f"teacher {path} was trained with {key}={cfg[key]!r} but this run has "
                             f"{key}={getattr(args, key)!r}")
+    if cfg.get("layout", 1) != unet.layout_version(args.preset):
+        raise UserError(f"teacher {path} has an earlier layout of the {args.preset!r} network; train it again "
+                        f"(delete it, or pass --teacher auto)")
     net = build_denoiser(args, info)
     restore({"ema": net}, ckpt, path)
     return net
@@ -659,15 +666,22 @@ def load_or_train_teacher(args, info, dist):
                      the exact mixture denoiser;
         teacher_net  the trained EDMDenoiser (frozen, eval) that the method's networks are copied from.
     --teacher auto trains the teacher once into --teacher-dir (keyed by dataset, network and training config)
-    and loads it from there afterwards; --teacher PATH loads a given teacher.pt."""
-    if args.teacher not in ("auto", "analytic"):
-        path = Path(args.teacher)
+    and loads it from there afterwards; --teacher PATH loads a given teacher.pt; --teacher edm downloads NVIDIA's
+    pretrained EDM network for the dataset into --teacher-dir (once) and --teacher PATH.pkl loads such a pickle,
+    both without running any code from it (load_edm_pickle)."""
+    if args.teacher == "edm" or is_edm_pickle(args.teacher):
+        path = fetch(edm_download_key(args), args.teacher_dir, dist) if args.teacher == "edm" else \
+            verified_file(args.teacher)
+        teacher_net = load_edm_pickle(path, args, info).to(dist.device).eval().requires_grad_(False)
     else:
-        folder = teacher_folder(args)
-        path = folder / "teacher.pt"
-        if not path.is_file():
-            train_teacher(args, info, dist, folder)
-    teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
+        if args.teacher not in ("auto", "analytic"):
+            path = Path(args.teacher)
+        else:
+            folder = teacher_folder(args)
+            path = folder / "teacher.pt"
+            if not path.is_file():
+                train_teacher(args, info, dist, folder)
+        teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
     if args.teacher == "analytic":
         teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
     else:
@@ -675,6 +689,221 @@ def load_or_train_teacher(args, info, dist):
     # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
     seed_everything(args.seed + dist.rank)
     return teacher, teacher_net
+
+
+# NVIDIA's pretrained EDM networks, loaded safely. EDM's pickles (torch_utils.persistence) hold their classes' Python
+# source and rebuild every network object by running it; an ordinary unpickling of such a file runs whatever code it
+# names. Here a restricted unpickler admits only what carries weights: tensors and their storages (read from the
+# storages' own serialised bytes by a second restricted reader), plain containers, and EDM's persistent objects, each
+# of which becomes an inert record of its class name and attribute dict (its source is never compiled). Any other
+# global in the file is refused before anything runs. The weights are then copied, by name, into this project's
+# layer-for-layer copy of EDM's network (unet.SongUNet / unet.DhariwalUNet), built from the init arguments recorded in
+# the pickle and checked against the run.
+
+EDM_PRESETS = {"cifar10": "edm-cifar10", "imagenet64": "edm-imagenet64"}  # --teacher edm: dataset -> network preset
+
+
+def edm_download_key(args):
+    """The DOWNLOADS key of NVIDIA's EDM network for this run (--teacher edm)."""
+    return f"edm-{args.dataset}-{'cond' if args.cond else 'uncond'}"
+
+
+def is_edm_pickle(teacher):
+    return str(teacher).endswith(".pkl")
+
+
+class _Persistent:
+    """An EDM persistent object as data: its class name and its attribute dict (parameters, buffers, submodules,
+    init arguments). Made in place of running the class's recorded source."""
+
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+
+class _Inert:
+    """Stands in for a torch.nn container class named in the pickle (ModuleDict, ...): it keeps the state the
+    pickle gives it and runs nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _InertDict(dict):
+    """Stands in for a dict subclass named in the pickle (dnnlib's EasyDict)."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def _persistent_object(meta):
+    """torch_utils.persistence._reconstruct_persistent_obj, without compiling meta['module_src']."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("a persistent object without a class record")
+    return _Persistent(str(meta.get("class_name")), meta["state"])
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 on a flat tensor: a copy of the strided view."""
+    return torch.as_strided(storage, tuple(size), tuple(stride), int(storage_offset)).clone()
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the names in ALLOWED (module, name) -> stand-in; anything else raises
+    pickle.UnpicklingError naming the global, before it is looked up."""
+    ALLOWED = {}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        if module.startswith("torch.nn.modules.") and name[:1].isupper():
+            return _Inert  # a torch container class (ModuleDict, ModuleList, ...): its state only
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+class _StorageUnpickler(_RestrictedUnpickler):
+    """Reads a storage's serialised bytes (torch's legacy format, what a pickled storage holds): the record that
+    names its dtype and key, then the raw data. Only torch's storage classes may be named."""
+    ALLOWED = {("torch", name): name for name in _STORAGE_DTYPES}
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, location, numel = pid[:5]
+        if kind != "storage" or storage_type not in _STORAGE_DTYPES:
+            raise pickle.UnpicklingError(f"unexpected storage record {kind!r} {storage_type!r}")
+        self.records[key] = _STORAGE_DTYPES[storage_type]
+        return key
+
+
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+
+
+def _storage_from_bytes(data):
+    """torch.storage._load_from_bytes without torch.load: the storage as a flat tensor of its dtype."""
+    f = io.BytesIO(data)
+    plain = _RestrictedUnpickler
+    if plain(f).load() != _LEGACY_MAGIC:
+        raise pickle.UnpicklingError("a storage without torch's legacy magic number")
+    plain(f).load()  # protocol version
+    sys_info = plain(f).load()
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
+        raise pickle.UnpicklingError("a storage written on a big-endian machine")
+    reader = _StorageUnpickler(f)
+    reader.records = {}
+    key = reader.load()
+    tensors = {}
+    for k in plain(f).load():
+        dtype = reader.records[k]
+        numel = int.from_bytes(f.read(8), "little")
+        raw = f.read(numel * torch.empty((), dtype=dtype).element_size())
+        tensors[k] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    return tensors[key]
+
+
+class _EDMUnpickler(_RestrictedUnpickler):
+    ALLOWED = {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("dnnlib.util", "EasyDict"): _InertDict,
+    }
+
+
+def _state(obj):
+    return obj.state if isinstance(obj, (_Persistent, _Inert)) else {}
+
+
+def _collect_weights(obj, prefix="", out=None):
+    """The parameters and persistent buffers of a network held as records, by dotted name (a state dict)."""
+    out = {} if out is None else out
+    state = _state(obj)
+    for name, p in (state.get("_parameters") or {}).items():
+        if p is not None:
+            out[prefix + name] = p
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for name, b in (state.get("_buffers") or {}).items():
+        if b is not None and name not in skip:
+            out[prefix + name] = b
+    for name, m in (state.get("_modules") or {}).items():
+        if m is not None:
+            _collect_weights(m, prefix + name + ".", out)
+    return out
+
+
+def read_edm_pickle(path):
+    """The 'ema' network of an EDM pickle as records: (the EDMPrecond record, its network record). Refuses, with one
+    line, a file that names any other global, a truncated or foreign file, and one that is not an EDMPrecond."""
+    try:
+        with open(path, "rb") as f:
+            data = _EDMUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if "is not allowed" in str(e):
+            raise UserError(f"{path}: refused, the pickle names {str(e).split()[1]}, which none of NVIDIA's EDM "
+                            f"network files needs (nothing in it was run)") from None
+        raise UserError(f"{path} is corrupt or not an EDM network pickle ({_reason(e)}); replace it with a good copy "
+                        f"or delete it and let --teacher edm download it again") from None
+    except Exception as e:  # truncated file, bad opcodes, a storage that does not parse
+        raise UserError(f"{path} is corrupt or not an EDM network pickle ({_reason(e)}); replace it with a good copy "
+                        f"or delete it and let --teacher edm download it again") from None
+    precond = data.get("ema") if isinstance(data, dict) else None
+    if not isinstance(precond, _Persistent) or precond.class_name != "EDMPrecond":
+        found = precond.class_name if isinstance(precond, _Persistent) else type(precond).__name__
+        raise UserError(f"{path}: its 'ema' network is {found}, not EDMPrecond (the preconditioning of NVIDIA's "
+                        f"edm-*.pkl networks, which this project's EDMDenoiser implements)")
+    model = (precond.state.get("_modules") or {}).get("model")
+    if not isinstance(model, _Persistent) or model.class_name not in unet.UNETS:
+        raise UserError(f"{path}: the network inside is not one of {sorted(unet.UNETS)}")
+    return precond, model
+
+
+def edm_denoiser_from_pickle(path, info):
+    """NVIDIA's EDM network (an edm-*.pkl) as this project's EDMDenoiser, loading its weights and nothing else. The
+    preconditioning (EDMPrecond, sigma_data 0.5), the image size and channels, the label dimension and the sigma
+    range come from the pickle's recorded init arguments and must fit the data (`info`); the network is unet's copy
+    of EDM's class, built from its recorded init arguments."""
+    precond, model = read_edm_pickle(path)
+    p = precond.state
+    expected = {"img_resolution": info.shape[-1], "img_channels": info.shape[0], "label_dim": info.label_dim,
+                "sigma_data": SIGMA_DATA}
+    for key, want in expected.items():
+        if p.get(key) != want:
+            raise UserError(f"{path}: the network has {key}={p.get(key)!r} but this run needs {want!r} (--dataset, "
+                            f"--resolution, --cond)")
+    if not (float(p.get("sigma_min", 0)) <= SIGMA_MIN and float(p.get("sigma_max", math.inf)) >= SIGMA_MAX):
+        raise UserError(f"{path}: the network covers sigma in [{p.get('sigma_min')}, {p.get('sigma_max')}], not "
+                        f"EDM's sampling range [{SIGMA_MIN}, {SIGMA_MAX}]")
+    kwargs = dict(model.state.get("_init_kwargs") or {})
+    try:
+        net = unet.UNETS[model.class_name](**kwargs)
+        net.load_state_dict(_collect_weights(model), strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: its {model.class_name} does not load into this project's copy of EDM's network "
+                        f"({_reason(e)})") from None
+    return EDMDenoiser(net).eval()
+
+
+def load_edm_pickle(path, args, info):
+    """edm_denoiser_from_pickle, checked to be exactly the network of the run's --preset (the architecture that the
+    method's copies, its checkpoints and load_generator build)."""
+    teacher_net = edm_denoiser_from_pickle(path, info)
+    with torch.device("meta"):
+        reference = unet.build_network(args.preset, info.shape, info.label_dim)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    if shapes(reference) != shapes(teacher_net.net):
+        raise UserError(f"{path}: its {type(teacher_net.net).__name__} is not the network of --preset {args.preset}; "
+                        f"pass the preset that builds it (--teacher edm picks "
+                        f"{EDM_PRESETS.get(args.dataset, 'an edm-* preset')})")
+    return teacher_net
 
 
 # ================================================================================================================
@@ -1186,7 +1415,9 @@ def base_parser(description, method):
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default="auto",
                    help="'auto': train the EDM teacher or load it from --teacher-dir; 'analytic': the exact "
-                        "mixture denoiser (toy2d, synthetic); or a path to a teacher .pt file")
+                        "mixture denoiser (toy2d, synthetic); 'edm': NVIDIA's pretrained EDM network (cifar10 "
+                        "cond/uncond DDPM++, imagenet64 cond ADM), downloaded into --teacher-dir and loaded without "
+                        "running code from the pickle; or a path to a teacher .pt file or an EDM .pkl file")
     g.add_argument("--teacher-dir", default="runs/teachers", help="cache folder of trained teachers")
     g.add_argument("--preset", default=None, choices=sorted(unet.PRESETS),
                    help="network preset (unet.py) of the teacher, hence of every copy of it")
@@ -1253,6 +1484,17 @@ def parse_args(parser, method_defaults=None, argv=None):
             listed = ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in values)
             action.help = f"{action.help} (per dataset: {listed})"
     args = parser.parse_args(argv)
+    if args.teacher == "edm":
+        if args.dataset not in EDM_PRESETS:
+            parser.error(f"--teacher edm: NVIDIA published EDM networks for cifar10 and imagenet64, not "
+                         f"{args.dataset}")
+        if args.preset is None:
+            args.preset = EDM_PRESETS[args.dataset]
+        elif args.preset != EDM_PRESETS[args.dataset]:
+            parser.error(f"--teacher edm builds --preset {EDM_PRESETS[args.dataset]} for {args.dataset} "
+                         f"(got --preset {args.preset})")
+        if args.dataset == "imagenet64" and args.cond is False:
+            parser.error("--teacher edm: the ImageNet-64 EDM network is class-conditional; drop --no-cond")
     defaults = dict(DATASET_DEFAULTS[args.dataset])
     defaults.update((method_defaults or {}).get(args.dataset, {}))
     for k, v in defaults.items():
@@ -1279,8 +1521,9 @@ def parse_args(parser, method_defaults=None, argv=None):
         parser.error(f"--resolution for synthetic must be 8, 16, 32 or 64 (got {args.resolution})")
     if args.teacher == "analytic" and args.dataset not in ("toy2d", "synthetic"):
         parser.error("--teacher analytic needs a dataset with a known density: toy2d or synthetic")
-    if args.teacher not in ("auto", "analytic") and not Path(args.teacher).is_file():
-        parser.error(f"--teacher {args.teacher}: no such file (use 'auto', 'analytic' or a teacher .pt path)")
+    if args.teacher not in ("auto", "analytic", "edm") and not Path(args.teacher).is_file():
+        parser.error(f"--teacher {args.teacher}: no such file (use 'auto', 'analytic', 'edm', a teacher .pt path or "
+                     f"an EDM .pkl path)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     if args.fid_samples and args.dataset == "toy2d":
@@ -1384,12 +1627,12 @@ def start_method(args):
         return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples:
         fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
-    if args.teacher not in ("auto", "analytic"):
+    if args.teacher not in ("auto", "analytic", "edm"):
         # a given teacher file is loaded (and checked against the run) before anything is written
         teacher, teacher_net = load_or_train_teacher(args, info, dist)
         run = Run(args, dist)
     else:
-        # the run folder is checked before a teacher is trained, which can take hours
+        # the run folder is checked before a teacher is trained (hours) or downloaded
         run = Run(args, dist)
         teacher, teacher_net = load_or_train_teacher(args, info, dist)
     return dist, info, run, teacher, teacher_net
@@ -1487,7 +1730,7 @@ def side_by_side(out, panels, gap=6, label_height=14):
 
 
 # ================================================================================================================
-# FID: the standard Inception detector, reference statistics, checksums
+# FID: the standard Inception detector, reference statistics; downloads with checksums
 # ================================================================================================================
 # FID as the papers report it (StyleGAN2-ADA / EDM / SiD / DMD2 protocol): NVIDIA's TorchScript port of the 2015
 # TensorFlow Inception-v3 takes uint8 NCHW images (any size; it resizes to 299 inside) and returns 2048-d pool
@@ -1495,15 +1738,28 @@ def side_by_side(out, panels, gap=6, label_height=14):
 # The number depends on the sample count (it is biased upward for small counts), so it is always logged with its
 # count: fid10k, fid50k. Papers report FID-50k.
 
-FID_FILES = {
+# Files downloaded on first use: key -> (file name, URL, what to pass instead on an offline machine).
+DOWNLOADS = {
     "detector": ("inception-2015-12-05.pt",
-                 "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
-    "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
+                 "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+                 "--fid-detector PATH"),
+    "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
+                "--fid-ref PATH"),
+    # NVIDIA's pretrained EDM networks (--teacher edm)
+    "edm-cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl",
+                         "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
+                         "--teacher PATH.pkl"),
+    "edm-cifar10-uncond": ("edm-cifar10-32x32-uncond-vp.pkl",
+                           "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+                           "--teacher PATH.pkl"),
+    "edm-imagenet64-cond": ("edm-imagenet-64x64-cond-adm.pkl",
+                            "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+                            "--teacher PATH.pkl"),
 }
 # SHA-256 pins of the files above. Their publishers list none next to them, and this code was written without network
 # access, so none is pinned yet: the first download records its hash in NAME.sha256 beside the file and every later
 # use checks the file against it (a changed or corrupt file is refused). Pin a hash here to also check the download.
-FID_SHA256 = {}
+SHA256_PINS = {}
 
 
 def sha256_of(path):
@@ -1519,7 +1775,7 @@ def verified_file(path, expected=None):
     one (sha256sum format: the hash first). A missing or mismatching file is a UserError naming what to do."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"FID file {path} does not exist. Pass 'auto' to download it, or the path of a copy")
+        raise UserError(f"{path} does not exist. Let it be downloaded ('auto' / 'edm'), or pass the path of a copy")
     sidecar = path.with_name(path.name + ".sha256")
     source = "the pinned hash"
     if expected is None and sidecar.is_file():
@@ -1527,16 +1783,16 @@ def verified_file(path, expected=None):
     if expected is not None:
         actual = sha256_of(path)
         if actual != expected:
-            raise UserError(f"FID file {path} has SHA-256 {actual[:16]}... but {source} says {expected[:16]}...: "
+            raise UserError(f"file {path} has SHA-256 {actual[:16]}... but {source} says {expected[:16]}...: "
                             f"the file is corrupt or was changed. Replace it with a good copy, or delete it (and "
-                            f"{sidecar.name}) and let 'auto' download it again")
+                            f"{sidecar.name}) and let it be downloaded again")
     return path
 
 
 def fetch(key, folder, dist):
-    """The file FID_FILES[key] in `folder`, downloaded on first use (rank 0 only; with a progress bar), its hash
-    checked against FID_SHA256 or recorded beside it, and verified on every later use."""
-    name, url = FID_FILES[key]
+    """The file DOWNLOADS[key] in `folder`, downloaded on first use (rank 0 only; with a progress bar), its hash
+    checked against SHA256_PINS or recorded beside it, and verified on every later use."""
+    name, url, instead = DOWNLOADS[key]
     path = Path(folder) / name
     if dist.is_main and not path.is_file():
         import urllib.request
@@ -1551,18 +1807,17 @@ def fetch(key, folder, dist):
                         bar.update(len(chunk))
         except Exception as e:  # no network, HTTP error, full disk
             tmp.unlink(missing_ok=True)
-            flag = "--fid-detector" if key == "detector" else "--fid-ref"
-            raise UserError(f"could not download {url} ({_reason(e)}). Download it on a machine with "
-                            f"network access and pass {flag} PATH, or put it in {folder}") from None
+            raise UserError(f"could not download {url} ({_reason(e)}). Download it on a machine with network "
+                            f"access and put it at {path}, or pass {instead}") from None
         digest = sha256_of(tmp)
-        if key in FID_SHA256 and digest != FID_SHA256[key]:
+        if key in SHA256_PINS and digest != SHA256_PINS[key]:
             tmp.unlink()
-            raise UserError(f"downloaded {url} has SHA-256 {digest} but {FID_SHA256[key]} is pinned; refused")
+            raise UserError(f"downloaded {url} has SHA-256 {digest} but {SHA256_PINS[key]} is pinned; refused")
         path.with_name(name + ".sha256").write_text(f"{digest}  {name}\n")
         os.replace(tmp, path)
         print(f"downloaded {path} (SHA-256 {digest}, recorded in {name}.sha256)")
     dist.barrier()
-    return verified_file(path, FID_SHA256.get(key))
+    return verified_file(path, SHA256_PINS.get(key))
 
 
 def to_uint8(x):
@@ -1743,10 +1998,12 @@ def fid(args, info, fn, dist, n=None, seed=None):
 # a noisy machine where the absolute numbers drift.
 
 def bench_networks(args, info, dist):
-    """--bench's teacher: a random-weight network of the preset (speed does not depend on the weights), or the
-    --teacher file, or the exact denoiser with --teacher analytic. Nothing is trained, cached or written.
-    Returns (teacher, teacher_net) like load_or_train_teacher."""
-    if args.teacher not in ("auto", "analytic"):
+    """--bench's teacher: a random-weight network of the preset (speed does not depend on the weights; also for
+    --teacher edm, so nothing is downloaded), or the --teacher file, or the exact denoiser with --teacher analytic.
+    Nothing is trained, cached or written. Returns (teacher, teacher_net) like load_or_train_teacher."""
+    if is_edm_pickle(args.teacher):
+        net = load_edm_pickle(args.teacher, args, info)
+    elif args.teacher not in ("auto", "analytic", "edm"):
         net = load_teacher_file(args.teacher, args, info)
     else:
         net = build_denoiser(args, info)
@@ -1890,8 +2147,12 @@ def main(argv=None):
         fid_reference(args, info, dist)
     t0 = time.time()
     teacher, teacher_net = load_or_train_teacher(args, info, dist)
-    folder = Path(args.teacher) if args.teacher not in ("auto", "analytic") else teacher_folder(args) / "teacher.pt"
-    out = folder.parent
+    if args.teacher == "edm":
+        out = Path(args.teacher_dir)
+    elif args.teacher not in ("auto", "analytic"):
+        out = Path(args.teacher).parent
+    else:
+        out = teacher_folder(args)
     nfe = heun_nfe(args.teacher_steps)
     metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist,
                           tag=f"teacher-{nfe}nfe")

@@ -1091,7 +1091,7 @@ def test_fid_files_are_downloaded_once_and_verified(tmp_path, monkeypatch):
     """'auto' downloads the detector into --fid-dir (here from a file:// URL), records its SHA-256 beside it, and
     refuses it once changed; a pinned hash that does not match refuses the download and leaves no file behind."""
     src = _standin_detector(tmp_path / "published.pt")
-    monkeypatch.setitem(common.FID_FILES, "detector", ("inception.pt", src.as_uri()))
+    monkeypatch.setitem(common.DOWNLOADS, "detector", ("inception.pt", src.as_uri(), "--fid-detector PATH"))
     common._FID_CACHE.clear()
     args = sid.parse_args(["--dataset", "synthetic", "--resolution", "8", "--fid-dir", str(tmp_path / "fid")])
     dist = common.Dist()
@@ -1105,12 +1105,12 @@ def test_fid_files_are_downloaded_once_and_verified(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="corrupt or was changed"):
         common.fetch("detector", args.fid_dir, dist)
     # a fresh folder with a wrong pinned hash: refused, nothing left behind
-    monkeypatch.setitem(common.FID_SHA256, "detector", "0" * 64)
+    monkeypatch.setitem(common.SHA256_PINS, "detector", "0" * 64)
     with pytest.raises(common.UserError, match="pinned; refused"):
         common.fetch("detector", tmp_path / "fresh", dist)
     assert list((tmp_path / "fresh").iterdir()) == []
     # no network: one line that says what to do
-    monkeypatch.setitem(common.FID_FILES, "cifar10", ("refs.npz", (tmp_path / "nope.npz").as_uri()))
+    monkeypatch.setitem(common.DOWNLOADS, "cifar10", ("refs.npz", (tmp_path / "nope.npz").as_uri(), "--fid-ref PATH"))
     with pytest.raises(common.UserError, match="pass --fid-ref PATH"):
         common.fetch("cifar10", tmp_path / "fresh", dist)
     common._FID_CACHE.clear()
@@ -1138,6 +1138,200 @@ def test_tampered_or_unreadable_fid_files_stop_before_anything_is_written(tmp_pa
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EDM's networks and NVIDIA's pickles (--teacher edm)
+# --------------------------------------------------------------------------------------------------------------
+
+def test_edm_networks_have_edms_parameter_counts():
+    """unet's layer-for-layer copies of EDM's networks have EDM's sizes: DDPM++ CIFAR-10 55.73M (EDM's Table 7; here
+    with its 10 classes and 9 augmentation labels), ADM ImageNet-64 295.9M; and the in-repo presets, built from the
+    same classes, keep their pinned sizes (cifar10 is the 96-channel DDPM++ of 15.708M)."""
+    expect = {("edm-cifar10", (3, 32, 32), 10): 55_735_299, ("edm-cifar10", (3, 32, 32), 0): 55_733_891,
+              ("edm-imagenet64", (3, 64, 64), 1000): 295_899_267, ("tiny", (3, 8, 8), 10): 189_523,
+              ("small", (3, 16, 16), 10): 1_260_899, ("cifar10", (3, 32, 32), 10): 15_708_291,
+              ("imagenet64", (3, 64, 64), 1000): 22_266_051, ("mlp", (2,), 0): 224_898}
+    for (preset, shape, classes), count in expect.items():
+        with torch.device("meta"):  # shapes only
+            net = unet.build_network(preset, shape, classes)
+        assert unet.count_params(net) == count, (preset, classes, unet.count_params(net))
+    with torch.device("meta"):
+        adm = unet.build_network("edm-imagenet64", (3, 64, 64), 1000)
+    assert isinstance(adm, unet.DhariwalUNet) and adm.feature_channels == [192, 384, 576, 768]
+
+
+class EDMPrecond(torch.nn.Module):
+    """A stand-in for EDM's preconditioning wrapper, as far as a pickle shows it: the recorded attributes and the
+    network under `model`."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim, sigma_data=0.5):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = False, 0, float("inf"), sigma_data
+        self.model = model
+
+
+_EDM_CLASSES = (unet.SongUNet, unet.DhariwalUNet, unet.UNetBlock, unet.Linear, unet.Conv2d, unet.GroupNorm,
+                unet.PositionalEmbedding, EDMPrecond)
+
+
+def _edm_pickle(path, net, net_kwargs, img_resolution, label_dim, precond_class="EDMPrecond", extra=None):
+    """Write `net` the way EDM's training writes its network pickles: {'ema': EDMPrecond(model=net), 'loss_fn',
+    'augment_pipe', 'dataset_kwargs'}, with every EDM class a torch_utils.persistence object: the pickle calls
+    torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type 'class', version, module_src (the
+    class's source), class_name, state (its attribute dict, with the recorded init arguments)}. torch's own
+    containers (ModuleDict, Dropout) and the tensors pickle as torch pickles them."""
+    import pickle
+    import sys
+    import types
+
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # what EDM's loader would run; never called here
+        raise AssertionError("the loader must not call the pickle's reconstruction")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    modules = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence}
+    precond = EDMPrecond(net, img_resolution, net_kwargs.get("in_channels", 3), label_dim)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if not isinstance(obj, _EDM_CLASSES):
+                return NotImplemented
+            state = dict(obj.__dict__)
+            state["_init_args"] = ()
+            state["_init_kwargs"] = dict(net_kwargs) if obj is net else {}
+            name = precond_class if obj is precond else type(obj).__name__
+            meta = dict(type="class", version=6, module_src=f"# source of {name}\nimport os\n", class_name=name,
+                        state=state)
+            return _reconstruct_persistent_obj, (meta,)
+
+    data = {"ema": precond, "loss_fn": None, "augment_pipe": None,
+            "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "resolution": img_resolution},
+            **(extra or {})}
+    saved = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
+    try:
+        with open(path, "wb") as f:
+            Pickler(f).dump(data)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return path
+
+
+def _perturbed(net):
+    """The network with every parameter moved off its (partly zero) initialisation, so outputs test every weight."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch", ["SongUNet", "DhariwalUNet"])
+def test_edm_pickle_round_trip_is_bit_identical(tmp_path, arch):
+    """A network pickled the way EDM pickles its networks loads back (weights only, through the restricted
+    unpickler) into a network whose denoiser outputs are bit-identical to the pickled one's: DDPM++ with labels and
+    augmentation labels, and ADM, at 16x16 with attention."""
+    kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
+    if arch == "SongUNet":
+        kwargs.update(augment_dim=9, embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                      channel_mult_noise=1, resample_filter=[1, 1])
+    else:
+        kwargs.update(model_channels=64)  # heads of 64 channels
+    net = _perturbed(unet.UNETS[arch](**kwargs))
+    path = _edm_pickle(tmp_path / "edm.pkl", net, kwargs, 16, 10)
+    info = common.DatasetInfo("synthetic", (3, 16, 16), 10, True)
+    loaded = common.edm_denoiser_from_pickle(path, info)
+    assert type(loaded.net) is type(net)
+    x, sigma, labels = torch.randn(4, 3, 16, 16), torch.tensor([0.01, 0.5, 3.0, 80.0]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        expect = common.EDMDenoiser(net)(x, sigma, labels)
+        assert torch.equal(loaded(x, sigma, labels), expect)
+    for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.net.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_edm_pickles_that_are_not_safe_or_do_not_fit_are_refused(tmp_path):
+    """A pickle naming any global beyond tensors, storages, containers and EDM's persistent objects is refused with
+    one line naming it, and nothing in it runs (the side effect does not happen); a truncated file is corrupt; a
+    network whose recorded label dimension, resolution or preconditioning does not fit the run is refused; and
+    --teacher edm on a machine that cannot download says which file to put where."""
+    kwargs = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    net = unet.SongUNet(**kwargs)
+    info = common.DatasetInfo("synthetic", (3, 8, 8), 10, True)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __init__(self, global_):
+            self.global_ = global_
+
+        def __reduce__(self):
+            return self.global_, (f"touch {marker}",) if self.global_ is __import__("os").system else ("1",)
+
+    import builtins
+    import os
+    for global_, name in ((os.system, "system"), (builtins.eval, "builtins.eval")):
+        path = _edm_pickle(tmp_path / f"evil-{global_.__name__}.pkl", net, kwargs, 8, 10, extra={"x": Evil(global_)})
+        with pytest.raises(common.UserError, match=f"refused, the pickle names .*{global_.__name__}"):
+            common.edm_denoiser_from_pickle(path, info)
+        assert not marker.exists()
+    good = _edm_pickle(tmp_path / "good.pkl", net, kwargs, 8, 10)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(common.UserError, match="is corrupt or not an EDM network pickle"):
+        common.edm_denoiser_from_pickle(truncated, info)
+    with pytest.raises(common.UserError, match="label_dim=10 but this run needs 0"):
+        common.edm_denoiser_from_pickle(good, common.DatasetInfo("synthetic", (3, 8, 8), 10, False))
+    with pytest.raises(common.UserError, match="img_resolution=8 but this run needs 16"):
+        common.edm_denoiser_from_pickle(good, common.DatasetInfo("synthetic", (3, 16, 16), 10, True))
+    vp = _edm_pickle(tmp_path / "vp.pkl", net, kwargs, 8, 10, precond_class="VPPrecond")
+    with pytest.raises(common.UserError, match="is VPPrecond, not EDMPrecond"):
+        common.edm_denoiser_from_pickle(vp, info)
+    # the network must be the run's --preset (here 'tiny', which this network is), or the run's copies would differ
+    args = sid.parse_args(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher", str(good)])
+    assert isinstance(common.load_edm_pickle(good, args, info).net, unet.SongUNet)
+    args.preset = "small"
+    with pytest.raises(common.UserError, match="not the network of --preset small"):
+        common.load_edm_pickle(good, args, info)
+    # offline: --teacher edm names the URL and where to put the file; nothing is written
+    with pytest.raises(common.UserError, match=r"edm-cifar10-32x32-cond-vp\.pkl .*put it at .*teachers/"
+                                               r"edm-cifar10-32x32-cond-vp\.pkl, or pass --teacher PATH\.pkl"):
+        try:
+            name, url, instead = common.DOWNLOADS["edm-cifar10-cond"]
+            common.DOWNLOADS["edm-cifar10-cond"] = (name, (tmp_path / "offline" / name).as_uri(), instead)
+            sid.main(["--dataset", "cifar10", "--teacher", "edm", "--teacher-dir", str(tmp_path / "teachers"),
+                      "--fid-samples", "0", "--out-dir", str(tmp_path / "run")])
+        finally:
+            common.DOWNLOADS["edm-cifar10-cond"] = (name, url, instead)
+    assert not (tmp_path / "run").exists() and list((tmp_path / "teachers").iterdir()) == []
+    assert sid.parse_args(["--dataset", "imagenet64", "--teacher", "edm"]).preset == "edm-imagenet64"
+
+
+@pytest.mark.slow
+def test_methods_run_from_an_edm_pickle(tmp_path):
+    """Each method runs with an EDM pickle as its teacher exactly as with a trained one: --teacher PATH.pkl (what
+    --teacher edm loads after its download) on synthetic 8x8 with the tiny preset, 2 iterations, finite metrics; the
+    generator starts as a copy of the pickled network."""
+    kwargs = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    net = _perturbed(unet.SongUNet(**kwargs))
+    pkl = _edm_pickle(tmp_path / "edm.pkl", net, kwargs, 8, 10)
+    for name, module in METHODS.items():
+        flags = SMOKE_ADD + ["--teacher", str(pkl), "--iters", "2", "--eval-every", "0", "--out-dir",
+                             str(tmp_path / name)] + (["--fake-updates", "2"] if name == "dmd2" else [])
+        result = module.main(flags)
+        assert all(math.isfinite(v) for v in result["student"].values()), (name, result)
+        assert all(math.isfinite(v) for v in result["teacher"].values()), (name, result)
 
 
 # ==============================================================================================================
