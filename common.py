@@ -615,6 +615,7 @@ def train_teacher(args, info, dist, folder):
     net_t = wrap(net, args, dist)
     targs = copy.copy(args)
     targs.out_dir, targs.batch, targs.eval_every, targs.method = str(folder), args.teacher_batch, 0, "teacher"
+    targs.lr_decay = "none"  # the teacher's schedule is EDM's warm-up, below
     targs.resume = (folder / "ckpt.pt").is_file()
     targs.overwrite = not targs.resume
     data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
@@ -742,13 +743,59 @@ def _persistent_object(meta):
     return _Persistent(str(meta.get("class_name")), meta["state"])
 
 
+class _TensorBox:
+    """A tensor read from the pickle, boxed: the file cannot call a tensor's own methods on it (a BUILD opcode on a
+    bare tensor would run Tensor.__setstate__, which can resize its storage at will)."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("a state given to a tensor")
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """torch._utils._rebuild_tensor_v2 on a flat tensor: a copy of the strided view."""
-    return torch.as_strided(storage, tuple(size), tuple(stride), int(storage_offset)).clone()
+    """torch._utils._rebuild_tensor_v2 on a flat storage: a copy of the strided view, which may not hold more
+    elements than its storage (a zero-stride view of a tiny storage would otherwise allocate without bound)."""
+    if not isinstance(storage, _TensorBox):
+        raise pickle.UnpicklingError("a tensor without a storage")
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if len(size) != len(stride) or min(size + stride, default=0) < 0 or math.prod(size) > storage.tensor.numel():
+        raise pickle.UnpicklingError(f"a tensor of size {size} and stride {stride} that its storage cannot hold")
+    return _TensorBox(torch.as_strided(storage.tensor, size, stride, int(storage_offset)).clone())
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
+
+
+_NUMPY_NUMBERS = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
+
+
+class _NumpyDtype:
+    """numpy.dtype as named in a pickle, for plain numbers only (EDM's networks record np.sqrt(0.5) and the like
+    among their init arguments): its code ('f8', ...) and, from the pickled state, its byte order."""
+
+    def __init__(self, code, align=False, copy=True):
+        if code not in _NUMPY_NUMBERS:
+            raise pickle.UnpicklingError(f"a numpy dtype {code!r} that is not a plain number")
+        self.code, self.order = code, "<"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=")):
+            raise pickle.UnpicklingError("a numpy dtype with an unreadable state")
+        self.order = state[1].replace("=", "<" if sys.byteorder == "little" else ">")
+
+
+def _numpy_scalar(dtype, data):
+    """numpy.core.multiarray.scalar: a plain Python number from its dtype and raw bytes."""
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a numpy scalar that is not a plain number")
+    dt = np.dtype(dtype.code).newbyteorder(dtype.order if dtype.order != "|" else "=")
+    if len(data) != dt.itemsize:
+        raise pickle.UnpicklingError("a numpy scalar of the wrong size")
+    return np.frombuffer(data, dtype=dt)[0].item()
 
 
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -805,7 +852,7 @@ def _storage_from_bytes(data):
         numel = int.from_bytes(f.read(8), "little")
         raw = f.read(numel * torch.empty((), dtype=dtype).element_size())
         tensors[k] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-    return tensors[key]
+    return _TensorBox(tensors[key])
 
 
 class _EDMUnpickler(_RestrictedUnpickler):
@@ -816,6 +863,9 @@ class _EDMUnpickler(_RestrictedUnpickler):
         ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("dnnlib.util", "EasyDict"): _InertDict,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy < 2 writes this name, numpy 2 the next
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy", "dtype"): _NumpyDtype,
     }
 
 
@@ -829,11 +879,11 @@ def _collect_weights(obj, prefix="", out=None):
     state = _state(obj)
     for name, p in (state.get("_parameters") or {}).items():
         if p is not None:
-            out[prefix + name] = p
+            out[prefix + name] = p.tensor  # a _TensorBox (anything else fails here, and is reported as corrupt)
     skip = state.get("_non_persistent_buffers_set") or set()
     for name, b in (state.get("_buffers") or {}).items():
         if b is not None and name not in skip:
-            out[prefix + name] = b
+            out[prefix + name] = b.tensor
     for name, m in (state.get("_modules") or {}).items():
         if m is not None:
             _collect_weights(m, prefix + name + ".", out)
@@ -882,11 +932,11 @@ def edm_denoiser_from_pickle(path, info):
     if not (float(p.get("sigma_min", 0)) <= SIGMA_MIN and float(p.get("sigma_max", math.inf)) >= SIGMA_MAX):
         raise UserError(f"{path}: the network covers sigma in [{p.get('sigma_min')}, {p.get('sigma_max')}], not "
                         f"EDM's sampling range [{SIGMA_MIN}, {SIGMA_MAX}]")
-    kwargs = dict(model.state.get("_init_kwargs") or {})
     try:
+        kwargs = dict(model.state.get("_init_kwargs") or {})
         net = unet.UNETS[model.class_name](**kwargs)
         net.load_state_dict(_collect_weights(model), strict=True)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
         raise UserError(f"{path}: its {model.class_name} does not load into this project's copy of EDM's network "
                         f"({_reason(e)})") from None
     return EDMDenoiser(net).eval()
@@ -941,10 +991,12 @@ class AmpOptimizer:
         self.skipped = 0  # consecutive steps skipped for a non-finite loss
         self.skip_this = False  # the current update's loss was non-finite
         self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
+        self.lr = optimizer.param_groups[0]["lr"]  # the learning rate set_lr last asked for
+        self.lr_factor = 1.0  # --lr-decay's factor at the current iteration (TrainLoop sets it)
 
     def set_lr(self, lr):
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        """The learning rate of the coming steps (before --lr-decay's factor)."""
+        self.lr = lr
 
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
@@ -980,6 +1032,8 @@ class AmpOptimizer:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * self.lr_factor
         self.scaler.step(self.opt)
         self.scaler.update()
         return True
@@ -1062,6 +1116,11 @@ def _all_finite(objects):
                for p in obj.parameters())
 
 
+def lr_decay_factor(decay, step, total):
+    """The learning-rate factor of --lr-decay at iteration `step` of `total`: 1 ('none'), or cosine from 1 to 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total)) if decay == "cosine" else 1.0
+
+
 class TrainLoop:
     """The training loop every script writes out in its main():
 
@@ -1107,6 +1166,8 @@ class TrainLoop:
                        disable=not run.dist.is_main, dynamic_ncols=True)
             for step in bar:
                 self.losses = {}
+                for opt in self.optimizers:  # --lr-decay: each optimizer's lr is its set_lr times this factor
+                    opt.lr_factor = lr_decay_factor(args.lr_decay, step, self.total)
                 yield step  # the body of the caller's for-loop runs here
                 done = step + 1
                 bad = max((o.skipped for o in self.optimizers), default=0)
@@ -1377,16 +1438,16 @@ class Run:
 DATASET_DEFAULTS = {
     "toy2d": dict(resolution=None, preset="mlp", cond=False, batch=512, eval_samples=10000, eval_every=500,
                   fid_samples=0, teacher_iters=3000, teacher_batch=512, teacher_lr=2e-3, teacher_ema=5.0,
-                  teacher_rampup=50.0),
+                  teacher_rampup=50.0, lr_decay="none"),
     "synthetic": dict(resolution=32, preset="small", cond=True, batch=64, eval_samples=1000, eval_every=500,
                       fid_samples=0, teacher_iters=2000, teacher_batch=64, teacher_lr=1e-3, teacher_ema=5.0,
-                      teacher_rampup=10.0),
+                      teacher_rampup=10.0, lr_decay="none"),
     "cifar10": dict(resolution=32, preset="cifar10", cond=True, batch=256, eval_samples=100, eval_every=5000,
                     fid_samples=10000, teacher_iters=200000, teacher_batch=512, teacher_lr=1e-3, teacher_ema=500.0,
-                    teacher_rampup=10000.0),
+                    teacher_rampup=10000.0, lr_decay="none"),
     "imagenet64": dict(resolution=64, preset="imagenet64", cond=True, batch=256, eval_samples=100,
                        eval_every=5000, fid_samples=10000, teacher_iters=400000, teacher_batch=512, teacher_lr=2e-4,
-                       teacher_ema=500.0, teacher_rampup=10000.0),
+                       teacher_ema=500.0, teacher_rampup=10000.0, lr_decay="none"),
 }
 
 
@@ -1434,6 +1495,9 @@ def base_parser(description, method):
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch (per rank: seed + rank)")
     g.add_argument("--iters", type=int, default=None, help="training iterations of this method")
     g.add_argument("--batch", type=int, default=None, help="global batch size")
+    g.add_argument("--lr-decay", default=None, choices=("none", "cosine"),
+                   help="learning-rate schedule of the method's optimizers over --iters: constant, or cosine "
+                        "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--eval-samples", type=int, default=None,
                    help="samples per evaluation: scored against the exact density (toy2d, synthetic) and drawn in "
@@ -2133,9 +2197,39 @@ def bench_compare(main, argv, base):
 # MAIN: train or load the teacher, evaluate it with the 35-NFE sampler
 # ================================================================================================================
 
+def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_init=2.5, lr=1e-3):
+    """What one step of the students' network can reach at all: the one-step generator G(z) = D_G(sigma_init z;
+    sigma_init), initialised from the teacher network as every student is, regressed (L2) directly onto the
+    teacher's Heun samples from the same latents z (fresh z every iteration, Adam(0.9, 0.999) at lr with cosine decay
+    to 0, --batch, `iters` iterations), then evaluated like a student. No distillation method can beat this network's
+    one-step optimum, so it is the reference row of the toy tables (`python common.py --regress 3000`)."""
+    generator = copy.deepcopy(teacher_net).train().requires_grad_(True)
+    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.9, 0.999))
+    target = teacher_sampler(teacher, args.teacher_steps)
+    for step in tqdm(range(iters), desc="regression", disable=not dist.is_main, dynamic_ncols=True):
+        z = torch.randn(args.batch, *info.shape, device=dist.device)
+        labels = torch.randint(info.num_classes, (args.batch,), device=dist.device) if info.cond else None
+        with torch.no_grad():
+            x_teacher = target(z, labels)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_decay_factor("cosine", step, iters)
+        loss = (generate(generator, z, labels, [sigma_init]) - x_teacher).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return evaluate(args, info, student_sampler(generator.eval(), [sigma_init], args, dist.device), dist,
+                    tag="regression")[0]
+
+
 def main(argv=None):
     parser = base_parser("Train (or load) the EDM teacher and evaluate its Heun sampler.", method="teacher")
+    parser.add_argument_group("reference").add_argument(
+        "--regress", type=int, default=0, metavar="ITERS",
+        help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations "
+             "and evaluate it: the best one step of this network can do (regression_reference)")
     args = parse_args(parser, argv=argv)
+    if args.regress < 0:
+        parser.error(f"--regress must be >= 0 (got {args.regress})")
     dist = init_distributed(args)
     info = dataset_info(args)
     if dist.is_main:
@@ -2164,6 +2258,8 @@ def main(argv=None):
         result["analytic"] = exact
     else:
         x_exact = None
+    if args.regress:
+        result["regression"] = regression_reference(args, info, dist, teacher, teacher_net, args.regress)
     if dist.is_main:
         save_picture(out / f"teacher-{nfe}nfe.png", info, x, reference=x_exact)
         (out / f"eval-{nfe}nfe.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -929,6 +929,46 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [__import__("json").loads(l)["iter"] for l in lines] == [5, 10, 15, 20]
 
 
+def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
+    """--lr-decay cosine: TrainLoop gives each optimizer the factor (1 + cos(pi step / iters)) / 2 and every step
+    runs at set_lr's rate times it (also after a set_lr mid-run, as the teacher's warm-up and DMD2's do);
+    --lr-decay none keeps the rate."""
+    assert common.lr_decay_factor("none", 7, 10) == 1.0
+    assert [common.lr_decay_factor("cosine", s, 4) for s in range(4)] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
+    for decay in ("cosine", "none"):
+        args = common.parse_args(common.base_parser("t", "test"), argv=[
+            "--out-dir", str(tmp_path / decay), "--iters", "8", "--lr-decay", decay, "--eval-every", "0"])
+        run = common.Run(args, common.Dist())
+        net = torch.nn.Linear(2, 1)
+        opts = [common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=lr), args, torch.device("cpu"))
+                for lr in (0.1, 0.2)]
+        seen = []
+        for step in common.TrainLoop(args, run, {"net": net}, lambda done: {}, 0, desc="t", optimizers=opts):
+            if step == 4:
+                opts[1].set_lr(0.4)
+            for opt in opts:
+                opt.zero_grad()
+                opt.backward(net(torch.ones(1, 2)).sum())
+                opt.step()
+            seen.append([opt.opt.param_groups[0]["lr"] for opt in opts])
+        for step, (lr0, lr1) in enumerate(seen):
+            f = common.lr_decay_factor(decay, step, 8)
+            assert lr0 == pytest.approx(0.1 * f) and lr1 == pytest.approx((0.2 if step < 4 else 0.4) * f)
+
+
+def test_regression_reference_reaches_the_teacher(toy_teacher):
+    """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
+    onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
+    8 modes and sw2 < 0.1 (measured 0.0xx-0.0xx, seeds 0-3, ATEN_CPU_CAPABILITY default / avx2)."""
+    flags, _ = toy_teacher
+    args = common.parse_args(common.base_parser("t", "teacher"), argv=flags + [
+        "--teacher", "analytic", "--eval-samples", "4000", "--batch", "256"])
+    info, dist = common.dataset_info(args), common.Dist()
+    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+    m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150)
+    assert m["modes"] == 8 and m["sw2"] < 0.1, m
+
+
 def test_run_folder_is_never_overwritten(tmp_path):
     _tiny_run(tmp_path, 5)
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
@@ -1201,9 +1241,11 @@ def _edm_pickle(path, net, net_kwargs, img_resolution, label_dim, precond_class=
         def reducer_override(self, obj):
             if not isinstance(obj, _EDM_CLASSES):
                 return NotImplemented
-            state = dict(obj.__dict__)
+            # EDM's classes record numpy numbers (skip_scale = np.sqrt(0.5), ...): every float goes in as one
+            state = {k: np.float64(v) if type(v) is float else v for k, v in obj.__dict__.items()}
             state["_init_args"] = ()
-            state["_init_kwargs"] = dict(net_kwargs) if obj is net else {}
+            state["_init_kwargs"] = {k: np.float32(v) if type(v) is float else v
+                                     for k, v in net_kwargs.items()} if obj is net else {}
             name = precond_class if obj is precond else type(obj).__name__
             meta = dict(type="class", version=6, module_src=f"# source of {name}\nimport os\n", class_name=name,
                         state=state)
@@ -1239,7 +1281,8 @@ def _perturbed(net):
 def test_edm_pickle_round_trip_is_bit_identical(tmp_path, arch):
     """A network pickled the way EDM pickles its networks loads back (weights only, through the restricted
     unpickler) into a network whose denoiser outputs are bit-identical to the pickled one's: DDPM++ with labels and
-    augmentation labels, and ADM, at 16x16 with attention."""
+    EDM's augmentation-label layer (fed no augmentation: it adds exactly 0), and ADM, at 16x16 with attention; the
+    recorded numbers are numpy scalars, as in EDM's files."""
     kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
     if arch == "SongUNet":
@@ -1260,9 +1303,11 @@ def test_edm_pickle_round_trip_is_bit_identical(tmp_path, arch):
         assert k == k2 and torch.equal(a, b), k
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # the storage that EDM's pickles hold
 def test_edm_pickles_that_are_not_safe_or_do_not_fit_are_refused(tmp_path):
     """A pickle naming any global beyond tensors, storages, containers and EDM's persistent objects is refused with
-    one line naming it, and nothing in it runs (the side effect does not happen); a truncated file is corrupt; a
+    one line naming it, and nothing in it runs (the side effect does not happen); a tensor larger than its storage
+    (a memory bomb) and a truncated file are corrupt; a
     network whose recorded label dimension, resolution or preconditioning does not fit the run is refused; and
     --teacher edm on a machine that cannot download says which file to put where."""
     kwargs = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
@@ -1285,6 +1330,13 @@ def test_edm_pickles_that_are_not_safe_or_do_not_fit_are_refused(tmp_path):
         with pytest.raises(common.UserError, match=f"refused, the pickle names .*{global_.__name__}"):
             common.edm_denoiser_from_pickle(path, info)
         assert not marker.exists()
+    class Bomb:  # a 1-element storage viewed with stride 0 as 10^12 elements: 4 TB if it were copied
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (torch.zeros(1).storage(), 0, (10 ** 12,), (0,), False, {})
+
+    bomb = _edm_pickle(tmp_path / "bomb.pkl", net, kwargs, 8, 10, extra={"x": Bomb()})
+    with pytest.raises(common.UserError, match="corrupt .*its storage cannot hold"):
+        common.edm_denoiser_from_pickle(bomb, info)
     good = _edm_pickle(tmp_path / "good.pkl", net, kwargs, 8, 10)
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])

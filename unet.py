@@ -183,7 +183,10 @@ class UNetBlock(nn.Module):
             c = C // self.num_heads
             # EDM's channel layout of qkv: (heads, channels per head, q|k|v)
             q, k, v = self.qkv(self.norm2(x)).reshape(B, self.num_heads, c, 3, H * W).unbind(3)  # (B, h, c, HW)
-            a = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))  # (B, h, HW, c)
+            # softmax(q^T k / sqrt(c)) v in fp32 under autocast too, as EDM's AttentionOp computes its weights
+            with torch.autocast(x.device.type, enabled=False):
+                a = F.scaled_dot_product_attention(q.transpose(2, 3).float(), k.transpose(2, 3).float(),
+                                                   v.transpose(2, 3).float()).to(x.dtype)  # (B, h, HW, c)
             x = (self.proj(a.transpose(2, 3).reshape(B, C, H, W)) + x) * self.skip_scale
         return x
 
@@ -235,6 +238,14 @@ class _UNetBase(nn.Module):
         """The feature maps of forward(..., return_features=True) from the encoder alone (the decoder, skipped here,
         is most of the network's cost)."""
         return self._encode(x, self.embed(c_noise, labels))[2]
+
+    def _no_augmentation(self, emb):
+        """EDM's networks add map_augment(augment labels) to the embedding when trained with its AugmentPipe. Runs
+        here use no augmentation: labels 0, which adds exactly 0 (the layer has no bias) and keeps the layer in the
+        graph, so that DistributedDataParallel finds every parameter used."""
+        if self.map_augment is None:
+            return emb
+        return emb + self.map_augment(emb.new_zeros(emb.shape[0], self.map_augment.in_features))
 
     def _feature_blocks(self, channel_mult, num_blocks):
         res = [self.resolution >> level for level in range(len(channel_mult))]
@@ -315,6 +326,7 @@ class SongUNet(_UNetBase):
             if self.training and self.label_dropout:
                 onehot = onehot * (torch.rand(onehot.shape[0], 1, device=onehot.device) >= self.label_dropout)
             emb = emb + self.map_label(onehot * math.sqrt(self.map_label.in_features))
+        emb = self._no_augmentation(emb)
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))  # (B, emb_channels)
 
@@ -390,7 +402,7 @@ class DhariwalUNet(_UNetBase):
         self.feature_channels = [model_channels * m for m in channel_mult]
 
     def embed(self, c_noise, labels=None):
-        emb = F.silu(self.map_layer0(self.map_noise(c_noise)))
+        emb = F.silu(self.map_layer0(self._no_augmentation(self.map_noise(c_noise))))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             onehot = _one_hot(labels, self.num_classes)
