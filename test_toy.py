@@ -959,7 +959,7 @@ def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
 def test_regression_reference_reaches_the_teacher(toy_teacher):
     """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
     onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
-    8 modes and sw2 < 0.1 (measured 0.0xx-0.0xx, seeds 0-3, ATEN_CPU_CAPABILITY default / avx2)."""
+    8 modes and sw2 < 0.1 (measured 0.040-0.047 and 8 modes, seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2)."""
     flags, _ = toy_teacher
     args = common.parse_args(common.base_parser("t", "teacher"), argv=flags + [
         "--teacher", "analytic", "--eval-samples", "4000", "--batch", "256"])
@@ -1429,11 +1429,14 @@ def test_sid_iteration_survives_nan_teacher_samples():
 @pytest.mark.slow
 @pytest.mark.convergence
 def test_sid_toy2d_converges(toy_teacher, tmp_path):
-    """SiD on toy2d with the exact teacher, 600 iterations at the toy defaults: the one-step EMA generator ends
-    close to the 35-NFE teacher sampler in sliced W2 and far from where it started (the teacher network used as a
-    one-step sampler: sw2 ~0.44, 3 modes, precision 0), covers all 8 modes with roughly their true weights, and
-    most samples land inside a mode. The tolerances allow for the oscillation of the mode weights over training
-    (mode_tv 0.02-0.10 between evaluations in runs with other seeds)."""
+    """SiD on toy2d with the exact teacher, 600 iterations at the toy defaults (alpha 0.5, cosine lr decay over the
+    600): the one-step EMA generator ends close to the 35-NFE teacher sampler in sliced W2 and far from where it
+    started (the teacher network used as a one-step sampler: sw2 ~0.44, 3 modes, precision 0), covers all 8 modes
+    with roughly their true weights, with modes of about the right shape, and most samples inside a mode.
+    Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 (8 runs): sw2 0.043-0.059, mode_tv 0.042-0.095,
+    mode_w2 0.042-0.048, precision 0.910-0.918, 8 modes. Bounds: those extremes + 0.03 (sw2, mode_w2), + 0.055
+    (mode_tv, whose mode weights oscillate during training), - 0.06 (precision). A wrong sign or a missing
+    stop-gradient leaves the start (sw2 > 0.4) or collapses modes; both fail every bound."""
     flags, _ = toy_teacher
     flags = flags + ["--teacher", "analytic", "--out-dir", str(tmp_path / "sid"), "--iters", "600",
                      "--eval-every", "0"]
@@ -1447,9 +1450,9 @@ def test_sid_toy2d_converges(toy_teacher, tmp_path):
                                common.Dist())
     print("start", start, "\nteacher", teacher, "\nstudent", student)
     assert student["modes"] == 8 and start["modes"] < 8
-    assert student["sw2"] < teacher["sw2"] + 0.03 and student["sw2"] < 0.2 * start["sw2"]
-    assert student["mode_tv"] < 0.12
-    assert student["precision"] > 0.75
+    assert student["sw2"] < 0.09 and student["sw2"] < 0.2 * start["sw2"]
+    assert student["mode_tv"] < 0.15 and student["mode_w2"] < 0.08
+    assert student["precision"] > 0.85
 
 
 def _synthetic_flags(teacher_dir, out_dir, iters):
@@ -1600,32 +1603,38 @@ def test_dmd2_student_sigmas_and_backward_simulation():
     assert torch.equal(out, torch.full_like(out, 3.0))
 
 
-# The exact teacher; batch 256, fake lr 2e-3 as the toy2d defaults, shorter runs than the defaults' 400 iterations at
-# lr_g 3e-4 so the three runs fit the suite's budget. The GAN run is the noisiest: at lr_g 1e-3 / 100 iterations one
-# seed in four loses the lightest mode, at 5e-4 / 200 seeds 0-3 all end with 8 modes, sw2 <= 0.073, mode_tv <= 0.10.
-DMD2_TOY_FLAGS = ["--teacher", "analytic", "--batch", "256", "--lr-f", "2e-3", "--eval-samples", "4000",
-             "--eval-every", "0", "--log-every", "25"]
+# The exact teacher; batch 256, fake lr 2e-3 as the toy2d defaults, shorter runs than the defaults' 400 iterations so
+# the three runs fit the suite's budget; sigma_init and the lr schedule pinned so that the measured spreads below
+# hold whatever the toy defaults become. TTUR alone runs from sigma_init 2.5: from 80 (100 iterations at lr_g 1e-3)
+# one run in eight lost a mode (seed 3, ATEN_CPU_CAPABILITY=default) and mode_tv reached 0.20.
+DMD2_TOY_FLAGS = ["--teacher", "analytic", "--batch", "256", "--lr-f", "2e-3", "--sigma-init", "80", "--lr-decay",
+                  "none", "--eval-samples", "4000", "--eval-every", "0", "--log-every", "25"]
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("ttur", ["--gan-weight", "0", "--lr-g", "1e-3", "--iters", "100"]),
-    ("gan", ["--lr-g", "5e-4", "--iters", "200"]),
-    ("two_steps", ["--steps", "2", "--lr-g", "3e-4", "--iters", "75"]),
+# name, flags, and the bounds (sw2 <, mode_tv <, precision >) set from the spread measured over seeds 0-3 x
+# ATEN_CPU_CAPABILITY default / avx2 (8 runs each; see the test's docstring)
+@pytest.mark.parametrize("name,extra,bounds", [
+    ("ttur", ["--gan-weight", "0", "--sigma-init", "2.5", "--lr-g", "5e-4", "--iters", "150"], (0.10, 0.16, 0.83)),
+    ("gan", ["--lr-g", "5e-4", "--iters", "200"], (0.13, 0.20, 0.72)),
+    ("two_steps", ["--steps", "2", "--lr-g", "3e-4", "--iters", "75"], (0.09, 0.12, 0.80)),
 ])
 @pytest.mark.slow
 @pytest.mark.convergence
-def test_dmd2_toy2d_convergence(toy_teacher, tmp_path, name, extra):
+def test_dmd2_toy2d_convergence(toy_teacher, tmp_path, name, extra, bounds):
     """DMD2 on toy2d with the exact teacher gets near the teacher's 35-NFE samples: all 8 modes with roughly the right
     weights (mode_tv), most samples inside a mode (precision), sliced W2 near the teacher's (whose 0.036 is mostly
-    finite-sample noise). The collapsed start (every sample at the data mean) has sw2 0.53, mode_tv 0.81, 1 mode."""
+    finite-sample noise). The collapsed start (every sample at the data mean) has sw2 0.53, mode_tv 0.81, 1 mode.
+    Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 (8 runs each), sw2 / mode_tv / precision:
+    ttur 0.047-0.066 / 0.058-0.103 / 0.891-0.902; gan 0.052-0.094 / 0.056-0.154 / 0.773-0.860; two_steps
+    0.046-0.061 / 0.033-0.080 / 0.852-0.867; 8 modes in every run. Bounds: about 0.035 above the worst sw2, 0.045
+    above the worst mode_tv, 0.05-0.06 below the worst precision."""
     flags, _ = toy_teacher
     result = dmd2.main(flags + DMD2_TOY_FLAGS + ["--out-dir", str(tmp_path / name)] + extra)
     t, s = result["teacher"], result["student"]
     print(name, "teacher", t, "student", s)
+    sw2_max, mode_tv_max, precision_min = bounds
     assert s["modes"] == 8, s
-    assert s["mode_tv"] < 0.25, s
-    assert s["precision"] > 0.65, s
-    assert s["sw2"] < t["sw2"] + 0.1, (s, t)
+    assert s["sw2"] < sw2_max and s["mode_tv"] < mode_tv_max and s["precision"] > precision_min, (s, t)
 
 
 @pytest.mark.slow
@@ -1753,7 +1762,7 @@ def test_add_encoder_features_equal_return_features():
 
 
 ADD_TOY_FLAGS = ["--teacher", "analytic", "--iters", "300", "--batch", "128", "--lr-g", "3e-4", "--lr-d", "1e-3",
-             "--eval-samples", "4000", "--eval-every", "0"]
+                 "--r1-weight", "2e-3", "--lr-decay", "none", "--eval-samples", "4000", "--eval-every", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -1773,8 +1782,10 @@ def add_toy_runs(toy_teacher, tmp_path_factory):
 def test_add_toy2d_converges_1_and_4_steps(add_toy_runs):
     """Both losses together, sampled with 1 and with 4 steps: all 8 modes with about the right weights, sliced W2
     within ~3-4x of the exact teacher's 35-NFE samples (0.036 at 4000 samples) and most samples inside a mode.
-    The untrained student (a copy of the teacher) scores sw2 0.54 / 0.26, precision 0.00 / 0.13 at 1 / 4 steps;
-    after 300 iterations it measured sw2 0.045-0.080 (1 step) and 0.051-0.104 (4 steps) over seeds and teachers."""
+    The untrained student (a copy of the teacher) scores sw2 0.54 / 0.26, precision 0.00 / 0.13 at 1 / 4 steps.
+    Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 (8 runs of 300 iterations), 1 / 4 steps: sw2
+    0.045-0.087 / 0.059-0.104, mode_tv 0.036-0.072 / 0.054-0.092, precision 0.797-0.867 / 0.845-0.915, 8 modes.
+    Bounds: sw2 +0.03 / +0.05 above the worst, mode_tv 0.12, precision 0.75."""
     r = add_toy_runs["add"]
     teacher = r["teacher"]
     assert teacher["modes"] == 8 and teacher["sw2"] < 0.05
@@ -1795,8 +1806,8 @@ def test_add_toy2d_ablation(add_toy_runs):
         (sw2 ~0.54, one "mode", precision 0); at 4 steps SDS's mode seeking collapses the lower levels too;
       * the adversarial loss alone covers all 8 modes;
       * both together are about as good as adversarial alone, not reliably better: sw2 (1 step / 4 steps) measured
-        0.046/0.067, 0.063/0.051, 0.080/0.051, 0.045/0.104 with both vs 0.089/0.090, 0.066/0.063, 0.075/0.068,
-        0.091/0.078 without distillation. On a toy the discriminator alone already sees everything; the paper's
+        0.045-0.087 / 0.059-0.104 with both and 0.051-0.109 / 0.049-0.107 without distillation (seeds 0-3 x
+        ATEN_CPU_CAPABILITY default / avx2); distillation alone ends at sw2 0.52-0.54, 1 mode, precision 0. On a toy the discriminator alone already sees everything; the paper's
         gain from distillation (text alignment, fewer artifacts at scale) has no counterpart here.
     Asserted: distillation alone collapses; each run with the discriminator reaches 8 modes and is far closer to
     the data than distillation alone, at 1 and at 4 steps."""

@@ -239,6 +239,43 @@ class _UNetBase(nn.Module):
         is most of the network's cost)."""
         return self._encode(x, self.embed(c_noise, labels))[2]
 
+    def _build_encoder_decoder(self, img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                               attn_resolutions, block, init, first_conv, decoder_attention):
+        """EDM's encoder and decoder ModuleDicts (self.enc, self.dec), as both of its UNets lay them out. The two
+        differ in the first conv's width (DDPM++: model_channels; ADM: model_channels * channel_mult[0]) and in
+        where the decoder attends at an attention resolution (DDPM++: its last block of the level, "last"; ADM:
+        every block, "every"). Returns the decoder's output channels."""
+        # Encoder: per resolution, a 3x3 conv (the first) or a downsampling block, then num_blocks blocks.
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, first_conv
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        skips = [b.out_channels for b in self.enc.values()]
+
+        # Decoder: two blocks at the lowest resolution (the first attends) or an upsampling block, then
+        # num_blocks + 1 blocks, each taking one encoder output as a skip connection.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = res in attn_resolutions and (decoder_attention == "every" or idx == num_blocks)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        return cout
+
     def _no_augmentation(self, emb):
         """EDM's networks add map_augment(augment labels) to the embedding when trained with its AugmentPipe. Runs
         here use no augmentation: labels 0, which adds exactly 0 (the layer has no bias) and keeps the layer in the
@@ -284,34 +321,9 @@ class SongUNet(_UNetBase):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-        skips = [b.out_channels for b in self.enc.values()]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        cout = self._build_encoder_decoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                           attn_resolutions, block, init, first_conv=model_channels,
+                                           decoder_attention="last")
         res = img_resolution
         self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
         self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
@@ -369,33 +381,9 @@ class DhariwalUNet(_UNetBase):
         self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
                                 init_weight=math.sqrt(label_dim)) if label_dim else None
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-        skips = [b.out_channels for b in self.enc.values()]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        cout = self._build_encoder_decoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                           attn_resolutions, block, init, first_conv=model_channels * channel_mult[0],
+                                           decoder_attention="every")
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
         self.feature_blocks = self._feature_blocks(channel_mult, num_blocks)
