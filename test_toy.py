@@ -3,7 +3,7 @@ the three methods' pieces, toy-scale convergence and smoke runs (part 3), and wh
 interruption and resume, bad input, --bench, torchrun, mixed precision and torch.compile (part 4).
 
     python -m pytest -q                      # everything, several minutes on 2 CPU cores
-    python -m pytest -q -m "not slow"        # the fast tests (the maths and the machinery), about a minute
+    python -m pytest -q -m "not slow"        # the fast tests (the maths and the machinery), about 1.5 minutes
     python -m pytest -q -m convergence       # the tests that train and then assert a quality
 
 The identities are numbered as in README.md, "The maths, checked", which gives each one's derivation. A test that
