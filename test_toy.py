@@ -956,6 +956,8 @@ def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
             assert lr0 == pytest.approx(0.1 * f) and lr1 == pytest.approx((0.2 if step < 4 else 0.4) * f)
 
 
+@pytest.mark.slow
+@pytest.mark.convergence
 def test_regression_reference_reaches_the_teacher(toy_teacher):
     """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
     onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
