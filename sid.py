@@ -79,7 +79,7 @@ ema_update, requires_grad, wrap / unwrap, sample_labels, evaluate (with FID), be
 load_generator; unet.count_params.
 
 Commands:
-    python sid.py                                          # toy2d, about 3 minutes on 2 CPU cores
+    python sid.py                                          # toy2d, a few minutes on 2 CPU cores
     python sid.py --teacher analytic --out-dir runs/toy2d-sid-exact   # distil the exact mixture denoiser
     python sid.py --dataset synthetic --resolution 16      # CPU, about 15 minutes on 2 cores
     python sid.py --dataset cifar10 --data-dir data        # one GPU (the teacher is trained first if needed)
