@@ -1,9 +1,11 @@
-"""The test suite: numerical checks of the maths on exact Gaussian mixtures (part 1), common.py's machinery (part 2),
-the three methods' pieces, toy-scale convergence and smoke runs (part 3), and what holds across the three scripts:
-interruption and resume, bad input, --bench, torchrun, mixed precision and torch.compile (part 4).
+"""The test suite: the toy teacher the training tests share (part 0), numerical checks of the maths on exact Gaussian
+mixtures (part 1), common.py's machinery (part 2), the three methods' pieces, toy-scale convergence and smoke runs
+(part 3), and what holds across the three scripts: interruption and resume, bad input, --bench, torchrun, mixed
+precision and torch.compile (part 4).
 
-    python -m pytest -q                      # everything, several minutes on 2 CPU cores
-    python -m pytest -q -m "not slow"        # the fast tests (the maths and the machinery), about 1.5 minutes
+    python -m pytest -q -n auto              # everything, one process per core (pytest-xdist); ~6 min on 2 cores
+    python -m pytest -q                      # the same in one process
+    python -m pytest -q -m "not slow"        # the fast tests (the maths and the machinery), under a minute
     python -m pytest -q -m convergence       # the tests that train and then assert a quality
 
 The identities are numbered as in README.md, "The maths, checked", which gives each one's derivation. A test that
@@ -13,8 +15,11 @@ skipped (with the reason) otherwise.
 """
 
 
+import fcntl
 import json
 import math
+import os
+import pickle
 import warnings
 from argparse import Namespace
 from pathlib import Path
@@ -32,12 +37,67 @@ import unet
 # with -m; the repository has no pytest configuration file to declare them in.
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
 
+# `-n auto` (pytest-xdist) runs the tests in one process per core. Each then computes with one thread (and the
+# processes the tests start inherit that), unless OMP_NUM_THREADS says otherwise: on 2 cores, two one-thread
+# processes finish the suite's small networks much sooner than one two-thread process.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
+def _once(tmp_path_factory, name, compute):
+    """compute(folder) once per test session, shared by all pytest-xdist workers: the first worker to ask computes
+    it (its files in `folder`) while the others wait on a lock, then every worker reads the pickled result."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the workers' common base folder
+    folder, result = root / name, root / f"{name}.pkl"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder.mkdir(exist_ok=True)
+            value = compute(folder)
+            result.write_bytes(pickle.dumps(value))
+    return pickle.loads(result.read_bytes())
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same RNG state, whichever tests ran before it."""
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# ==============================================================================================================
+# PART 0. THE TOY TEACHER that the training tests share. Its test comes first so that under `-n auto` one worker
+# trains it while the others check the maths.
+# ==============================================================================================================
+
+# A shorter teacher than the default (3000 iterations) keeps the suite fast; it is still close to exact.
+TOY_TEACHER_ITERS = 1500
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory):
+    """Train the toy2d teacher once per session. Returns (flags that reuse it, common.main's result dict)."""
+    def train(folder):
+        flags = ["--dataset", "toy2d", "--teacher-dir", str(folder), "--teacher-iters", str(TOY_TEACHER_ITERS)]
+        return flags, common.main(flags)
+
+    return _once(tmp_path_factory, "toy_teacher", train)
+
+
+@pytest.mark.slow
+@pytest.mark.convergence
+def test_toy2d_teacher_learns(toy_teacher):
+    """The trained toy2d teacher's 35-NFE samples are close to the analytic teacher's (same sampler, same z)."""
+    _, result = toy_teacher
+    t, a = result["teacher"], result["analytic"]
+    assert result["nfe"] == 35
+    assert t["modes"] == 8 and a["modes"] == 8
+    assert t["sw2"] < a["sw2"] + 0.03, (t, a)
+    assert t["mode_tv"] < 0.06 and t["precision"] > 0.95
 
 
 # ==============================================================================================================
@@ -810,36 +870,6 @@ def test_imagenet64_npz_and_folder(tmp_path):
         common.real_batches(args, common.dataset_info(args), common.Dist())
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The teacher
-# --------------------------------------------------------------------------------------------------------------
-
-
-# A shorter teacher than the default (3000 iterations) keeps the suite fast; it is still close to exact.
-TOY_TEACHER_ITERS = 1500
-
-
-@pytest.fixture(scope="session")
-def toy_teacher(tmp_path_factory):
-    """Train the toy2d teacher once per session. Returns (flags that reuse it, common.main's result dict)."""
-    d = tmp_path_factory.mktemp("teachers")
-    flags = ["--dataset", "toy2d", "--teacher-dir", str(d), "--teacher-iters", str(TOY_TEACHER_ITERS)]
-    result = common.main(flags)
-    return flags, result
-
-
-@pytest.mark.slow
-@pytest.mark.convergence
-def test_toy2d_teacher_learns(toy_teacher):
-    """The trained toy2d teacher's 35-NFE samples are close to the analytic teacher's (same sampler, same z)."""
-    _, result = toy_teacher
-    t, a = result["teacher"], result["analytic"]
-    assert result["nfe"] == 35
-    assert t["modes"] == 8 and a["modes"] == 8
-    assert t["sw2"] < a["sw2"] + 0.03, (t, a)
-    assert t["mode_tv"] < 0.06 and t["precision"] > 0.95
-
-
 def test_common_smoke_synthetic_and_cache(tmp_path):
     """`python common.py` on a tiny synthetic config trains, evaluates, and the second call reuses the cache."""
     flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-dir", str(tmp_path),
@@ -858,9 +888,10 @@ def test_common_smoke_synthetic_and_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_from_other_dataset_is_refused(toy_teacher, tmp_path):
-    flags, _ = toy_teacher
-    path = next(p for p in (tmp_path.parent.parent.glob("**/teacher.pt")) if "toy2d" in str(p))
+def test_teacher_from_other_dataset_is_refused(tmp_path):
+    """A teacher.pt trained on toy2d, given to a synthetic run: refused with the dataset named."""
+    common.main(["--dataset", "toy2d", "--teacher-dir", str(tmp_path), "--teacher-iters", "2", "--eval-samples", "64"])
+    path = next(tmp_path.glob("toy2d*/teacher.pt"))
     with pytest.raises(common.UserError, match="dataset='toy2d'"):
         common.main(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher", str(path)])
 
@@ -954,21 +985,6 @@ def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
         for step, (lr0, lr1) in enumerate(seen):
             f = common.lr_decay_factor(decay, step, 8)
             assert lr0 == pytest.approx(0.1 * f) and lr1 == pytest.approx((0.2 if step < 4 else 0.4) * f)
-
-
-@pytest.mark.slow
-@pytest.mark.convergence
-def test_regression_reference_reaches_the_teacher(toy_teacher):
-    """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
-    onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
-    8 modes and sw2 < 0.1 (measured 0.040-0.047 and 8 modes, seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2)."""
-    flags, _ = toy_teacher
-    args = common.parse_args(common.base_parser("t", "teacher"), argv=flags + [
-        "--teacher", "analytic", "--eval-samples", "4000", "--batch", "256"])
-    info, dist = common.dataset_info(args), common.Dist()
-    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
-    m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150)
-    assert m["modes"] == 8 and m["sw2"] < 0.1, m
 
 
 def test_run_folder_is_never_overwritten(tmp_path):
@@ -1430,6 +1446,21 @@ def test_sid_iteration_survives_nan_teacher_samples():
 
 @pytest.mark.slow
 @pytest.mark.convergence
+def test_regression_reference_reaches_the_teacher(toy_teacher):
+    """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
+    onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
+    8 modes and sw2 < 0.1 (measured 0.040-0.047 and 8 modes, seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2)."""
+    flags, _ = toy_teacher
+    args = common.parse_args(common.base_parser("t", "teacher"), argv=flags + [
+        "--teacher", "analytic", "--eval-samples", "4000", "--batch", "256"])
+    info, dist = common.dataset_info(args), common.Dist()
+    teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
+    m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150)
+    assert m["modes"] == 8 and m["sw2"] < 0.1, m
+
+
+@pytest.mark.slow
+@pytest.mark.convergence
 def test_sid_toy2d_converges(toy_teacher, tmp_path):
     """SiD on toy2d with the exact teacher, 600 iterations at the toy defaults (alpha 0.5, cosine lr decay over the
     600): the one-step EMA generator ends close to the 35-NFE teacher sampler in sliced W2 and far from where it
@@ -1767,28 +1798,33 @@ ADD_TOY_FLAGS = ["--teacher", "analytic", "--iters", "300", "--batch", "128", "-
                  "--r1-weight", "2e-3", "--lr-decay", "none", "--eval-samples", "4000", "--eval-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def add_toy_runs(toy_teacher, tmp_path_factory):
-    """ADD (both losses), adversarial only (lambda = 0) and distillation only (--adv-weight 0) on toy2d with the
-    exact mixture denoiser as teacher; the trained toy teacher provides the student's start and the features."""
+ADD_TOY_RUNS = {"add": [], "adv_only": ["--distill-weight", "0"], "distill_only": ["--adv-weight", "0"]}
+
+
+@pytest.fixture(scope="session")
+def add_toy_run(toy_teacher, tmp_path_factory):
+    """add_toy_run(name): the result of one of ADD_TOY_RUNS on toy2d, run once per session: ADD (both losses),
+    adversarial only (lambda = 0), distillation only (--adv-weight 0), with the exact mixture denoiser as teacher; the
+    trained toy teacher provides the student's start and the features."""
     flags, _ = toy_teacher
-    out = {}
-    for name, extra in [("add", []), ("adv_only", ["--distill-weight", "0"]), ("distill_only", ["--adv-weight", "0"])]:
-        d = tmp_path_factory.mktemp(name)
-        out[name] = add.main(flags + ADD_TOY_FLAGS + extra + ["--out-dir", str(d)])
-    return out
+
+    def get(name):
+        def run(folder):
+            return add.main(flags + ADD_TOY_FLAGS + ADD_TOY_RUNS[name] + ["--out-dir", str(folder / "run")])
+        return _once(tmp_path_factory, f"add_toy_{name}", run)
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.convergence
-def test_add_toy2d_converges_1_and_4_steps(add_toy_runs):
+def test_add_toy2d_converges_1_and_4_steps(add_toy_run):
     """Both losses together, sampled with 1 and with 4 steps: all 8 modes with about the right weights, sliced W2
     within ~3-4x of the exact teacher's 35-NFE samples (0.036 at 4000 samples) and most samples inside a mode.
     The untrained student (a copy of the teacher) scores sw2 0.54 / 0.26, precision 0.00 / 0.13 at 1 / 4 steps.
     Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 (8 runs of 300 iterations), 1 / 4 steps: sw2
     0.045-0.087 / 0.059-0.104, mode_tv 0.036-0.072 / 0.054-0.092, precision 0.797-0.867 / 0.845-0.915, 8 modes.
     Bounds: sw2 +0.03 / +0.05 above the worst, mode_tv 0.12, precision 0.75."""
-    r = add_toy_runs["add"]
+    r = add_toy_run("add")
     teacher = r["teacher"]
     assert teacher["modes"] == 8 and teacher["sw2"] < 0.05
     for steps, sw2_max in ((1, 0.12), (4, 0.15)):
@@ -1801,7 +1837,7 @@ def test_add_toy2d_converges_1_and_4_steps(add_toy_runs):
 
 @pytest.mark.slow
 @pytest.mark.convergence
-def test_add_toy2d_ablation(add_toy_runs):
+def test_add_toy2d_ablation(add_toy_run):
     """The paper's ablation (its Table: both losses beat either alone) on the toy, as measured here:
       * distillation alone fails: from the teacher's init every 1-step sample sits at the posterior mean E[x0],
         the centre of the ring, where the SDS gradient vanishes by symmetry, so training never leaves it
@@ -1813,7 +1849,7 @@ def test_add_toy2d_ablation(add_toy_runs):
         gain from distillation (text alignment, fewer artifacts at scale) has no counterpart here.
     Asserted: distillation alone collapses; each run with the discriminator reaches 8 modes and is far closer to
     the data than distillation alone, at 1 and at 4 steps."""
-    both, adv, dist = add_toy_runs["add"], add_toy_runs["adv_only"], add_toy_runs["distill_only"]
+    adv, dist, both = add_toy_run("adv_only"), add_toy_run("distill_only"), add_toy_run("add")
     assert dist["steps"][1]["modes"] <= 2 and dist["steps"][1]["sw2"] > 0.3, dist["steps"][1]
     assert dist["steps"][1]["precision"] < 0.2 and dist["steps"][4]["sw2"] > 0.3, dist["steps"]
     for steps in (1, 4):
@@ -1874,8 +1910,8 @@ def _assert_same_states(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
 def test_sigkill_resume_and_reproducibility(toy_teacher, tmp_path, method):
-    """A run SIGKILLed mid-training (possibly while it writes a checkpoint) and continued with --resume, in two
-    processes, ends with the same networks, bit for bit, as the same run uninterrupted in a third (this process):
+    """A run SIGKILLed mid-training (possibly while it writes a checkpoint) and continued with --resume (the killed
+    process's lock on the folder does not block it), in two processes, ends with the same networks, bit for bit, as the same run uninterrupted in a third (this process):
     resume is exact and runs are reproducible from process to process. metrics.jsonl of the resumed run holds each
     logged iteration once."""
     import signal
@@ -1911,60 +1947,41 @@ def test_sigkill_resume_and_reproducibility(toy_teacher, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits(toy_teacher, tmp_path):
-    """SIGTERM (what a cluster scheduler sends) mid-run: the run finishes its iteration, saves a checkpoint there,
-    says how to continue, and exits with 128 + 15; --resume then completes it."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "sid.py")] + _tiny_method_flags(toy_teacher, out, 200) + ["--ckpt-every", "1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # into the training loop
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    step = common.load_checkpoint(out / "ckpt.pt")["step"]
-    assert 0 < step < 200 and f"checkpoint saved at iteration {step}" in err and "--resume" in err
-    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and (out / "generator.pt").is_file(), done.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_one_live_run_per_folder(toy_teacher, tmp_path):
+def test_one_live_run_per_folder_and_sigterm(toy_teacher, tmp_path):
     """While a run is alive, a second process on its folder (a relaunch, a second --resume) exits 2 with one line
-    naming the holder's pid and touches nothing; once the holder is SIGKILLed its lock is gone with it, and --resume
-    continues the run."""
+    naming the holder's pid and touches nothing. SIGTERM (what a cluster scheduler sends) then makes the live run
+    finish its iteration, save a checkpoint there, say how to continue and exit with 128 + 15, releasing the folder;
+    --resume completes the run. (A lock left by a SIGKILLed run: test_sigkill_resume_and_reproducibility.)"""
     import signal
     import subprocess
     import sys
     import time
     run = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "sid.py")] + _tiny_method_flags(toy_teacher, run, 100000)
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
         deadline = time.time() + 120
         while not (run / "ckpt.pt").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        try:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-            for extra in (["--resume"], ["--overwrite"]):
-                second = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True)
-                assert second.returncode == 2, second.stderr[-2000:]
-                assert f"is in use by another run (process {first.pid})" in second.stderr
-                assert len(second.stderr.strip().splitlines()) == 1
-            assert first.poll() is None and (run / "ckpt.pt").exists()  # the live run went on, untouched
-        finally:
-            first.send_signal(signal.SIGKILL)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        for extra in (["--resume"], ["--overwrite"]):
+            second = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"is in use by another run (process {first.pid})" in second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1
+        assert first.poll() is None and (run / "ckpt.pt").exists()  # the live run went on, untouched
+        before = common.load_checkpoint(run / "ckpt.pt")["step"]
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
             first.wait()
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
     step = common.load_checkpoint(run / "ckpt.pt")["step"]
-    resumed = subprocess.run(cmd + ["--resume", "--iters", str(step + 5)], cwd=REPO,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert before <= step < 100000 and f"checkpoint saved at iteration {step}" in err and "--resume" in err
+    done = subprocess.run(cmd + ["--resume", "--iters", str(step + 5)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and (run / "generator.pt").is_file(), done.stderr[-2000:]
     assert common.load_checkpoint(run / "ckpt.pt")["step"] == step + 5
 
 
