@@ -81,7 +81,7 @@ load_generator; unet.count_params.
 Commands:
     python sid.py                                          # toy2d, a few minutes on 2 CPU cores
     python sid.py --teacher analytic --out-dir runs/toy2d-sid-exact   # distil the exact mixture denoiser
-    python sid.py --dataset synthetic --resolution 16      # CPU, about 15 minutes on 2 cores
+    python sid.py --dataset synthetic --resolution 16      # CPU, 15-25 minutes on 2 cores
     python sid.py --dataset cifar10 --data-dir data        # one GPU (the teacher is trained first if needed)
     python sid.py --dataset imagenet64 --data-dir data/imagenet64
     torchrun --nproc_per_node=8 sid.py --dataset cifar10 --data-dir data
