@@ -142,12 +142,23 @@ def parse_args(argv=None):
                    help="linear learning-rate warm-up of both optimisers from 0, counted in fake-score updates (the "
                         "authors' steps): the n-th fake update uses lr_f min(1, n / warmup), the generator update "
                         "that follows fake update n uses lr_g min(1, n / warmup)")
+    g.add_argument("--dmd-range", type=int, nargs=2, default=(DMD_MIN_INDEX, DMD_MAX_INDEX), metavar=("LO", "HI"),
+                   help="index range of the distribution matching gradient's noise level on the 1000-point Karras "
+                        "grid (the authors' [0.02, 0.98] x 1000; 500 -> sigma ~2.5, 800 -> ~24)")
+    g.add_argument("--loss-weight", default="mean-abs", choices=("mean-abs", "sigma2"),
+                   help="the distribution matching gradient's per-sample divisor w: the authors' stopgrad(mean "
+                        "|x_g - D_phi(x_t)|), or sigma^2 (then g = s_fake - s_real, the exact gradient of the KL)")
+    g.add_argument("--fake-sigma", default="grid", choices=("grid", "lognormal"),
+                   help="noise levels of the fake-score loss: the whole Karras grid, index ~ U{0..999} (the authors'), "
+                        "or EDM's ln sigma ~ N(-1.2, 1.2^2)")
     g.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clipping of both optimisers")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     if args.sigma_init is None:
         args.sigma_init = TOY_SIGMA_INIT if args.dataset == "toy2d" and args.steps == 1 else common.SIGMA_MAX
     if args.fake_updates < 1:
         p.error(f"--fake-updates must be >= 1 (got {args.fake_updates})")
+    if not 0 <= args.dmd_range[0] <= args.dmd_range[1] <= GRID - 1:
+        p.error(f"--dmd-range needs 0 <= LO <= HI <= {GRID - 1} (got {args.dmd_range[0]} {args.dmd_range[1]})")
     if not 1 <= args.steps <= 4:
         p.error(f"--steps must be 1, 2, 3 or 4 (got {args.steps})")
     if not common.SIGMA_MIN < args.sigma_init <= 1000:  # also rejects NaN
@@ -329,7 +340,8 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
                 x_g = nets.generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
         with common.autocast(args, device):
             # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma = grid[i], i ~ U{0..999}
-            loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=grid_sigma(batch, device)).mean() / pixels
+            sigma_f = grid_sigma(batch, device) if args.fake_sigma == "grid" else None  # None: EDM's log-normal
+            loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=sigma_f).mean() / pixels
             loss_f = loss_fake
             if gan:
                 x0, real_labels = next(batches)  # real data: the only place DMD2 uses it
@@ -365,13 +377,14 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
     with common.autocast(args, device):
         x_g = nets.generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
         # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{20..980} (sigma ~0.003 .. ~72)
-        sigma = grid_sigma(batch, device, DMD_MIN_INDEX, DMD_MAX_INDEX)
+        sigma = grid_sigma(batch, device, *args.dmd_range)
         x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
         with torch.no_grad():
             d_real = teacher(x_t, sigma, labels)  # D_phi(x_t)
             d_fake = common.unwrap(nets.fake)(x_t, sigma, labels)  # D_psi(x_t)
         # dL/dx_g = g = (D_psi(x_t) - D_phi(x_t)) / mean_CHW |x_g - D_phi(x_t)|
-        loss_dmd = dmd_loss(x_g, d_real, d_fake).mean() / pixels
+        weight = sigma ** 2 if args.loss_weight == "sigma2" else None  # None: the authors' mean |x_g - D_phi|
+        loss_dmd = dmd_loss(x_g, d_real, d_fake, weight).mean() / pixels
         loss_g = loss_dmd
         if gan:
             sigma = grid_sigma(batch, device)

@@ -134,6 +134,12 @@ def parse_args(argv=None):
                         "default, is unbiased with an optimal fake score)")
     g.add_argument("--t-max", type=float, default=0.8,
                    help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
+    g.add_argument("--loss-weight", default="mean-abs", choices=("mean-abs", "sigma2"),
+                   help="the generator loss's per-sample divisor w: SiD's stopgrad(mean |x_g - D_phi(x_t)|), or sigma^2 "
+                        "(then the loss is L2 - alpha L1 of the eps form, and identity 6 holds exactly)")
+    g.add_argument("--fake-sigma", default="lognormal", choices=("lognormal", "generator"),
+                   help="noise levels of the fake-score loss: EDM's ln sigma ~ N(-1.2, 1.2^2) (the authors'), or the "
+                        "generator loss's (Karras grid at u ~ U(0, t_max))")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     if not args.sigma_init > 0:
         p.error(f"--sigma-init must be a positive number (got {args.sigma_init})")
@@ -226,8 +232,9 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step):
     keep_f = finite_rows(x_g)  # drop non-finite generator samples (an empty batch gives NaN: the step is skipped)
     x_g, labels = x_g[keep_f], None if labels is None else labels[keep_f]
     with common.autocast(args, device):
-        # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, ln sigma ~ N(-1.2, 1.2^2)
-        loss_fake = common.edm_loss(nets.fake_t, x_g, labels).mean()
+        # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, ln sigma ~ N(-1.2, 1.2^2) (or the generator's)
+        sigma_f = generator_loss_sigma(len(x_g), args.t_max, device) if args.fake_sigma == "generator" else None
+        loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=sigma_f).mean()
     opt_f.zero_grad()
     opt_f.backward(loss_fake)
     opt_f.step()
@@ -251,7 +258,8 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step):
     # nan_to_num; a batch with no sample left gets a NaN loss, so that AmpOptimizer skips the step and counts it.
     keep = finite_rows(x_g, d_real, d_fake)  # (B,) bool
     # 1/B sum_b sigma_b^2 (L2 - alpha L1)_b / w_b over the kept samples b
-    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha).sum() / batch
+    weight = sigma[keep] ** 2 if args.loss_weight == "sigma2" else None  # None: SiD's mean |x_g - D_phi|
+    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha, weight).sum() / batch
     if not keep.any():
         loss_g = torch.full_like(loss_g, float("nan"))
     opt_g.zero_grad()

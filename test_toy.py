@@ -1444,6 +1444,71 @@ def test_sid_iteration_survives_nan_teacher_samples():
     assert any((p - b).abs().max() > 0 for p, b in zip(generator.parameters(), before))
 
 
+
+class _SigmaRecorder(torch.nn.Module):
+    """Wraps a denoiser and records every noise level it is called with (where a loss draws them)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.sigmas = net, []
+
+    def forward(self, x, sigma, labels=None):
+        self.sigmas.append(torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(len(x)).detach().clone())
+        return self.net(x, sigma, labels)
+
+    def seen(self):
+        return torch.cat(self.sigmas)
+
+
+@pytest.mark.parametrize("method,argv", [
+    ("sid", []), ("sid", ["--fake-sigma", "generator", "--t-max", "0.5", "--loss-weight", "sigma2"]),
+    ("dmd2", []), ("dmd2", ["--fake-sigma", "lognormal", "--dmd-range", "20", "500", "--loss-weight", "sigma2"])])
+def test_noise_level_and_weight_flags_reach_the_losses(method, argv, monkeypatch):
+    """Where each loss draws its noise levels, in one iteration of 512 samples. The fake-score loss: EDM's log-normal
+    (SiD's default; DMD2 --fake-sigma lognormal) puts 3.9% of its draws above sigma 2.5 and 6.7% below 0.05; SiD
+    --fake-sigma generator draws the generator loss's Karras grid at u < t_max; DMD2's default the whole 1000-point
+    grid, half of it above 2.5 (index > 500). The generator loss (the teacher's calls): SiD at u < t_max, DMD2 inside
+    --dmd-range of the grid. Each check fails for the other choice with probability ~1 at 512 draws. The generator
+    loss's divisor: None (the loss computes the authors' mean |x_g - D_phi|) or, with --loss-weight sigma2, sigma^2
+    of the teacher's calls."""
+    mod = METHODS[method]
+    args = mod.parse_args(["--dataset", "toy2d", "--batch", "512"] + (["--gan-weight", "0"] if method == "dmd2" else [])
+                          + argv)
+    name = "sid_generator_loss" if method == "sid" else "dmd_loss"
+    loss, weights = getattr(mod, name), []
+
+    def recording_loss(*a):
+        weights.append(a[-1] if len(a) == (5 if method == "sid" else 4) else None)
+        return loss(*a)
+
+    monkeypatch.setattr(mod, name, recording_loss)
+    info, dist = common.dataset_info(args), common.Dist()
+    torch.manual_seed(0)
+    nets = mod.build_networks(args, info, common.build_denoiser(args, info), dist.device)
+    nets.fake = _SigmaRecorder(nets.fake)
+    nets.generator_t, nets.fake_t = nets.generator, nets.fake
+    teacher = _SigmaRecorder(common.AnalyticDenoiser(info.mixture, info.shape))
+    opt_g, opt_f = (common.AmpOptimizer(torch.optim.Adam(n.parameters(), lr=1e-4), args, dist.device)
+                    for n in (nets.generator, nets.fake))
+    mod.train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, 0, *([None] if method == "dmd2" else []))
+    n_fake = 512 * (args.fake_updates if method == "dmd2" else 1)
+    fake_seen, gen_seen = nets.fake.seen()[:n_fake], teacher.seen()
+    assert len(nets.fake.seen()) == n_fake + 512 and len(gen_seen) == 512
+    grid = lambda u: float(common.karras_sigma(torch.tensor(u, dtype=torch.float64)))
+    if args.fake_sigma == "lognormal":
+        assert fake_seen.max() > 2.5 and fake_seen.min() < 0.05 and (fake_seen > 2.5).double().mean() < 0.1
+    elif method == "sid":  # the generator loss's distribution, u ~ U(0, t_max)
+        assert fake_seen.max() <= grid(args.t_max) * (1 + 1e-6) and fake_seen.max() > 0.5 * grid(args.t_max)
+    else:  # the whole grid
+        assert fake_seen.max() > 60 and 0.4 < (fake_seen > grid(500 / 999)).double().mean() < 0.6
+    lo, hi = (0.0, grid(args.t_max)) if method == "sid" else (grid(i / 999) for i in args.dmd_range)
+    assert gen_seen.min() >= lo * (1 - 1e-6) and gen_seen.max() <= hi * (1 + 1e-6) and gen_seen.max() > 0.5 * hi
+    assert len(weights) == 1
+    if args.loss_weight == "sigma2":
+        torch.testing.assert_close(weights[0].double(), gen_seen ** 2)
+    else:
+        assert weights[0] is None
+
 @pytest.mark.slow
 @pytest.mark.convergence
 def test_regression_reference_reaches_the_teacher(toy_teacher):
@@ -2040,6 +2105,7 @@ def test_bad_flags_exit_2_and_touch_nothing(tmp_path, capsys, method, argv, mess
 
 @pytest.mark.parametrize("method,argv", [("dmd2", ["--steps", "5"]), ("add", ["--steps", "0"]),
                                          ("sid", ["--t-max", "1.5"]), ("dmd2", ["--fake-updates", "0"]),
+                                         ("dmd2", ["--dmd-range", "900", "10"]), ("sid", ["--fake-sigma", "grid"]),
                                          ("add", ["--distill-weight", "-1"]), ("add", ["--r1-weight", "nan"]),
                                          ("add", ["--adv-weight", "0", "--distill-weight", "0"])])
 def test_method_flags_out_of_range_exit_2(tmp_path, capsys, method, argv):
