@@ -142,7 +142,7 @@ def parse_args(argv=None):
                    help="linear learning-rate warm-up of both optimisers from 0, counted in fake-score updates (the "
                         "authors' steps): the n-th fake update uses lr_f min(1, n / warmup), the generator update "
                         "that follows fake update n uses lr_g min(1, n / warmup)")
-    g.add_argument("--dmd-range", type=int, nargs=2, default=(DMD_MIN_INDEX, DMD_MAX_INDEX), metavar=("LO", "HI"),
+    g.add_argument("--dmd-range", type=int, nargs=2, default=[DMD_MIN_INDEX, DMD_MAX_INDEX], metavar=("LO", "HI"),
                    help="index range of the distribution matching gradient's noise level on the 1000-point Karras "
                         "grid (the authors' [0.02, 0.98] x 1000; 500 -> sigma ~2.5, 800 -> ~24)")
     g.add_argument("--loss-weight", default="mean-abs", choices=("mean-abs", "sigma2"),

@@ -135,8 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--t-max", type=float, default=0.8,
                    help="generator-loss noise levels: sigma = Karras grid at u ~ U(0, t_max) (0.8 -> sigma <= ~24)")
     g.add_argument("--loss-weight", default="mean-abs", choices=("mean-abs", "sigma2"),
-                   help="the generator loss's per-sample divisor w: SiD's stopgrad(mean |x_g - D_phi(x_t)|), or sigma^2 "
-                        "(then the loss is L2 - alpha L1 of the eps form, and identity 6 holds exactly)")
+                   help="the generator loss's per-sample divisor w: SiD's stopgrad(mean |x_g - D_phi(x_t)|), or "
+                        "sigma^2 (then the loss is L2 - alpha L1 of the eps form, and identity 6 holds exactly)")
     g.add_argument("--fake-sigma", default="lognormal", choices=("lognormal", "generator"),
                    help="noise levels of the fake-score loss: EDM's ln sigma ~ N(-1.2, 1.2^2) (the authors'), or the "
                         "generator loss's (Karras grid at u ~ U(0, t_max))")
