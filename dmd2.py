@@ -14,7 +14,7 @@ its teacher), and trains multi-step generators on their own intermediate outputs
 
 Paper -> code (arXiv:2405.14867; the authors' code is tianweiy/DMD2, main/edm/ for ImageNet-64):
     distribution matching gradient (DMD), per-sample normalised by mean|x_g - D_real|  -> dmd_loss
-    its noise level: index uniform in [0.02, 0.98] of a 1000-point Karras grid         -> grid_sigma, DMD_*_INDEX
+    its noise level: index uniform in [0.02, 0.98] of a 1000-point Karras grid         -> grid_sigma, --dmd-range
     fake score D_psi trained on detached generator samples, EDM weighting              -> train_iteration step 1
     two time-scale update rule (TTUR): 5 fake-score updates per generator update       -> --fake-updates
     GAN: classifier head on D_psi's bottleneck, real and generated images noised       -> Classifier, train_iteration
@@ -339,7 +339,7 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
                 x_in, sigma_in = backward_simulation(nets.generator, z, labels, sigmas)
                 x_g = nets.generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
         with common.autocast(args, device):
-            # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma = grid[i], i ~ U{0..999}
+            # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma = grid[i], i ~ U{0..999} (the authors')
             sigma_f = grid_sigma(batch, device) if args.fake_sigma == "grid" else None  # None: EDM's log-normal
             loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=sigma_f).mean() / pixels
             loss_f = loss_fake
@@ -376,7 +376,7 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
     nets.generator.train()
     with common.autocast(args, device):
         x_g = nets.generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
-        # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{20..980} (sigma ~0.003 .. ~72)
+        # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{LO..HI} of --dmd-range (the authors' 20..980: ~0.003 .. ~72)
         sigma = grid_sigma(batch, device, *args.dmd_range)
         x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
         with torch.no_grad():
