@@ -1598,8 +1598,9 @@ def parse_args(parser, method_defaults=None, argv=None):
     if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f"--compile-backend {args.compile_backend}: not a torch.compile backend (choose from "
                      f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
-    if (args.preset == "mlp") != (args.dataset == "toy2d"):
-        parser.error(f"--preset {args.preset} does not fit --dataset {args.dataset} ('mlp' is for toy2d only)")
+    if unet.is_point_preset(args.preset) != (args.dataset == "toy2d"):
+        parser.error(f"--preset {args.preset} does not fit --dataset {args.dataset} (the mlp presets are for toy2d "
+                     f"only)")
     return args
 
 

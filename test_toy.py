@@ -1030,7 +1030,8 @@ def test_checkpoint_atomic_safe_and_validated(tmp_path):
 def test_bad_flags_exit_2(tmp_path, capsys):
     for argv in (["--dataset", "mnist"], ["--batch", "0"], ["--teacher-lr", "-1"], ["--teacher", str(tmp_path / "x")],
                  ["--dataset", "cifar10", "--teacher", "analytic"], ["--dataset", "synthetic", "--resolution", "12"],
-                 ["--dataset", "synthetic", "--preset", "mlp"], ["--fid-samples", "100"],
+                 ["--dataset", "synthetic", "--preset", "mlp"], ["--dataset", "synthetic", "--preset", "mlp-wide"],
+                 ["--dataset", "toy2d", "--preset", "tiny"], ["--fid-samples", "100"],
                  ["--dataset", "synthetic", "--fid-samples", "100", "--fid-detector", str(tmp_path / "x.pt")],
                  ["--dataset", "synthetic", "--fid-samples", "-1"]):
         with pytest.raises(SystemExit) as e:
@@ -1209,7 +1210,8 @@ def test_edm_networks_have_edms_parameter_counts():
     expect = {("edm-cifar10", (3, 32, 32), 10): 55_735_299, ("edm-cifar10", (3, 32, 32), 0): 55_733_891,
               ("edm-imagenet64", (3, 64, 64), 1000): 295_899_267, ("tiny", (3, 8, 8), 10): 189_523,
               ("small", (3, 16, 16), 10): 1_260_899, ("cifar10", (3, 32, 32), 10): 15_708_291,
-              ("imagenet64", (3, 64, 64), 1000): 22_266_051, ("mlp", (2,), 0): 224_898}
+              ("imagenet64", (3, 64, 64), 1000): 22_266_051, ("mlp", (2,), 0): 224_898,
+              ("mlp-wide", (2,), 0): 875_778}
     for (preset, shape, classes), count in expect.items():
         with torch.device("meta"):  # shapes only
             net = unet.build_network(preset, shape, classes)

@@ -491,9 +491,18 @@ PRESETS = {
                         dropout=0.13, augment_dim=9),
     "edm-imagenet64": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
                            attn_resolutions=(32, 16, 8), dropout=0.1),
-    "mlp": dict(hidden=128, num_blocks=4, dropout=0.0),
+    # toy2d: the residual MLP; 'mlp-wide' has 2x the width (4x the parameters), to test whether capacity limits a
+    # student or its fake score (every copy of the teacher, the student and the fake score, has the teacher's size)
+    "mlp": dict(model_type="MLPNet", hidden=128, num_blocks=4, dropout=0.0),
+    "mlp-wide": dict(model_type="MLPNet", hidden=256, num_blocks=4, dropout=0.0),
 }
-UNETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+UNETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}  # the architectures of EDM's pickles
+NETWORKS = {**UNETS, "MLPNet": MLPNet}
+
+
+def is_point_preset(preset):
+    """True for the MLP presets of 2-D points (toy2d), False for the image UNets."""
+    return PRESETS[preset].get("model_type") == "MLPNet"
 
 
 def build_network(preset, shape, num_classes=0, **overrides):
@@ -502,9 +511,10 @@ def build_network(preset, shape, num_classes=0, **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown network preset {preset!r}; choose from {sorted(PRESETS)}")
     kwargs = {**PRESETS[preset], **overrides}
-    if preset == "mlp":
+    model = NETWORKS[kwargs.pop("model_type", "SongUNet")]
+    if model is MLPNet:
         if len(shape) != 1:
-            raise ValueError("the 'mlp' preset is for 2-D points; use a UNet preset for images")
+            raise ValueError(f"the {preset!r} preset is for 2-D points; use a UNet preset for images")
         return MLPNet(dim=shape[0], num_classes=num_classes, **kwargs)
     if len(shape) != 3:
         raise ValueError(f"preset {preset!r} is a UNet for images; use 'mlp' for points")
@@ -512,13 +522,12 @@ def build_network(preset, shape, num_classes=0, **overrides):
     levels = len(kwargs["channel_mult"])
     if H != W or H % (2 ** (levels - 1)):
         raise ValueError(f"resolution {H}x{W} must be square and divisible by {2 ** (levels - 1)} for {preset!r}")
-    model = UNETS[kwargs.pop("model_type", "SongUNet")]
     return model(img_resolution=H, in_channels=C, out_channels=C, label_dim=num_classes, **kwargs)
 
 
 def layout_version(preset):
-    """The network layout a preset builds (part of the teacher cache key): 1 for the MLP, UNET_LAYOUT_VERSION else."""
-    return 1 if preset == "mlp" else UNET_LAYOUT_VERSION
+    """The network layout a preset builds (part of the teacher cache key): 1 for the MLPs, UNET_LAYOUT_VERSION else."""
+    return 1 if is_point_preset(preset) else UNET_LAYOUT_VERSION
 
 
 def count_params(net):
@@ -526,7 +535,7 @@ def count_params(net):
 
 
 if __name__ == "__main__":
-    for name, shape, k in [("mlp", (2,), 0), ("tiny", (3, 8, 8), 10), ("small", (3, 16, 16), 10),
+    for name, shape, k in [("mlp", (2,), 0), ("mlp-wide", (2,), 0), ("tiny", (3, 8, 8), 10), ("small", (3, 16, 16), 10),
                            ("cifar10", (3, 32, 32), 10), ("imagenet64", (3, 64, 64), 1000),
                            ("edm-cifar10", (3, 32, 32), 10), ("edm-imagenet64", (3, 64, 64), 1000)]:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
