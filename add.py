@@ -156,6 +156,9 @@ def parse_args(argv=None):
                    help="condition the heads on an image embedding of x0 (when sigma_s is below the top level)")
     g.add_argument("--disc-level", action=argparse.BooleanOptionalAction, default=True,
                    help="condition the heads on the student level s (a deviation; see the docstring)")
+    g.add_argument("--disc-lr-decay", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply --lr-decay to the discriminator heads' lr too; with --no-disc-lr-decay only the "
+                        "student's lr decays")
     args = common.parse_args(p, METHOD_DEFAULTS, argv)
     for name in ("distill_weight", "adv_weight", "r1_weight", "ema"):
         if not 0 <= getattr(args, name) < math.inf:  # also rejects NaN
@@ -507,7 +510,9 @@ def main(argv=None):
         return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag=f"add-{args.steps}step",
                                reference=x_teacher)[0]
 
-    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="add", optimizers=[opt_g, opt_d])
+    # --lr-decay: the student's lr, and the discriminator's unless --no-disc-lr-decay
+    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="add", optimizers=[opt_g, opt_d],
+                            decayed=[opt_g, opt_d] if args.disc_lr_decay else [opt_g])
     for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
         loop.log(iteration(step))
 

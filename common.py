@@ -1132,13 +1132,15 @@ class TrainLoop:
     with evaluate(done) -> dict every --eval-every and at the end (and only that, when start >= total: a finished run
     resumed, e.g. with --fid-samples 50000), checkpoints `objects` every --ckpt-every, at the end and on SIGINT /
     SIGTERM (then exits with 128 + the signal), and stops the run after --max-skips consecutive steps that the
-    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. `metrics` holds the
-    latest evaluation."""
+    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. --lr-decay scales
+    the rate of each of `decayed` (default: all of `optimizers`); the others keep theirs. `metrics` holds the latest
+    evaluation."""
 
-    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
+    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=(), decayed=None):
         self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
         self.start, self.total = start, args.iters if total is None else total
         self.desc, self.optimizers = desc, list(optimizers)
+        self.decayed = self.optimizers if decayed is None else list(decayed)
         self.losses, self.metrics = {}, {}
 
     def log(self, losses):
@@ -1166,7 +1168,7 @@ class TrainLoop:
                        disable=not run.dist.is_main, dynamic_ncols=True)
             for step in bar:
                 self.losses = {}
-                for opt in self.optimizers:  # --lr-decay: each optimizer's lr is its set_lr times this factor
+                for opt in self.decayed:  # --lr-decay: each such optimizer's lr is its set_lr times this factor
                     opt.lr_factor = lr_decay_factor(args.lr_decay, step, self.total)
                 yield step  # the body of the caller's for-loop runs here
                 done = step + 1

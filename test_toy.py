@@ -987,6 +987,46 @@ def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
             assert lr0 == pytest.approx(0.1 * f) and lr1 == pytest.approx((0.2 if step < 4 else 0.4) * f)
 
 
+def test_lr_decay_leaves_undecayed_optimizers_alone(tmp_path):
+    """TrainLoop(decayed=[...]): --lr-decay scales only those optimizers; the others step at their own rate. sid.py
+    decays its fake score's lr too unless --no-fake-lr-decay (toy2d's default), add.py its discriminator's unless
+    --no-disc-lr-decay: after a cosine run the checkpoint's generator optimizer holds the last step's decayed lr and
+    the other optimizer its full lr."""
+    args = common.parse_args(common.base_parser("t", "test"), argv=[
+        "--out-dir", str(tmp_path / "loop"), "--iters", "4", "--lr-decay", "cosine", "--eval-every", "0"])
+    net = torch.nn.Linear(2, 1)
+    opts = [common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=lr), args, torch.device("cpu")) for lr in (1, 2)]
+    seen = []
+    loop = common.TrainLoop(args, common.Run(args, common.Dist()), {"net": net}, lambda done: {}, 0, desc="t",
+                            optimizers=opts, decayed=opts[:1])
+    for step in loop:
+        for opt in opts:
+            opt.zero_grad()
+            opt.backward(net(torch.ones(1, 2)).sum())
+            opt.step()
+        seen.append([opt.opt.param_groups[0]["lr"] for opt in opts])
+    assert [g for g, _ in seen] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
+    assert [f for _, f in seen] == [2, 2, 2, 2]
+
+    assert sid.parse_args([]).fake_lr_decay is False
+    assert sid.parse_args(["--dataset", "cifar10"]).fake_lr_decay is True
+    for flag, lr_f in (("--no-fake-lr-decay", 1e-3), ("--fake-lr-decay", 1e-3 * 0.1464466)):
+        out = tmp_path / flag
+        sid.main(["--teacher", "analytic", "--iters", "4", "--batch", "16", "--eval-every", "0", "--eval-samples",
+                  "100", "--lr-f", "1e-3", "--lr-g", "3e-4", "--lr-decay", "cosine", flag, "--out-dir", str(out)])
+        state = common.load_checkpoint(out / "ckpt.pt")["state"]
+        assert state["opt_g"]["opt"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * 0.1464466)
+        assert state["opt_f"]["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_f)
+    # add.py: the discriminator heads' lr likewise, unless --no-disc-lr-decay
+    assert add.parse_args([]).disc_lr_decay is True
+    out = tmp_path / "add"
+    add.main(["--teacher", "analytic", "--iters", "4", "--batch", "16", "--eval-every", "0", "--eval-samples", "100",
+              "--lr-g", "3e-4", "--lr-d", "1e-3", "--lr-decay", "cosine", "--no-disc-lr-decay", "--out-dir", str(out)])
+    state = common.load_checkpoint(out / "ckpt.pt")["state"]
+    assert state["opt_g"]["opt"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * 0.1464466)
+    assert state["opt_d"]["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
 def test_run_folder_is_never_overwritten(tmp_path):
     _tiny_run(tmp_path, 5)
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
@@ -1527,8 +1567,8 @@ def test_regression_reference_reaches_the_teacher(toy_teacher):
 
 
 # The toy defaults of the measured spread below, pinned so that it holds whatever the toy defaults become.
-SID_TOY_FLAGS = ["--alpha", "0.5", "--lr-decay", "cosine", "--lr-g", "3e-4", "--lr-f", "1e-3", "--ema", "50",
-                 "--batch", "512", "--sigma-init", "2.5", "--t-max", "0.8"]
+SID_TOY_FLAGS = ["--alpha", "0.5", "--lr-decay", "cosine", "--fake-lr-decay", "--lr-g", "3e-4", "--lr-f", "1e-3",
+                 "--ema", "50", "--batch", "512", "--sigma-init", "2.5", "--t-max", "0.8"]
 
 
 @pytest.mark.slow
