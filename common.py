@@ -1499,8 +1499,8 @@ def base_parser(description, method):
     g.add_argument("--batch", type=int, default=None, help="global batch size")
     g.add_argument("--lr-decay", default=None, choices=("none", "cosine"),
                    help="learning-rate schedule of the method's optimizers over --iters: constant, or cosine "
-                        "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2); sid.py's fake score and add.py's "
-                        "discriminator follow it unless --no-fake-lr-decay / --no-disc-lr-decay")
+                        "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2); the fake score (sid.py, dmd2.py) and the "
+                        "discriminator (add.py) follow it unless --no-fake-lr-decay / --no-disc-lr-decay")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--eval-samples", type=int, default=None,
                    help="samples per evaluation: scored against the exact density (toy2d, synthetic) and drawn in "

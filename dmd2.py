@@ -76,6 +76,7 @@ Commands:
         # speed at CIFAR-10 size
 """
 
+import argparse
 import copy
 import math
 import time
@@ -148,6 +149,9 @@ def parse_args(argv=None):
     g.add_argument("--loss-weight", default="mean-abs", choices=("mean-abs", "sigma2"),
                    help="the distribution matching gradient's per-sample divisor w: the authors' stopgrad(mean "
                         "|x_g - D_phi(x_t)|), or sigma^2 (then g = s_fake - s_real, the exact gradient of the KL)")
+    g.add_argument("--fake-lr-decay", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply --lr-decay to the fake score's (and GAN classifier's) lr too; with --no-fake-lr-decay "
+                        "only the generator's lr decays")
     g.add_argument("--fake-sigma", default="grid", choices=("grid", "lognormal"),
                    help="noise levels of the fake-score loss: the whole Karras grid, index ~ U{0..999} (the authors'), "
                         "or EDM's ln sigma ~ N(-1.2, 1.2^2)")
@@ -458,7 +462,9 @@ def main(argv=None):
     def evaluate(done):
         return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag="dmd2", reference=x_teacher)[0]
 
-    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="dmd2", optimizers=[opt_g, opt_f])
+    # --lr-decay: the generator's lr, and the fake score's unless --no-fake-lr-decay
+    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="dmd2", optimizers=[opt_g, opt_f],
+                            decayed=[opt_g, opt_f] if args.fake_lr_decay else [opt_g])
     for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
         loop.log(iteration(step))
 
