@@ -990,7 +990,7 @@ def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
 def test_lr_decay_leaves_undecayed_optimizers_alone(toy_teacher, tmp_path):
     """TrainLoop(decayed=[...]): --lr-decay scales only those optimizers; the others step at their own rate. sid.py
     and dmd2.py decay the fake score's lr too unless --no-fake-lr-decay, add.py its discriminator's unless
-    --no-disc-lr-decay (sid.py's and add.py's toy2d defaults): after a cosine run the checkpoint's generator
+    --no-disc-lr-decay (the three scripts' toy2d defaults): after a cosine run the checkpoint's generator
     optimizer holds the last step's decayed lr and the other optimizer its full lr."""
     args = common.parse_args(common.base_parser("t", "test"), argv=[
         "--out-dir", str(tmp_path / "loop"), "--iters", "4", "--lr-decay", "cosine", "--eval-every", "0"])
@@ -1017,8 +1017,9 @@ def test_lr_decay_leaves_undecayed_optimizers_alone(toy_teacher, tmp_path):
         state = common.load_checkpoint(out / "ckpt.pt")["state"]
         assert state["opt_g"]["opt"]["param_groups"][0]["lr"] == pytest.approx(3e-4 * 0.1464466)
         assert state["opt_f"]["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_f)
-    # dmd2.py: the fake score's (and classifier's) lr likewise, unless --no-fake-lr-decay (default: decays)
-    assert dmd2.parse_args([]).fake_lr_decay is True
+    # dmd2.py: the fake score's (and classifier's) lr likewise, unless --no-fake-lr-decay (toy2d's default)
+    assert dmd2.parse_args([]).fake_lr_decay is False and dmd2.parse_args([]).lr_decay == "cosine"
+    assert dmd2.parse_args(["--dataset", "cifar10"]).fake_lr_decay is True
     out = tmp_path / "dmd2"
     dmd2.main(toy_teacher[0] + ["--teacher", "analytic", "--iters", "4", "--batch", "16", "--eval-every", "0",
                                 "--eval-samples", "100", "--lr-g", "3e-4", "--lr-f", "2e-3", "--lr-decay", "cosine",
