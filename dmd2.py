@@ -102,7 +102,8 @@ import unet
 # cifar10 / imagenet64: the paper's ImageNet-64 settings (lr 2e-6 for both networks, warm-up over 500 fake-score
 # steps from lr 0, 200k fake-score steps = 40k iterations here, batch 280 on ImageNet, no EMA). toy2d and
 # synthetic: larger learning rates, no warm-up and short runs so that they finish in minutes on a CPU (one
-# iteration = 6 network updates, so a synthetic iteration costs ~5 CPU-seconds at batch 32).
+# iteration = 6 network updates, so a synthetic iteration costs ~5 CPU-seconds at batch 32). toy2d also decays the
+# generator's lr (cosine) and keeps the fake score's (module docstring, "toy2d's schedule").
 METHOD_DEFAULTS = {
     "toy2d": dict(iters=400, batch=256, lr_g=1.2e-3, lr_f=2e-3, ema=0.0, warmup=0, eval_every=100,
                   lr_decay="cosine", fake_lr_decay=False),
