@@ -1511,6 +1511,11 @@ def base_parser(description, method):
                    help="stop when this many consecutive steps had a non-finite loss (the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start again in an existing --out-dir")
+    if method != "teacher":
+        g.add_argument("--init-generator", default=None, metavar="PATH",
+                       help="start the generator (and its EMA) from a saved generator (a run's generator.pt, or the "
+                            "regression-seed<S>.pt of `common.py --regress`) instead of a copy of the teacher "
+                            "network; the other networks still start from the teacher's")
     g = p.add_argument_group("fid")
     g.add_argument("--fid-samples", type=int, default=None,
                    help="generated images per FID, logged as e.g. fid10k (0: no FID). Report FID-50k (50000); "
@@ -1591,6 +1596,8 @@ def parse_args(parser, method_defaults=None, argv=None):
     if args.teacher not in ("auto", "analytic", "edm") and not Path(args.teacher).is_file():
         parser.error(f"--teacher {args.teacher}: no such file (use 'auto', 'analytic', 'edm', a teacher .pt path or "
                      f"an EDM .pkl path)")
+    if getattr(args, "init_generator", None) and not Path(args.init_generator).is_file():
+        parser.error(f"--init-generator {args.init_generator}: no such file")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     if args.fid_samples and args.dataset == "toy2d":
@@ -1724,6 +1731,15 @@ def save_generator(args, run, ema):
     if run.dist.is_main:
         save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
     run.dist.barrier()
+
+
+def init_generator(args, generator, ema):
+    """--init-generator: load a saved generator's weights into the student and its EMA (before any resume, which
+    overrides both). A generator of another preset, resolution or conditioning is a UserError."""
+    if getattr(args, "init_generator", None):
+        ckpt = load_checkpoint(args.init_generator)
+        restore({"generator": generator}, ckpt, args.init_generator)
+        restore({"generator": ema}, ckpt, args.init_generator)
 
 
 def load_generator(path, args, info):
@@ -2201,12 +2217,13 @@ def bench_compare(main, argv, base):
 # MAIN: train or load the teacher, evaluate it with the 35-NFE sampler
 # ================================================================================================================
 
-def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_init=2.5, lr=1e-3):
+def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_init=2.5, lr=1e-3, save=None):
     """What one step of the students' network can reach at all: the one-step generator G(z) = D_G(sigma_init z;
     sigma_init), initialised from the teacher network as every student is, regressed (L2) directly onto the
     teacher's Heun samples from the same latents z (fresh z every iteration, Adam(0.9, 0.999) at lr with cosine decay
     to 0, --batch, `iters` iterations), then evaluated like a student. No distillation method can beat this network's
-    one-step optimum, so it is the reference row of the toy tables (`python common.py --regress 3000`)."""
+    one-step optimum, so it is the reference row of the toy tables (`python common.py --regress 3000`). With `save`,
+    the regressed generator is also written there, as a generator.pt (a start for --init-generator)."""
     generator = copy.deepcopy(teacher_net).train().requires_grad_(True)
     opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.9, 0.999))
     target = teacher_sampler(teacher, args.teacher_steps)
@@ -2221,6 +2238,8 @@ def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_in
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if save is not None and dist.is_main:
+        save_checkpoint(save, {"generator": generator}, iters, vars(args))
     return evaluate(args, info, student_sampler(generator.eval(), [sigma_init], args, dist.device), dist,
                     tag="regression")[0]
 
@@ -2230,7 +2249,8 @@ def main(argv=None):
     parser.add_argument_group("reference").add_argument(
         "--regress", type=int, default=0, metavar="ITERS",
         help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations "
-             "and evaluate it: the best one step of this network can do (regression_reference)")
+             "and evaluate it: the best one step of this network can do (regression_reference); the regressed "
+             "generator is saved as regression-seed<S>.pt beside the teacher (for --init-generator)")
     args = parse_args(parser, argv=argv)
     if args.regress < 0:
         parser.error(f"--regress must be >= 0 (got {args.regress})")
@@ -2263,7 +2283,8 @@ def main(argv=None):
     else:
         x_exact = None
     if args.regress:
-        result["regression"] = regression_reference(args, info, dist, teacher, teacher_net, args.regress)
+        result["regression"] = regression_reference(args, info, dist, teacher, teacher_net, args.regress,
+                                                    save=out / f"regression-seed{args.seed}.pt")
     if dist.is_main:
         save_picture(out / f"teacher-{nfe}nfe.png", info, x, reference=x_exact)
         (out / f"eval-{nfe}nfe.json").write_text(json.dumps(result, indent=1) + "\n")

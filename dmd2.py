@@ -429,6 +429,7 @@ def main(argv=None):
     device = dist.device
 
     nets = build_networks(args, info, teacher_net, device)
+    common.init_generator(args, nets.generator, nets.ema)  # --init-generator: a saved generator instead
     gan = nets.head is not None
 
     def adamw(params, lr):

@@ -293,6 +293,7 @@ def main(argv=None):
     device = dist.device
 
     nets = build_networks(args, info, teacher_net, device)
+    common.init_generator(args, nets.generator, nets.ema)  # --init-generator: a saved generator instead
     opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.999)),
                                 args, device)
     opt_f = common.AmpOptimizer(torch.optim.Adam(nets.fake.parameters(), lr=args.lr_f, betas=(0.0, 0.999)),

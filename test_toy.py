@@ -2191,6 +2191,39 @@ def test_resume_refuses_a_run_of_another_method(toy_teacher, tmp_path, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
+def test_init_generator_starts_the_student_from_a_saved_generator(toy_teacher, tmp_path, method):
+    """--init-generator PATH: the student and its EMA start from a saved generator instead of the teacher network.
+    A run from another run's generator.pt with a near-zero lr (1e-12) ends where that generator is; the other
+    networks still start from the teacher (sid: the fake score stays near the teacher network's copy); a missing
+    file is a usage error (exit 2) and a generator of another preset a UserError, both before anything is written."""
+    mod = METHODS[method]
+    mod.main(_tiny_method_flags(toy_teacher, tmp_path / "a", 3) + ["--lr-g", "1e-3"])
+    saved = common.load_checkpoint(tmp_path / "a" / "generator.pt")["state"]["generator"]
+    flags = _tiny_method_flags(toy_teacher, tmp_path / "b", 1) + ["--lr-g", "1e-12"]
+    mod.main(flags + ["--init-generator", str(tmp_path / "a" / "generator.pt")])
+    after = _run_states(tmp_path / "b")
+    args = mod.parse_args(flags)
+    _, teacher_net = common.load_or_train_teacher(args, common.dataset_info(args), common.Dist())
+    teacher_state = teacher_net.state_dict()
+    assert any((saved[k] - teacher_state[k]).abs().max() > 1e-4 for k in saved)  # the saved one has moved
+    for name in ("generator", "ema"):
+        for k, v in saved.items():
+            torch.testing.assert_close(after[name][k], v, rtol=0, atol=1e-6)
+    if method == "sid":  # the fake score, trained at its own lr for one step, stays near the teacher's copy
+        assert max((after["fake"][k] - teacher_state[k]).abs().max() for k in saved) < 0.05
+    with pytest.raises(SystemExit) as e:
+        mod.main(_tiny_method_flags(toy_teacher, tmp_path / "c", 1) + ["--init-generator", str(tmp_path / "no.pt")])
+    assert e.value.code == 2
+    wide = common.build_denoiser(common.parse_args(common.base_parser("t", "teacher"), argv=["--preset", "mlp-wide"]),
+                                 common.dataset_info(args))
+    common.save_checkpoint(tmp_path / "wide.pt", {"generator": wide}, 0, {})
+    with pytest.raises(common.UserError, match="does not fit this configuration"):
+        mod.main(_tiny_method_flags(toy_teacher, tmp_path / "c", 1) + ["--init-generator", str(tmp_path / "wide.pt")])
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
 def test_teacher_that_does_not_fit_is_refused_before_writing(tmp_path):
     """--teacher PATH trained at another resolution or without class conditioning: one line naming the mismatch,
     and no run folder is written; a folder left with only config.json (a run that failed before its first log
