@@ -74,10 +74,10 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
   * --adv-weight (1 in the paper) exists for the ablation "distillation only" (--adv-weight 0); "adversarial only"
     is --distill-weight 0. Class labels replace text prompts.
   * Adam(0, 0.99) for both networks; cifar10 / imagenet64 use the paper's lr 1e-5 as a starting point, untuned,
-    and gamma 1 (the paper's 1e-5 belongs to 512px latents and DINOv2 features): on synthetic images R1 of these
-    heads is ~0.02 on real data, so gamma 1e-3 would add nothing to a hinge loss near 6, while gamma 1 ends with
-    it 6-7x lower (README, "ADD's R1"). toy2d / synthetic use toy-tuned values so they finish on a CPU; on toy2d
-    the penalty at gamma 2e-3 is negligible (README, "ADD on toy2d").
+    and gamma 1 (the paper's 1e-5 belongs to 512px latents and DINOv2 features): on synthetic images (at the earlier
+    discriminator lr 2e-4) R1 of these heads is ~0.02 on real data, so gamma 1e-3 would add nothing to a hinge loss
+    near 6, while gamma 1 ends with it 6-7x lower (README, "ADD's R1"). toy2d / synthetic use toy-tuned values so
+    they finish on a CPU; on toy2d the penalty at gamma 2e-3 is negligible (README, "ADD on toy2d").
   * toy2d's schedule: 2400 iterations with a cosine decay of the student's lr only; the discriminator keeps its lr
     (--no-disc-lr-decay) so that it keeps up with the slowing student (the paper states no schedule). Over seeds
     0-3 with the exact teacher (README, "What limits each student") the 1-step medians of sw2 / mode_w2 / mode_tv /

@@ -1513,9 +1513,10 @@ def base_parser(description, method):
     g.add_argument("--overwrite", action="store_true", help="start again in an existing --out-dir")
     if method != "teacher":
         g.add_argument("--init-generator", default=None, metavar="PATH",
-                       help="start the generator (and its EMA) from a saved generator (a run's generator.pt, or the "
-                            "regression-seed<S>.pt of `common.py --regress`) instead of a copy of the teacher "
-                            "network; the other networks still start from the teacher's")
+                       help="start the generator (and its EMA) from a saved generator instead of a copy of the "
+                            "teacher network: a run's generator.pt, or the regression-*.pt of `common.py --regress` "
+                            "(a one-step map from input noise 2.5: a start for sid, and for dmd2's 1-step toy "
+                            "student); the other networks start as they always do")
     g = p.add_argument_group("fid")
     g.add_argument("--fid-samples", type=int, default=None,
                    help="generated images per FID, logged as e.g. fid10k (0: no FID). Report FID-50k (50000); "
@@ -1596,7 +1597,7 @@ def parse_args(parser, method_defaults=None, argv=None):
     if args.teacher not in ("auto", "analytic", "edm") and not Path(args.teacher).is_file():
         parser.error(f"--teacher {args.teacher}: no such file (use 'auto', 'analytic', 'edm', a teacher .pt path or "
                      f"an EDM .pkl path)")
-    if getattr(args, "init_generator", None) and not Path(args.init_generator).is_file():
+    if getattr(args, "init_generator", None) and not args.resume and not Path(args.init_generator).is_file():
         parser.error(f"--init-generator {args.init_generator}: no such file")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
@@ -1734,9 +1735,9 @@ def save_generator(args, run, ema):
 
 
 def init_generator(args, generator, ema):
-    """--init-generator: load a saved generator's weights into the student and its EMA (before any resume, which
-    overrides both). A generator of another preset, resolution or conditioning is a UserError."""
-    if getattr(args, "init_generator", None):
+    """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
+    checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
+    if getattr(args, "init_generator", None) and not args.resume:
         ckpt = load_checkpoint(args.init_generator)
         restore({"generator": generator}, ckpt, args.init_generator)
         restore({"generator": ema}, ckpt, args.init_generator)
@@ -2250,7 +2251,8 @@ def main(argv=None):
         "--regress", type=int, default=0, metavar="ITERS",
         help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations "
              "and evaluate it: the best one step of this network can do (regression_reference); the regressed "
-             "generator is saved as regression-seed<S>.pt beside the teacher (for --init-generator)")
+             "generator is saved beside the teacher as regression-<analytic|teacher>-<ITERS>-seed<S>.pt (for "
+             "--init-generator)")
     args = parse_args(parser, argv=argv)
     if args.regress < 0:
         parser.error(f"--regress must be >= 0 (got {args.regress})")
@@ -2282,9 +2284,10 @@ def main(argv=None):
         result["analytic"] = exact
     else:
         x_exact = None
-    if args.regress:
+    if args.regress:  # the regressed generator, named by its target, length and seed
+        kind = "analytic" if args.teacher == "analytic" else "teacher"
         result["regression"] = regression_reference(args, info, dist, teacher, teacher_net, args.regress,
-                                                    save=out / f"regression-seed{args.seed}.pt")
+                                                    save=out / f"regression-{kind}-{args.regress}-seed{args.seed}.pt")
     if dist.is_main:
         save_picture(out / f"teacher-{nfe}nfe.png", info, x, reference=x_exact)
         (out / f"eval-{nfe}nfe.json").write_text(json.dumps(result, indent=1) + "\n")

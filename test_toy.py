@@ -1788,7 +1788,7 @@ def test_dmd2_toy2d_convergence(toy_teacher, tmp_path, name, extra, bounds):
     Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 / avx512 (12 runs each), sw2 / mode_tv / precision:
     ttur 0.047-0.094 / 0.055-0.119 / 0.891-0.905; gan (the toy defaults) 0.030-0.060 / 0.032-0.077 / 0.914-0.942 (and
     mode_w2 0.031-0.048); two_steps 0.046-0.061 / 0.033-0.080 / 0.852-0.868; 8 modes in every run. Bounds: about
-    0.03-0.035 above the worst sw2, 0.04-0.045 above the worst mode_tv, 0.05-0.06 below the worst precision. (The same
+    0.03-0.036 above the worst sw2, 0.04-0.046 above the worst mode_tv, 0.05-0.061 below the worst precision. (The same
     defaults with the 3000-iteration teacher of `python dmd2.py --teacher analytic` reach precision 0.938 in median:
     README, toy2d table.)"""
     flags, _ = toy_teacher
@@ -1953,7 +1953,7 @@ def test_add_toy2d_converges_1_and_4_steps(add_toy_run):
     The untrained student (a copy of the teacher) scores sw2 0.54 / 0.26, precision 0.00 / 0.13 at 1 / 4 steps.
     Measured over seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 / avx512 (12 runs of 300 iterations), 1 / 4 steps:
     sw2 0.045-0.087 / 0.055-0.104, mode_tv 0.036-0.075 / 0.042-0.092, precision 0.797-0.867 / 0.845-0.915, 8 modes.
-    Bounds: sw2 +0.03 / +0.05 above the worst, mode_tv 0.12, precision 0.75."""
+    Bounds: sw2 +0.03 / +0.046 above the worst, mode_tv 0.12, precision 0.75."""
     r = add_toy_run("add")
     teacher = r["teacher"]
     assert teacher["modes"] == 8 and teacher["sw2"] < 0.05
@@ -2193,10 +2193,11 @@ def test_resume_refuses_a_run_of_another_method(toy_teacher, tmp_path, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
 def test_init_generator_starts_the_student_from_a_saved_generator(toy_teacher, tmp_path, method):
-    """--init-generator PATH: the student and its EMA start from a saved generator instead of the teacher network.
-    A run from another run's generator.pt with a near-zero lr (1e-12) ends where that generator is; the other
-    networks still start from the teacher (sid: the fake score stays near the teacher network's copy); a missing
-    file is a usage error (exit 2) and a generator of another preset a UserError, both before anything is written."""
+    """--init-generator PATH: the student and its EMA start from a saved generator instead of the teacher network,
+    and the other networks (the fake score) from the teacher's as always: checked on the networks as main() builds
+    them, and end to end, where a run from another run's generator.pt with a near-zero lr (1e-12) ends where that
+    generator is. A missing file is a usage error (exit 2) and a generator of another preset a UserError, both before
+    anything is written."""
     mod = METHODS[method]
     mod.main(_tiny_method_flags(toy_teacher, tmp_path / "a", 3) + ["--lr-g", "1e-3"])
     saved = common.load_checkpoint(tmp_path / "a" / "generator.pt")["state"]["generator"]
@@ -2207,11 +2208,16 @@ def test_init_generator_starts_the_student_from_a_saved_generator(toy_teacher, t
     _, teacher_net = common.load_or_train_teacher(args, common.dataset_info(args), common.Dist())
     teacher_state = teacher_net.state_dict()
     assert any((saved[k] - teacher_state[k]).abs().max() > 1e-4 for k in saved)  # the saved one has moved
+    nets = mod.build_networks(args, common.dataset_info(args), teacher_net, torch.device("cpu"))
+    common.init_generator(mod.parse_args(flags + ["--init-generator", str(tmp_path / "a" / "generator.pt")]),
+                          nets.generator, nets.ema)
+    for k, v in saved.items():
+        assert torch.equal(nets.generator.state_dict()[k], v) and torch.equal(nets.ema.state_dict()[k], v), k
+        if method != "add":
+            assert torch.equal(nets.fake.state_dict()[k], teacher_state[k]), k
     for name in ("generator", "ema"):
         for k, v in saved.items():
             torch.testing.assert_close(after[name][k], v, rtol=0, atol=1e-6)
-    if method == "sid":  # the fake score, trained at its own lr for one step, stays near the teacher's copy
-        assert max((after["fake"][k] - teacher_state[k]).abs().max() for k in saved) < 0.05
     with pytest.raises(SystemExit) as e:
         mod.main(_tiny_method_flags(toy_teacher, tmp_path / "c", 1) + ["--init-generator", str(tmp_path / "no.pt")])
     assert e.value.code == 2
