@@ -1737,7 +1737,7 @@ def save_generator(args, run, ema):
 def init_generator(args, generator, ema):
     """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
     checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
-    if getattr(args, "init_generator", None) and not args.resume:
+    if args.init_generator and not args.resume:
         ckpt = load_checkpoint(args.init_generator)
         restore({"generator": generator}, ckpt, args.init_generator)
         restore({"generator": ema}, ckpt, args.init_generator)

@@ -1564,18 +1564,22 @@ def test_noise_level_and_weight_flags_reach_the_losses(method, argv, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.convergence
-def test_regression_reference_reaches_the_teacher(toy_teacher):
+def test_regression_reference_reaches_the_teacher(toy_teacher, tmp_path):
     """common.regression_reference (the toy tables' reference row): a one-step copy of the teacher network regressed
     onto the exact teacher's 35-NFE samples leaves the collapsed start (sw2 0.54, 1 mode) within 150 iterations:
     8 modes and sw2 < 0.1 (measured 0.040-0.047 and 8 modes, seeds 0-3 x ATEN_CPU_CAPABILITY default / avx2 /
-    avx512)."""
+    avx512). The generator it saves (save=, the start --init-generator reads) is the one it evaluated: loaded back
+    and sampled from the same evaluation latents, it scores the same metrics."""
     flags, _ = toy_teacher
     args = common.parse_args(common.base_parser("t", "teacher"), argv=flags + [
         "--teacher", "analytic", "--eval-samples", "4000", "--batch", "256"])
     info, dist = common.dataset_info(args), common.Dist()
     teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
-    m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150)
+    m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150, save=tmp_path / "reg.pt")
     assert m["modes"] == 8 and m["sw2"] < 0.1, m
+    saved = common.load_generator(tmp_path / "reg.pt", args, info)
+    again = common.evaluate(args, info, common.student_sampler(saved, [2.5], args, torch.device("cpu")), dist)[0]
+    assert again == pytest.approx(m, abs=1e-6)
 
 
 # The toy defaults' schedule (alpha 0.5, cosine decay of the generator's lr only, the fake score's kept), pinned so
@@ -2204,13 +2208,13 @@ def test_init_generator_starts_the_student_from_a_saved_generator(toy_teacher, t
     flags = _tiny_method_flags(toy_teacher, tmp_path / "b", 1) + ["--lr-g", "1e-12"]
     mod.main(flags + ["--init-generator", str(tmp_path / "a" / "generator.pt")])
     after = _run_states(tmp_path / "b")
-    args = mod.parse_args(flags)
-    _, teacher_net = common.load_or_train_teacher(args, common.dataset_info(args), common.Dist())
+    args = mod.parse_args(flags + ["--init-generator", str(tmp_path / "a" / "generator.pt")])
+    info = common.dataset_info(args)
+    _, teacher_net = common.load_or_train_teacher(args, info, common.Dist())
     teacher_state = teacher_net.state_dict()
     assert any((saved[k] - teacher_state[k]).abs().max() > 1e-4 for k in saved)  # the saved one has moved
-    nets = mod.build_networks(args, common.dataset_info(args), teacher_net, torch.device("cpu"))
-    common.init_generator(mod.parse_args(flags + ["--init-generator", str(tmp_path / "a" / "generator.pt")]),
-                          nets.generator, nets.ema)
+    nets = mod.build_networks(args, info, teacher_net, torch.device("cpu"))
+    common.init_generator(args, nets.generator, nets.ema)
     for k, v in saved.items():
         assert torch.equal(nets.generator.state_dict()[k], v) and torch.equal(nets.ema.state_dict()[k], v), k
         if method != "add":
@@ -2222,7 +2226,7 @@ def test_init_generator_starts_the_student_from_a_saved_generator(toy_teacher, t
         mod.main(_tiny_method_flags(toy_teacher, tmp_path / "c", 1) + ["--init-generator", str(tmp_path / "no.pt")])
     assert e.value.code == 2
     wide = common.build_denoiser(common.parse_args(common.base_parser("t", "teacher"), argv=["--preset", "mlp-wide"]),
-                                 common.dataset_info(args))
+                                 info)
     common.save_checkpoint(tmp_path / "wide.pt", {"generator": wide}, 0, {})
     with pytest.raises(common.UserError, match="does not fit this configuration"):
         mod.main(_tiny_method_flags(toy_teacher, tmp_path / "c", 1) + ["--init-generator", str(tmp_path / "wide.pt")])
