@@ -90,6 +90,13 @@ Deliberate deviations from the paper (an offline, small-scale, pixel-space versi
     samples 1.93). At 1e-3 fd is 3.14 / 3.19, at 3e-3 2.87 / 2.87, at 1e-2 3.15 (seed 0). Still 1.5x the teacher's,
     and not by lack of iterations: at 3e-3 fd is lowest near iteration 300 and rises after it (3.33 at 600, seed 0),
     and with the student's lr decayed over 600 it levels off at 2.73. (Measured on an AVX-512 machine, README.)
+    What holds it (README, "Where the fd comes from"): fd at 1000 samples is mostly the class means' error, and
+    the two terms pull the means and the spread apart. From the start (the teacher network at sigma 80: class_bias
+    2.94, spread 0.54) the distillation term alone brings the class means in (class_bias 0.43) and pulls every
+    sample to its class's mean (spread 0.16; its expected gradient on a Gaussian student's spread is positive at
+    every spread); the adversarial term alone keeps the spread (0.73-0.79) and leaves the means off (1.6-2.3).
+    Together: class_bias 1.13 / 1.19, spread 0.54 / 0.56 (the teacher: 0.11, 1.16). The distillation weight only
+    trades one for the other (0.5: spread 0.65, class_bias 1.4; 5: 0.47, 1.04), and fd stays at 2.9-3.0.
 
 Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
 teacher D_phi and the EDMDenoiser the student is copied from), teacher_reference, real_batches, SIGMA_MIN /

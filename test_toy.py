@@ -786,6 +786,16 @@ def test_mixture_metrics_detect_mode_collapse():
     assert wrong["class_acc"] == 0.0
     # FD of 500 true samples in 192 dims is biased upwards (~0.6); shrinking every image by 0.8 is ~4x that.
     assert common.mixture_metrics(xi * 0.8, img)["fd"] > 3 * mi["fd"]
+    # fd's two parts. True samples: class_bias is sampling noise, the mean over classes of D v / n_k (192 * 0.01 / 50
+    # = 0.0384 at 50 per class; chi^2 with 192 dof per class: sd ~0.004 over 10 classes), spread 1 (sd ~0.005).
+    floor = float((192 * 0.01 / torch.bincount(li).double()).mean())
+    assert abs(mi["class_bias"] - floor) < 0.008 and abs(mi["spread"] - 1) < 0.03
+    # every class shrunk to half its spread around its template and shifted by 0.05 per pixel: spread 1/4, and
+    # class_bias 192 * 0.05^2 = 0.48 + the shrunk noise's 0.0384 / 4 (the cross term has mean 0, sd ~0.003)
+    mu_i = img.means[li]
+    moved = common.mixture_metrics(mu_i + 0.5 * (xi - mu_i) + 0.05, img, labels=li)
+    assert abs(moved["spread"] - 0.25) < 0.01 and abs(moved["class_bias"] - 0.4896) < 0.015
+    assert "spread" not in common.mixture_metrics(xi, img) and "spread" not in good
 
 
 # ==============================================================================================================
