@@ -166,7 +166,7 @@ class GaussianMixture:
         """n samples (n, D) and their component labels (n,); `labels` fixes the components."""
         if labels is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        labels = labels.cpu().long()
+        labels = labels.cpu()
         std = self.variances.sqrt()[labels]
         std = std[:, None] if self.isotropic else std
         noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
