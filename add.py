@@ -1,121 +1,80 @@
-"""Adversarial Diffusion Distillation (ADD; Sauer, Lorenz, Blattmann, Rombach 2023; arXiv:2311.17042;
-the method behind SDXL-Turbo), in one file.
+"""Adversarial Diffusion Distillation (ADD; Sauer, Lorenz, Blattmann, Rombach; 2023; arXiv:2311.17042), the method
+behind SDXL-Turbo. There is no official training code.
 
 Idea. The student G_theta starts as a copy of the teacher D_phi and learns to turn a noisy *real* image into a clean
-one in a single network evaluation. Its input is x_s = x0 + sigma_s eps, with sigma_s one of four student noise
-levels, the top one pure noise (so that sampling can start from noise). Two losses act on its output x_g:
-  * an adversarial loss: a discriminator (a frozen feature network + small trainable heads on several of its
-    layers, hinge loss, R1 penalty) tells x_g from real images; it makes one-step samples sharp and keeps them on
-    the data manifold;
-  * a distillation loss: re-noise x_g to a teacher level sigma_t, take the teacher's x0-prediction there as a
-    stop-gradient target and pull x_g towards it; this is score distillation (SDS: identity 8 of README.md,
-    "The maths, checked"), and brings the teacher's knowledge (in the paper: its text alignment) to the student.
+one in a single network evaluation. Its input is x_s = x0 + sigma_s eps, sigma_s one of four student noise levels,
+the top one pure noise (so that sampling can start from noise). Two losses act on its output x_g:
+  * adversarial: a discriminator (a frozen feature network F + small trainable heads D_k on several of its layers,
+    hinge loss, R1 penalty) tells x_g from real images; it makes one-step samples sharp and keeps them on the data;
+  * distillation: re-noise x_g to a teacher level sigma_t, take the teacher's x0-prediction there as a stop-gradient
+    target and pull x_g towards it: score distillation (identity 8 below), the teacher's knowledge in the student.
         L_G = L_adv^G(x_g) + lambda L_distill(x_g),   lambda = 2.5.
 At inference the student samples in 1 to 4 steps: denoise pure noise, re-noise to the next student level, denoise.
 
-Paper -> code (notation of README.md, "The maths, checked": EDM form x_t = x0 + sigma eps):
-  Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR     STUDENT_T, student_levels()
-           x_s = alpha_s x0 + sigma_s eps from a real x0           train_iteration ("student input")
-  Sec 3.2  frozen feature network F, trainable heads D_k            teacher_features(), Head, Discriminator
-           projection on text (here: class) and on c_img of x0      Head.forward, image_embedding()
-           L_adv^G = -E[sum_k D_k(F_k(x_g))]                        hinge_g_loss()
-           L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))] + gamma/2 R1
-                                                                    hinge_d_loss(), r1_penalty()
-           R1 on each head's input F_k(x0), not on pixels           r1_penalty()
-  Sec 3.3  L_distill = c(t) d(x_g, sg(D_phi(x_g + sigma_t eps')))   add_distill_loss(), distill_weighting()
-           c(t) = alpha_t ("exponential") or the SDS weighting       --weighting {exp,sds}
-  Eq 1     L = L_adv^G + lambda L_distill, lambda = 2.5              --distill-weight, train_iteration()
-  Fig 2    1-4 step sampling: denoise, re-noise, denoise            student_sigmas(), common.generate
+Paper -> code (EDM form x_t = x0 + sigma eps, README.md "The maths, checked")
+  Sec 3.1  T_student = {1000, 750, 500, 250}, zero terminal SNR  -> STUDENT_T, student_levels, sampling_levels
+           x_s = alpha_s x0 + sigma_s eps from a real x0        -> train_iteration ("student input")
+  Sec 3.2  frozen feature network F, trainable heads D_k         -> nets.feature_net, Head, Discriminator
+           projection on text (here: class) and on c_img of x0  -> Head.forward, image_embedding
+           L_adv^G = -E[sum_k D_k(F_k(x_g))]                     -> hinge_g_loss
+           L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))] + R1 on the heads' inputs F_k(x0)
+                                                                 -> hinge_d_loss, r1_penalty
+  Sec 3.3  L_distill = c(t) d(x_g, sg(D_phi(x_g + sigma_t eps')))  -> add_distill_loss, loss_sigma(n, args, device)
+           c(t) = alpha_t ("exponential") or the SDS weighting    -> distill_weighting, --weighting {exp,sds}
+  Eq 1     L = L_adv^G + lambda L_distill, lambda = 2.5           -> --distill-weight, train_iteration
+  Fig 2    1-4 step sampling: denoise, re-noise, denoise         -> student_sigmas(args, steps=None), common.generate
+  the loop: for step in range(start, args.iters): learning_rates -> train_iteration -> common.ema_update
+            -> book.end_iteration (common.Bookkeeping: log, evaluate, checkpoint, signals, skip-stop)  -> main
 
-Noise levels. The paper's teacher (SDXL) is a discrete-time VP model with the "scaled linear" schedule: sqrt(beta_t)
-linear from sqrt(0.00085) to sqrt(0.012) over t = 1..1000, abar_t = prod_{i<=t} (1 - beta_i). A timestep maps to the
-EDM noise level sigma(t) = sqrt((1 - abar_t) / abar_t) (the VP alpha of an EDM sigma is 1/sqrt(1 + sigma^2)):
+Noise levels. SDXL is a discrete-time VP model, "scaled linear": sqrt(beta_t) linear from sqrt(8.5e-4) to
+sqrt(1.2e-2) over t = 1..1000, abar_t = prod_{i<=t} (1 - beta_i); t maps to the EDM level sigma(t) =
+sqrt((1 - abar_t) / abar_t) (vp_sigmas, student_levels):
       t        1000          750      500      250
       sigma    14.61 -> 80   4.082    1.613    0.6932
-The top level is *pure noise* (zero terminal SNR): there the student input is x_s = 80 eps, with no x0 in it,
-exactly the sampler's starting point sigma_max z. The teacher's distillation level is t ~ U{1, ..., 1000} of the same
-schedule, sigma_t = sigma(t) in [0.029, 14.6] (the teacher's range reaches 80; SDXL's schedule stops at 14.6).
+The top level is pure noise (zero terminal SNR): x_s = 80 eps, no x0 in it, exactly the sampler's start sigma_max z.
+The teacher's level is t ~ U{1..1000} of the same schedule, sigma_t in [0.03, 14.6] (loss_sigma).
 
-Weightings of the distillation loss and identity 8. With d = squared distance, x_t = x_g + sigma eps' and
-eps_phi = (x_t - D_phi(x_t)) / sigma we have x_g - D_phi(x_t) = sigma (eps_phi - eps'), hence
-      grad_theta c ||x_g - sg(D_phi(x_t))||^2 = 2 c sigma (eps_phi - eps') dx_g/dtheta:
+Identity 8 (the weightings). With d = squared distance, x_t = x_g + sigma eps', eps_phi = (x_t - D_phi(x_t)) / sigma:
+x_g - D_phi(x_t) = sigma (eps_phi - eps'), hence
+    grad_theta c ||x_g - sg(D_phi(x_t))||^2 = 2 c sigma (eps_phi - eps') dx_g/dtheta,
 the SDS gradient (DreamFusion) with weight w = 2 c sigma.
   --weighting exp   c = alpha = 1 / sqrt(1 + sigma^2)   (the paper's "exponential": higher noise counts less)
-  --weighting sds   c = w / (2 sigma) with DreamFusion's w = 1 - abar = sigma^2 / (1 + sigma^2),
-                    i.e. c = sigma / (2 (1 + sigma^2)): exactly the SDS gradient with that w.
+  --weighting sds   c = sigma / (2 (1 + sigma^2)): SDS with DreamFusion's w = 1 - abar = sigma^2 / (1 + sigma^2)
 
-Deliberate deviations from the paper (an offline, small-scale, pixel-space version):
-  * Feature network. The paper's F is DINOv2 ViT-S (with CLIP for text); here F is the frozen *teacher's* network:
-    its encoder's feature maps at every resolution (EDMDenoiser.features, the encoder alone) on inputs re-noised to sigma_d, ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2), as in
-    LADD (Sauer et al. 2024), SD3-Turbo and NVIDIA FastGen. It needs no downloaded weights, has been trained on
-    exactly this data, and the noise makes it a "diffusion GAN" whose real and fake distributions overlap. Also,
-    ImageNet-pretrained discriminator features can lower FID (whose Inception network is an ImageNet classifier
-    too) without making the images better (Kynkaanniemi et al. 2023); teacher features do not share that bias with
-    the metric. For toy2d the same code runs on the toy MLP teacher's hidden state after each residual block, with
-    MLP heads: one discriminator for every dataset, and "R1 on the heads' inputs" means the same thing everywhere
-    (a discriminator on raw 2-D points would turn it into a pixel-space R1).
-  * The image embedding c_img of x0 (what lets the discriminator check that the student used its input) is the
-    frozen teacher's lowest-resolution feature map at sigma = 0.002, spatially averaged (the paper uses a second feature network). It
-    is off for toy2d (--no-img-cond): in 2-D an embedding of x0 is x0 itself, so the discriminator learns to test
-    x_g == x0 and pushes the student towards E[x0 | x_s], the blurry posterior mean, instead of a sample of
-    p(x0 | x_s) (README, "ADD on toy2d", measures it). A DINOv2 embedding of a 512px image pins down its content,
-    not its pixels.
-  * The heads are also conditioned (by projection) on the student level s. Without it the discriminator only sees
-    the mixture of the four levels' outputs, and the levels can trade errors: with --no-disc-level the toy's
-    1-step sampler loses modes while the mixture over levels still fools the discriminator (README, "ADD on toy2d").
-  * The distillation term is divided by the number of data dimensions (a per-pixel mean, as torch's MSE and the
-    DMD2 code do); add_distill_loss itself sums, as identity 8 needs. A sum over 768 or 12288 pixels would drown
-    the O(1) hinge loss at lambda = 2.5.
-  * R1 (Mescheder et al. 2018) with the convention  gamma/2 E_x0 ||grad_F D(F(x0))||^2,  where D(F) =
-    sum_k mean_locations D_k(F_k) is exactly the per-sample scalar the hinge losses see and F = (F_1, ..., F_K) are
-    all heads' inputs; applied every iteration (no lazy regularisation). The paper states neither the factor nor
-    the scalar; its gamma 1e-5 belongs to 512px latents and DINOv2 features, so the defaults here are set where the
-    penalty measurably acts on this discriminator (README, "ADD's R1").
-  * --adv-weight (1 in the paper) exists for the ablation "distillation only" (--adv-weight 0); "adversarial only"
-    is --distill-weight 0. Class labels replace text prompts.
-  * Adam(0, 0.99) for both networks; cifar10 / imagenet64 use the paper's lr 1e-5 as a starting point, untuned,
-    and gamma 1 (the paper's 1e-5 belongs to 512px latents and DINOv2 features): on synthetic images (at the earlier
-    discriminator lr 2e-4) R1 of these heads is ~0.02 on real data, so gamma 1e-3 would add nothing to a hinge loss
-    near 6, while gamma 1 ends with it 6-7x lower (README, "ADD's R1"). toy2d / synthetic use toy-tuned values so
-    they finish on a CPU; on toy2d the penalty at gamma 2e-3 is negligible (README, "ADD on toy2d").
-  * toy2d's schedule: 2400 iterations with a cosine decay of the student's lr only; the discriminator keeps its lr
-    (--no-disc-lr-decay) so that it keeps up with the slowing student (the paper states no schedule). Over seeds
-    0-3 with the exact teacher (README, "What limits each student") the 1-step medians of sw2 / mode_w2 / mode_tv /
-    precision are 0.036 / 0.029 / 0.016 / 0.958 (all four toy targets met; every seed's precision >= 0.954),
-    against 0.039 / 0.035 / 0.024 / 0.940 at 1600 iterations and 0.051 / 0.039 / 0.036 / 0.937 at the earlier 800
-    constant-lr iterations; the 4-step sampler's are 0.033 / 0.024 / 0.026 / 0.970. With both lrs decayed over
-    1600 iterations the 1-step medians are 0.048 / 0.040 / 0.040 / 0.941.
-  * synthetic's discriminator lr: 3e-3 (it was 2e-4). At 2e-4 the heads barely separate real from generated images
-    in the 300 CPU iterations and the student moves little: fd 3.97 / 3.93 (seeds 0 / 1; the teacher's 35-NFE
-    samples 1.93). At 1e-3 fd is 3.14 / 3.19, at 3e-3 2.87 / 2.87, at 1e-2 3.15 (seed 0). Still 1.5x the teacher's,
-    and not by lack of iterations: at 3e-3 fd is lowest near iteration 300 and rises after it (3.33 at 600, seed 0),
-    and with the student's lr decayed over 600 it levels off at 2.73. (Measured on an AVX-512 machine, README.)
-    What holds it (README, "Where the fd comes from"): fd at 1000 samples is mostly the class means' error, and
-    the two terms pull the means and the spread apart. From the start (the teacher network at sigma 80: class_bias
-    2.94, spread 0.54) the distillation term alone brings the class means in (class_bias 0.43) and pulls every
-    sample to its class's mean (spread 0.16; its expected gradient on a Gaussian student's spread is positive at
-    every spread); the adversarial term alone keeps the spread (0.73-0.79) and leaves the means off (1.6-2.3).
-    Together: class_bias 1.13 / 1.19, spread 0.54 / 0.56 (the teacher: 0.11, 1.16). The distillation weight only
-    trades one for the other (0.5: spread 0.65, class_bias 1.4; 5: 0.47, 1.04), and fd stays at 2.9-3.0.
+Deliberate deviations (an offline, small-scale, pixel-space version; StyleGAN-T's code: autonomousvision/stylegan-t)
+  - F (teacher_features) is the frozen teacher's encoder, not DINOv2 ViT-S, as in LADD, on inputs noised to sigma_d,
+    ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2): no download, trained on this data, and no bias shared with FID's
+    ImageNet features (Kynkaanniemi et al. 2023).
+  - toy2d: the same discriminator on the MLP teacher's hidden states, with MLP heads (R1 on the heads' inputs too).
+  - c_img: the teacher's lowest-res map of x0 at sigma_min, averaged; off on toy2d (assets/results.md#add-on-toy2d).
+  - Heads also see the student level s (--disc-level): levels cannot trade errors (assets/results.md#add-on-toy2d).
+  - L_distill is divided by the data dimensions (a per-pixel mean); add_distill_loss sums, as identity 8 needs.
+  - Hinge: a sum of per-head means; StyleGAN-T takes one mean over all heads' locations (its training/loss.py:98,104,
+    on the logits concatenated in networks/discriminator.py:171).
+  - R1 = gamma/2 E||grad_F D(F(x0))||^2, D = sum_k mean_locations D_k, every iteration (assets/results.md#adds-r1).
+  - Per head that R1 is 1/N_k^2 of R1 on the summed logits (N_k locations), so gamma 1 equals the paper's gamma R1
+    (no 1/2) at gamma = 1/(2 N_k^2): 5e-7 for a 32x32 map, 1e-4 for 8x8 (reading its D_k as a head's summed logits).
+  - --adv-weight (1 in the paper) gives "distillation only" at 0; "adversarial only" is --distill-weight 0.
+  - Adam(0, 0.99) for both; cifar10 / imagenet64: the paper's lr 1e-5, untuned, gamma 1 (assets/results.md#adds-r1).
+  - scaled_dot_product_attention for EDM's AttentionOp (NVlabs/edm training/networks.py:113): within ~4e-7 relative.
+  - toy2d: 2400 iterations, only the student's lr decayed (assets/results.md#add-toy-defaults); synthetic:
+    the discriminator's lr 3e-3 (assets/results.md#add-synthetic-defaults, #where-the-fd-comes-from).
 
-Shared pieces (common.py / unet.py): base_parser / parse_args, start_method (processes, data, run folder, the
-teacher D_phi and the EDMDenoiser the student is copied from), teacher_reference, real_batches, SIGMA_MIN /
-SIGMA_MAX, generate / student_sampler (the student's sampler), autocast, AmpOptimizer (zero_grad / backward / step),
-ema_update, requires_grad, wrap / unwrap, evaluate (with FID), bench, TrainLoop, save_generator / load_generator;
-EDMDenoiser.features (the encoder's feature maps), `feature_channels`, unet.count_params.
+Pitfalls
+  - R1 differentiates w.r.t. the heads' inputs, not their parameters (a public reimplementation got this wrong).
+  - R1's double backward fails under torch.compile: the heads get DDP only, never --compile.
+  - A c_img the heads can match exactly (as in 2-D) pulls the student to the blurry E[x0 | x_s]: use --no-img-cond.
+  - Hinge losses near their balance say little about progress: watch the evaluation metrics.
 
-Commands:
-    python add.py                                            # toy2d on CPU, about three minutes
-    python add.py --teacher analytic --steps 4 --out-dir runs/toy2d-add-exact   # exact denoiser as teacher, 4 steps
+Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), real_batches, generate /
+student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), bench; EDMDenoiser.features.
+
+Commands
+    python add.py                                            # toy2d on CPU, a few minutes
     python add.py --distill-weight 0 --out-dir runs/toy2d-add-adv      # ablation: adversarial loss only
-    python add.py --adv-weight 0 --out-dir runs/toy2d-add-distill      # ablation: distillation loss only
     python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU
     python add.py --dataset cifar10 --data-dir data          # one GPU
     torchrun --nproc_per_node=8 add.py --dataset imagenet64 --data-dir data/imagenet64
-    python add.py --dataset cifar10 --resume --fid-samples 50000
-        # the finished run's FID-50k (no training)
-    python add.py --dataset synthetic --resolution 32 --preset cifar10 --bench
-        # speed at CIFAR-10 size
 """
 
 import argparse
@@ -130,105 +89,6 @@ import torch.nn.functional as F
 
 import common
 import unet
-
-# ================================================================================================================
-# ARGUMENTS
-# ================================================================================================================
-
-# Per-dataset defaults of this method (argparse dests). cifar10 / imagenet64: the paper's lr 1e-5; R1 gamma as
-# measured on synthetic images (README, "ADD's R1"). toy2d: 2400 iterations with a cosine decay of the student's lr
-# only, the discriminator's kept (README, "What limits each student"; module docstring). synthetic: discriminator
-# lr 3e-3 (README, "synthetic 16x16 on the CPU"; module docstring).
-METHOD_DEFAULTS = {
-    "toy2d": dict(iters=2400, batch=128, lr_g=3e-4, lr_d=1e-3, ema=5.0, r1_weight=2e-3, disc_p_mean=-2.0,
-                  disc_dim=64, img_cond=False, eval_every=600, lr_decay="cosine", disc_lr_decay=False),
-    "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_d=3e-3, ema=0.5, r1_weight=1.0, disc_p_mean=-2.5,
-                      disc_dim=32, img_cond=True, eval_every=150, disc_lr_decay=True),
-    "cifar10": dict(iters=100000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1.0, disc_p_mean=-1.2,
-                    disc_dim=128, img_cond=True, disc_lr_decay=True),
-    "imagenet64": dict(iters=200000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1.0, disc_p_mean=-1.2,
-                       disc_dim=128, img_cond=True, disc_lr_decay=True),
-}
-
-
-def parse_args(argv=None):
-    p = common.base_parser("ADD: adversarial diffusion distillation of an EDM teacher into a 1-4 step student.",
-                           method="add")
-    g = p.add_argument_group("add")
-    g.add_argument("--lr-g", type=float, default=None, help="student (generator) Adam learning rate (betas 0, 0.99)")
-    g.add_argument("--lr-d", type=float, default=None, help="discriminator heads' Adam learning rate (betas 0, 0.99)")
-    g.add_argument("--ema", type=float, default=None, help="student EMA half-life in kimg (0.05 ramp-up; 0: none)")
-    g.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4),
-                   help="sampling steps of the student used in evaluation (training covers all four levels)")
-    g.add_argument("--distill-weight", type=float, default=2.5,
-                   help="lambda in L = L_adv + lambda L_distill (paper 2.5; 0: adversarial loss only)")
-    g.add_argument("--adv-weight", type=float, default=1.0,
-                   help="weight of the adversarial loss (paper 1; 0: distillation only, no discriminator)")
-    g.add_argument("--weighting", default="exp", choices=("exp", "sds"),
-                   help="c(sigma) of the distillation loss: exp = 1/sqrt(1+sigma^2), sds = sigma/(2(1+sigma^2))")
-    g.add_argument("--r1-weight", type=float, default=None,
-                   help="gamma of the R1 penalty gamma/2 E||grad_F D(F(x0))||^2 on the discriminator heads' inputs "
-                        "(0: off)")
-    g.add_argument("--disc-p-mean", type=float, default=None,
-                   help="mean of ln sigma_d, the noise level of the discriminator's (real and fake) inputs")
-    g.add_argument("--disc-p-std", type=float, default=1.0, help="standard deviation of ln sigma_d")
-    g.add_argument("--disc-dim", type=int, default=None, help="width of each discriminator head")
-    g.add_argument("--img-cond", action=argparse.BooleanOptionalAction, default=None,
-                   help="condition the heads on an image embedding of x0 (when sigma_s is below the top level)")
-    g.add_argument("--disc-level", action=argparse.BooleanOptionalAction, default=True,
-                   help="condition the heads on the student level s (a deviation; see the docstring)")
-    g.add_argument("--disc-lr-decay", action=argparse.BooleanOptionalAction, default=None,
-                   help="apply --lr-decay to the discriminator heads' lr too; with --no-disc-lr-decay only the "
-                        "student's lr decays")
-    args = common.parse_args(p, METHOD_DEFAULTS, argv)
-    for name in ("distill_weight", "adv_weight", "r1_weight", "ema"):
-        if not 0 <= getattr(args, name) < math.inf:  # also rejects NaN
-            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, name)})")
-    if not args.disc_p_std > 0:
-        p.error(f"--disc-p-std must be a positive number (got {args.disc_p_std})")
-    if args.distill_weight == 0 and args.adv_weight == 0:
-        p.error("--distill-weight 0 with --adv-weight 0 leaves nothing to train")
-    if args.disc_dim < 4 or not math.isfinite(args.disc_p_mean):
-        p.error("--disc-dim must be >= 4 and --disc-p-mean finite")
-    return args
-
-
-# ================================================================================================================
-# NOISE LEVELS
-# ================================================================================================================
-
-STUDENT_T = (1000, 750, 500, 250)  # the paper's student timesteps (1-based, of 1000)
-
-
-def vp_sigmas(beta_start=0.00085, beta_end=0.012, T=1000):
-    """EDM sigma of every timestep t = 1..T of SDXL's "scaled linear" VP schedule (sqrt(beta) linear):
-    sigma(t) = sqrt((1 - abar_t) / abar_t), abar_t = prod_{i<=t} (1 - beta_i). (T,) float64; entry t-1 is t."""
-    beta = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1 - beta, 0)
-    return ((1 - abar) / abar).sqrt()
-
-
-def student_levels():
-    """The four student levels the student trains on, high to low: sigma(t) for t in STUDENT_T with the top one set
-    to sigma_max = 80 (pure noise, zero terminal SNR): float64 [80, 4.082, 1.613, 0.6932]."""
-    table = vp_sigmas()
-    s = torch.stack([table[t - 1] for t in STUDENT_T])
-    s[0] = common.SIGMA_MAX
-    return s
-
-
-def sampling_levels(steps, num_levels=len(STUDENT_T)):
-    """Indices into student_levels() visited by a `steps`-step sampler, evenly spaced from the top:
-    1 -> [0], 2 -> [0, 2], 3 -> [0, 1, 3], 4 -> [0, 1, 2, 3] (t = 1000 | 1000, 500 | 1000, 750, 250 | all)."""
-    return [int(round(i * num_levels / steps)) for i in range(steps)]
-
-
-def student_sigmas(args):
-    """The input noise levels of the --steps-step sampler for common.generate: the visited student levels, the top
-    one pure noise. 1 step: [80]; 2: [80, 1.613]; 4: [80, 4.082, 1.613, 0.6932]."""
-    levels = student_levels()
-    return [float(levels[k]) for k in sampling_levels(args.steps)]
-
 
 # ================================================================================================================
 # LOSSES (pure functions of tensors; test_toy.py checks them against closed forms)
@@ -291,6 +151,56 @@ def r1_penalty(real_logits, features):
     grads = torch.autograd.grad(d.sum(), features, create_graph=True)
     # R1 = sum_k ||dD / dF_k||^2
     return sum(_at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,)
+
+
+# ================================================================================================================
+# NOISE LEVELS
+# ================================================================================================================
+
+STUDENT_T = (1000, 750, 500, 250)  # the paper's student timesteps (1-based, of 1000)
+
+
+def vp_sigmas(beta_start=0.00085, beta_end=0.012, T=1000):
+    """EDM sigma of every timestep t = 1..T of SDXL's "scaled linear" VP schedule (sqrt(beta) linear):
+    sigma(t) = sqrt((1 - abar_t) / abar_t), abar_t = prod_{i<=t} (1 - beta_i). (T,) float64; entry t-1 is t."""
+    beta = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - beta, 0)
+    return ((1 - abar) / abar).sqrt()
+
+
+def student_levels():
+    """The four student levels the student trains on, high to low: sigma(t) for t in STUDENT_T with the top one set
+    to sigma_max = 80 (pure noise, zero terminal SNR): float64 [80, 4.082, 1.613, 0.6932]."""
+    table = vp_sigmas()
+    s = torch.stack([table[t - 1] for t in STUDENT_T])
+    s[0] = common.SIGMA_MAX
+    return s
+
+
+def sampling_levels(steps, num_levels=len(STUDENT_T)):
+    """Indices into student_levels() visited by a `steps`-step sampler, evenly spaced from the top:
+    1 -> [0], 2 -> [0, 2], 3 -> [0, 1, 3], 4 -> [0, 1, 2, 3] (t = 1000 | 1000, 500 | 1000, 750, 250 | all)."""
+    return [int(round(i * num_levels / steps)) for i in range(steps)]
+
+
+def student_sigmas(args, steps=None):
+    """The input noise levels of the `steps`-step sampler (default --steps) for common.generate: the visited student
+    levels, the top one pure noise. 1 step: [80]; 2: [80, 1.613]; 4: [80, 4.082, 1.613, 0.6932]."""
+    levels = student_levels()
+    return [float(levels[k]) for k in sampling_levels(args.steps if steps is None else steps)]
+
+
+def loss_sigma(n, args, device):
+    """n noise levels of the distillation loss: the teacher's level t ~ U{1..1000} of the same VP schedule,
+    sigma_t = sigma(t) in [0.029, 14.6]. (n,) float32"""
+    table = vp_sigmas().to(device=device, dtype=torch.float32)  # (1000,)
+    return table[torch.randint(len(table), (n,), device=device)]
+
+
+def disc_sigma(n, args, device):
+    """n noise levels of the discriminator's (real and generated) inputs x + sigma_d eps:
+    ln sigma_d ~ N(--disc-p-mean, --disc-p-std^2). (n,)"""
+    return (torch.randn(n, device=device) * args.disc_p_std + args.disc_p_mean).exp()
 
 
 # ================================================================================================================
@@ -372,13 +282,13 @@ def build_discriminator(args, info, teacher_net):
 def build_networks(args, info, teacher_net, device):
     """generator (theta, the student) and ema (the student that is evaluated and saved): copies of the teacher's
     network, the student kept in eval mode (no dropout, as SDXL has none); disc: the discriminator heads on the
-    frozen teacher's features."""
+    features of feature_net, the frozen teacher network itself."""
     def copy_of_teacher():
         return copy.deepcopy(teacher_net).to(device)
 
     return SimpleNamespace(generator=copy_of_teacher().requires_grad_(True),
                            ema=copy_of_teacher().eval().requires_grad_(False),
-                           disc=build_discriminator(args, info, teacher_net).to(device))
+                           disc=build_discriminator(args, info, teacher_net).to(device), feature_net=teacher_net)
 
 
 # ================================================================================================================
@@ -390,11 +300,11 @@ def _twice(v):
     return None if v is None else torch.cat([v, v])
 
 
-def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, step, batches):
+def train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches):
     """One ADD iteration: a student update on L_adv^G + lambda L_distill, then a discriminator update on the hinge
     loss + gamma/2 R1, both on the same real batch. `nets` holds the networks of build_networks and their (DDP /
-    compiled) wrappers generator_t / disc_t, used where that network's own parameters are trained; `batches`
-    yields real data. Returns the losses to log."""
+    compiled) wrappers generator_t / disc_t, used where that network's own parameters are trained, and feature_net,
+    the frozen teacher network whose encoder is F; `batches` yields real data. Returns the losses to log."""
     device = dist.device
     pixels = math.prod(info.shape)  # the distillation term is averaged over pixels (see the docstring)
     x0, labels = next(batches)  # (B, *shape) real data in [-1, 1]
@@ -402,7 +312,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, 
     B = x0.shape[0]
     sigmas = student_levels().to(device=device, dtype=torch.float32)
     use_disc = args.adv_weight > 0
-    disc = common.unwrap(nets.disc)
+    disc, teacher_net = common.unwrap(nets.disc), nets.feature_net
     out = {}
 
     # ---- student input: a real x0 noised to a level s ~ U{0..3}; the top level (s = 0) is pure noise ----
@@ -417,17 +327,13 @@ def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, 
         c_img = image_embedding(teacher_net, x0, labels) * signal[:, None]  # (B, C_img)
     d_level = level if args.disc_level else None
 
-    def disc_noise(n):
-        # the discriminator's inputs are noised, x + sigma_d eps, ln sigma_d ~ N(P_mean, P_std^2)
-        return (torch.randn(n, device=device) * args.disc_p_std + args.disc_p_mean).exp()  # (n,)
-
     # ---- 1. student G: adversarial + distillation loss; teacher, feature net and heads frozen ----
     common.requires_grad(disc, False)
     with common.autocast(args, device):
         x_g = nets.generator_t(x_s, sigma_s, labels).float()  # (B, *shape), carries grad to theta
         loss_g = torch.zeros((), device=device)
         if use_disc:
-            sigma_d = disc_noise(B)
+            sigma_d = disc_sigma(B, args, device)
             x_d = x_g + common.column(sigma_d, x_g) * torch.randn_like(x_g)
             fake_logits = disc(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img, d_level)
             # L_adv^G = -E[sum_k D_k(F_k(x_g))]
@@ -436,8 +342,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, 
             out["loss_adv"] = loss_adv.detach()
         if args.distill_weight > 0:
             # teacher level t ~ U{1..1000}: sigma_t = sigma(t) of the VP schedule, in [0.029, 14.6]
-            table = vp_sigmas().to(device=device, dtype=torch.float32)  # (1000,)
-            sigma_t = table[torch.randint(len(table), (B,), device=device)]  # (B,)
+            sigma_t = loss_sigma(B, args, device)  # (B,)
             # x_t = x_g + sigma_t eps'
             x_t = x_g.detach() + common.column(sigma_t, x_g) * torch.randn_like(x_g)
             with torch.no_grad():
@@ -457,7 +362,7 @@ def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, 
     common.requires_grad(disc, True)
     with common.autocast(args, device):
         x_both = torch.cat([x0, x_g.detach()])  # (2B, *shape): real first, then generated
-        sigma_d = disc_noise(2 * B)
+        sigma_d = disc_sigma(2 * B, args, device)
         x_d = x_both + common.column(sigma_d, x_both) * torch.randn_like(x_both)
         with torch.no_grad():
             feats = teacher_features(teacher_net, x_d, sigma_d, _twice(labels))  # frozen F, no gradient
@@ -485,6 +390,79 @@ def train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, 
 
 
 # ================================================================================================================
+# ARGUMENTS
+# ================================================================================================================
+
+METHOD = "add"
+
+# Per-dataset defaults of this method (argparse dests; the shared ones are common.DATASET_DEFAULTS):
+# toy2d: toy-tuned: 2400 iterations, only the student's lr decayed (assets/results.md#add-toy-defaults)
+# synthetic: toy-tuned, discriminator lr 3e-3, so that it finishes on a CPU (assets/results.md#add-synthetic-defaults)
+# cifar10: the paper's lr 1e-5 (no official code), untuned; gamma 1 (assets/results.md#adds-r1); EMA, P_mean: EDM's
+# imagenet64: as cifar10, over 200k iterations
+METHOD_DEFAULTS = {
+    "toy2d": dict(iters=2400, batch=128, lr_g=3e-4, lr_d=1e-3, ema=5.0, r1_weight=2e-3, disc_p_mean=-2.0,
+                  disc_dim=64, img_cond=False, eval_every=600, lr_decay="cosine", disc_lr_decay=False),
+    "synthetic": dict(iters=300, batch=32, lr_g=5e-5, lr_d=3e-3, ema=0.5, r1_weight=1.0, disc_p_mean=-2.5,
+                      disc_dim=32, img_cond=True, eval_every=150, disc_lr_decay=True),
+    "cifar10": dict(iters=100000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1.0, disc_p_mean=-1.2,
+                    disc_dim=128, img_cond=True, disc_lr_decay=True),
+    "imagenet64": dict(iters=200000, batch=256, lr_g=1e-5, lr_d=1e-5, ema=500.0, r1_weight=1.0, disc_p_mean=-1.2,
+                       disc_dim=128, img_cond=True, disc_lr_decay=True),
+}
+
+
+def parse_args(argv=None):
+    p = common.base_parser("ADD: adversarial diffusion distillation of an EDM teacher into a 1-4 step student.",
+                           method=METHOD)
+    g = p.add_argument_group("add")
+    g.add_argument("--lr-g", type=float, default=None, help="student (generator) Adam learning rate (betas 0, 0.99)")
+    g.add_argument("--lr-d", type=float, default=None, help="discriminator heads' Adam learning rate (betas 0, 0.99)")
+    g.add_argument("--ema", type=float, default=None, help="student EMA half-life in kimg (0.05 ramp-up; 0: none)")
+    g.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4),
+                   help="sampling steps of the student used in evaluation (training covers all four levels)")
+    g.add_argument("--distill-weight", type=float, default=2.5,
+                   help="lambda in L = L_adv + lambda L_distill (paper 2.5; 0: adversarial loss only)")
+    g.add_argument("--adv-weight", type=float, default=1.0,
+                   help="weight of the adversarial loss (paper 1; 0: distillation only, no discriminator)")
+    g.add_argument("--weighting", default="exp", choices=("exp", "sds"),
+                   help="c(sigma) of the distillation loss: exp = 1/sqrt(1+sigma^2), sds = sigma/(2(1+sigma^2))")
+    g.add_argument("--r1-weight", type=float, default=None,
+                   help="gamma of the R1 penalty gamma/2 E||grad_F D(F(x0))||^2 on the discriminator heads' inputs "
+                        "(0: off)")
+    g.add_argument("--disc-p-mean", type=float, default=None,
+                   help="mean of ln sigma_d, the noise level of the discriminator's (real and fake) inputs")
+    g.add_argument("--disc-p-std", type=float, default=1.0, help="standard deviation of ln sigma_d")
+    g.add_argument("--disc-dim", type=int, default=None, help="width of each discriminator head")
+    g.add_argument("--img-cond", action=argparse.BooleanOptionalAction, default=None,
+                   help="condition the heads on an image embedding of x0 (when sigma_s is below the top level)")
+    g.add_argument("--disc-level", action=argparse.BooleanOptionalAction, default=True,
+                   help="condition the heads on the student level s (a deviation; see the docstring)")
+    g.add_argument("--disc-lr-decay", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply --lr-decay to the discriminator heads' lr too; with --no-disc-lr-decay only the "
+                        "student's lr decays")
+    args = common.parse_args(p, METHOD_DEFAULTS, argv)
+    for name in ("distill_weight", "adv_weight", "r1_weight", "ema"):
+        if not 0 <= getattr(args, name) < math.inf:  # also rejects NaN
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, name)})")
+    if not args.disc_p_std > 0:
+        p.error(f"--disc-p-std must be a positive number (got {args.disc_p_std})")
+    if args.distill_weight == 0 and args.adv_weight == 0:
+        p.error("--distill-weight 0 with --adv-weight 0 leaves nothing to train")
+    if args.disc_dim < 4 or not math.isfinite(args.disc_p_mean):
+        p.error("--disc-dim must be >= 4 and --disc-p-mean finite")
+    return args
+
+
+def learning_rates(args, step):
+    """The learning rates of iteration `step`, decided here only: --lr-decay for the student, and for the
+    discriminator heads unless --no-disc-lr-decay. Returns (lr_g, lr_d)."""
+    decay_d = args.lr_decay if args.disc_lr_decay else "none"
+    return (common.learning_rate(args.lr_g, step, args.iters, args.lr_decay),
+            common.learning_rate(args.lr_d, step, args.iters, decay_d))
+
+
+# ================================================================================================================
 # MAIN
 # ================================================================================================================
 
@@ -494,67 +472,64 @@ def main(argv=None):
     dist, info, run, teacher, teacher_net = common.start_method(args)
     device = dist.device
 
+    # The method's networks and optimizers: the student G (a copy of the teacher) and the discriminator heads.
     nets = build_networks(args, info, teacher_net, device)
     common.init_generator(args, nets.generator, nets.ema)  # --init-generator: a saved generator instead
     opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.99)),
                                 args, device)
     opt_d = common.AmpOptimizer(torch.optim.Adam(nets.disc.parameters(), lr=args.lr_d, betas=(0.0, 0.99)),
                                 args, device)
-    nets.generator_t = common.wrap(nets.generator, args, dist)
     # R1's double backward fails under torch.compile ("aot_autograd does not currently support double backward"),
     # so the (small) heads get DDP only, never --compile.
-    nets.disc_t = common.wrap(nets.disc, args, dist, compile=False)
-    objects = {"generator": nets.generator, "disc": nets.disc, "ema": nets.ema, "opt_g": opt_g, "opt_d": opt_d}
+    nets.generator_t, nets.disc_t = common.wrap(nets.generator, args, dist), common.wrap(nets.disc, args, dist,
+                                                                                           compile=False)
+    trained = {"generator": nets.generator, "disc": nets.disc}
+    objects = {**trained, "ema": nets.ema, "opt_g": opt_g, "opt_d": opt_d}  # what a checkpoint holds
     batches = common.real_batches(args, info, dist)  # ADD trains on real images (the student's inputs)
 
-    def iteration(step):
-        losses = train_iteration(args, info, dist, teacher, teacher_net, nets, opt_g, opt_d, step, batches)
-        common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
-                          rampup_ratio=0.05)
-        return losses
-
-    def sampler(steps=args.steps):  # the EMA student's samples in `steps` steps
-        return common.student_sampler(nets.ema, student_sigmas(argparse.Namespace(steps=steps)), args, device)
+    def sampler(steps=None):  # the EMA student's samples
+        return common.student_sampler(nets.ema, student_sigmas(args, steps), args, device)
 
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, iteration, sampler(), teacher, teacher_net,
-                            {"generator": nets.generator, "disc": nets.disc}, student_nfe=args.steps)
+        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher, nets, opt_g,
+                            opt_d, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
+                            student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
-
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
-    if dist.is_main:
-        print(f"add: student {unet.count_params(nets.generator) / 1e6:.2f}M parameters, discriminator heads "
-              f"{unet.count_params(nets.disc) / 1e3:.1f}k on {len(nets.disc.heads)} teacher feature levels, student "
-              f"sigmas {[round(float(s), 4) for s in student_levels()]}, {args.iters} iterations")
+    common.describe(dist, METHOD, trained, student_sigmas(args), args.iters)
 
-    def evaluate(done):
-        return common.evaluate(args, info, sampler(), dist, run=run, step=done, tag=f"add-{args.steps}step",
+    def evaluate(done, steps=args.steps):
+        return common.evaluate(args, info, sampler(steps), dist, run=run, step=done, tag=f"{METHOD}-{steps}step",
                                reference=x_teacher)[0]
 
-    # --lr-decay: the student's lr, and the discriminator's unless --no-disc-lr-decay
-    loop = common.TrainLoop(args, run, objects, evaluate, start, desc="add", optimizers=[opt_g, opt_d],
-                            decayed=[opt_g, opt_d] if args.disc_lr_decay else [opt_g])
-    for step in loop:  # logging, evaluation, checkpoints, signals and skipped steps are the loop object's
-        loop.log(iteration(step))
+    with common.Bookkeeping(args, run, objects, evaluate, start, desc=METHOD, optimizers=[opt_g, opt_d]) as book:
+        for step in range(start, args.iters):
+            lr_g, lr_d = learning_rates(args, step)
+            opt_g.set_lr(lr_g)
+            opt_d.set_lr(lr_d)
+            losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches)
+            common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
+                              rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
+            book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips
 
     common.save_generator(args, run, nets.ema)
-    wall = round(time.time() - t0, 1)
-    # The same student sampled with 1..4 steps (training does not depend on --steps).
-    per_steps = {args.steps: loop.metrics}
+    result = {"teacher": teacher_metrics, "student": book.metrics, "teacher_nfe": nfe,
+              "student_nfe": len(student_sigmas(args)), "params": unet.count_params(nets.generator),
+              "wall_s": round(time.time() - t0, 1)}
+    # ADD only: the same student sampled with 1..4 steps (training does not depend on --steps)
+    result["steps"] = {args.steps: book.metrics}
     for steps in range(1, len(STUDENT_T) + 1):
         if steps != args.steps:
-            per_steps[steps], _ = common.evaluate(args, info, sampler(steps), dist, run=run, tag=f"add-{steps}step",
-                                                  reference=x_teacher)
-            if per_steps[steps]:
-                run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in per_steps[steps].items()}})
-    result = {"teacher": teacher_metrics, "student": loop.metrics, "steps": dict(sorted(per_steps.items())),
-              "teacher_nfe": nfe, "student_nfe": args.steps, "params": unet.count_params(nets.generator), "wall_s": wall}
+            result["steps"][steps] = evaluate(None, steps)
+            if result["steps"][steps]:
+                run.log({"iter": args.iters, **{f"eval_{steps}step/{k}": v for k, v in result["steps"][steps].items()}})
+    result["steps"] = dict(sorted(result["steps"].items()))
     if dist.is_main:
         for steps, m in result["steps"].items():
             if m:
-                print(f"add {steps}-step: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
-        print(f"add: done in {wall} s; generator saved to {run.dir / 'generator.pt'}")
+                print(f"{METHOD} {steps}-step: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+        print(f"{METHOD}: done in {result['wall_s']} s; generator saved to {run.dir / 'generator.pt'}")
     return result
 
 

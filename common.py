@@ -1,7 +1,8 @@
 """Everything the three distillation scripts share, maths first: exact Gaussian-mixture denoisers, EDM
 (preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
-(trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop; then the
-plumbing a reader can skip: evaluation, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
+(trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop's
+bookkeeping, evaluation; then, below the PLUMBING banner, what a reader can skip: the safe loader of NVIDIA's EDM
+pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
 
 Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
@@ -14,18 +15,22 @@ Run it on its own to train (or load) the teacher and evaluate it with the 35-NFE
 
 Sections, in file order (search for the banner):
     GAUSSIAN MIXTURES       GaussianMixture (exact denoiser, score, density), toy2d_mixture, synthetic_mixture
-    EDM                     EDMDenoiser, AnalyticDenoiser, karras_sigma, edm_loss, heun_sample, generate (students)
+    EDM                     EDMDenoiser, AnalyticDenoiser, karras_sigma, grid_sigma, fake_sigma, edm_loss,
+                            heun_sample, generate (students)
     METRICS                 frechet_distance, sliced_w2, mixture_metrics
     DATA                    DatasetInfo, sample_labels, real_batches (mixtures, CIFAR-10, ImageNet-64)
     TEACHER                 build_denoiser, train_teacher, load_or_train_teacher
     AMP, OPTIMISERS, EMA    autocast, AmpOptimizer (zero_grad / backward / step), ema_update, set_dropout
-    TRAINING LOOP           TrainLoop (logging, evaluation, checkpoints, signals, skipped steps)
+    TRAINING LOOP           learning_rate (a step's lr), Bookkeeping (log, evaluate, checkpoint, signals, skips)
     EVALUATION              sample_many, evaluate
+    THE FRAME OF A METHOD   start_method, teacher_reference, describe, save_generator / load_generator
+    ## PLUMBING ##          not needed to learn the methods; everything below it keeps runs safe, resumable, fast
+    NVIDIA'S PRETRAINED EDM NETWORKS
+                            read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
     CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
     RUN FOLDER              Run (never overwritten, one live process), hold_folder
     ARGUMENTS               base_parser, parse_args (per-dataset defaults, validation)
     DISTRIBUTED             init_distributed, wrap / unwrap (DDP, torch.compile)
-    THE FRAME OF A METHOD   start_method, teacher_reference, save_generator / load_generator
     PICTURES                save_picture, side_by_side
     FID                     fid, fid_reference, fid_detector, downloads with checksums
     BENCHMARK               bench (--bench), bench_compare
@@ -283,6 +288,27 @@ def karras_sigma(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     u = 0 -> sigma_min, u = 1 -> sigma_max. SiD draws u ~ U(0, t_max); DMD2 draws u = i / 999 on a 1000-point grid."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + u * (hi - lo)) ** rho
+
+
+GRID = 1000  # the 1000-point Karras grid that DMD2 draws its noise levels from (index i -> karras_sigma(i / 999))
+
+
+def grid_sigma(n, device, lo=0, hi=GRID - 1):
+    """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999).
+    (n,)"""
+    i = torch.randint(lo, hi + 1, (n,), device=device)
+    return karras_sigma(i.float() / (GRID - 1))
+
+
+def fake_sigma(args, n, device, loss_sigma):
+    """The noise levels of the fake score's EDM loss (SiD, DMD2), --fake-sigma: None for 'lognormal' (edm_loss draws
+    EDM's ln sigma ~ N(-1.2, 1.2^2)), the whole 1000-point grid for 'grid', the method's own generator-loss sampler
+    loss_sigma(n, args, device) for 'loss'. (n,) or None"""
+    if args.fake_sigma == "lognormal":
+        return None
+    if args.fake_sigma == "grid":
+        return grid_sigma(n, device)
+    return loss_sigma(n, args, device)
 
 
 def sampling_sigmas(steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu"):
@@ -644,19 +670,21 @@ def train_teacher(args, info, dist, folder):
 
     if dist.is_main:
         print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
-    loop = TrainLoop(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", optimizers=[opt])
-    for step in loop:
-        x0, labels = next(data)
-        nimg = step * batch
-        opt.set_lr(args.teacher_lr * min(nimg / max(args.teacher_rampup * 1000, 1e-8), 1.0))
-        with autocast(args, dist.device):
-            # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
-            loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
-        loop.log({"loss": loss.detach()})
+    with Bookkeeping(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", [opt]) as book:
+        for step in range(start, args.teacher_iters):
+            nimg = step * batch
+            # EDM's schedule: a linear warm-up over --teacher-rampup kimg, then constant
+            opt.set_lr(learning_rate(args.teacher_lr, step, args.teacher_iters, "none",
+                                     max(args.teacher_rampup * 1000, 1e-8), nimg))
+            x0, labels = next(data)
+            with autocast(args, dist.device):
+                # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
+                loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
+            opt.zero_grad()
+            opt.backward(loss)
+            opt.step()
+            ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
+            book.end_iteration(step, {"loss": loss.detach()})
     if dist.is_main:
         save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
                         {**teacher_config(args), "num_classes": info.label_dim})
@@ -709,6 +737,379 @@ def load_or_train_teacher(args, info, dist):
     seed_everything(args.seed + dist.rank)
     return teacher, teacher_net
 
+
+# ================================================================================================================
+# AMP, OPTIMISERS, EMA
+# ================================================================================================================
+
+def amp_dtype(args, device):
+    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
+    mode = args.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+
+
+def autocast(args, device):
+    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
+    dtype = amp_dtype(args, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class AmpOptimizer:
+    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
+    three calls of one update, as each training iteration writes them:
+        opt.zero_grad()
+        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
+        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
+    Under torchrun every rank skips together (a non-finite loss on any rank)."""
+
+    def __init__(self, optimizer, args, device, clip=None):
+        self.opt, self.clip = optimizer, clip
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+        self.skipped = 0  # consecutive steps skipped for a non-finite loss
+        self.skip_this = False  # the current update's loss was non-finite
+        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
+        self.lrs = [optimizer.param_groups[0]["lr"]]  # the learning rates set_lr last asked for
+
+    def set_lr(self, lr):
+        """The learning rate of the coming steps, as the loop's schedule decides it (learning_rate). A list gives one
+        rate per step() in turn, the last one kept (DMD2's fake-score updates, each with its own warm-up rate)."""
+        self.lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss):
+        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
+        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
+        --max-skips). Returns whether it back-propagated."""
+        finite = torch.isfinite(loss).all()
+        if torch.distributed.is_initialized():
+            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
+            # gradient all-reduce forever
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite > 0
+        self.skip_this = not bool(finite)
+        if self.skip_this:
+            self.skipped += 1
+            return False
+        self.skipped = 0
+        self.scaler.scale(loss).backward()
+        return True
+
+    def step(self):
+        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
+        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
+        lr = self.lrs.pop(0) if len(self.lrs) > 1 else self.lrs[0]  # a skipped step uses up its rate too
+        if self.skip_this:
+            return False
+        self.scaler.unscale_(self.opt)
+        for p in self.params:
+            if p.grad is not None:
+                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return True
+
+    def state_dict(self):
+        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
+        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
+        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
+        scale when the checkpoint has none."""
+        self.opt.load_state_dict(state["opt"])
+        if not self.scaler.is_enabled():
+            self.idle_scaler_state = dict(state["scaler"])
+        elif state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
+
+
+@torch.no_grad()
+def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
+    """EMA with a half-life in images: beta = 0.5^(batch / halflife_img); with rampup_ratio (EDM: 0.05), the
+    half-life is capped at rampup_ratio * images seen so far, so early averages forget the initialisation fast."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None and nimg is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    for p_ema, p in zip(ema.parameters(), unwrap(net).parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
+        b_ema.copy_(b)
+
+
+def set_dropout(net, p):
+    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
+    the teacher's dropout). Returns the network."""
+    for m in unwrap(net).modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return net
+
+
+def requires_grad(net, flag):
+    """Freeze / unfreeze a network's parameters (gradients still flow through its inputs when frozen)."""
+    for p in unwrap(net).parameters():
+        p.requires_grad_(flag)
+    return net
+
+
+# ================================================================================================================
+# TRAINING LOOP
+# ================================================================================================================
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
+
+    def __init__(self):
+        self.raised = None
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _all_finite(objects):
+    return all(torch.isfinite(p).all() for obj in objects.values() if isinstance(obj, nn.Module)
+               for p in obj.parameters())
+
+
+def lr_decay_factor(decay, step, total):
+    """The learning-rate factor of --lr-decay at iteration `step` of `total`: 1 ('none'), or cosine from 1 to 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total)) if decay == "cosine" else 1.0
+
+
+def learning_rate(lr, step, total, decay="none", warmup=0, warmed=0):
+    """The learning rate of an update at iteration `step` of `total`, the one place a step's lr is decided:
+        lr * min(1, warmed / warmup) * lr_decay_factor(decay, step, total),
+    a linear warm-up from 0 (none when warmup is 0; `warmed` counts in the warm-up's unit: DMD2's fake-score updates,
+    the teacher's images) times --lr-decay's factor."""
+    if warmup:
+        lr = lr * min(1.0, warmed / warmup)
+    if decay != "none":
+        lr = lr * lr_decay_factor(decay, step, total)
+    return lr
+
+
+class Bookkeeping:
+    """Everything around a training iteration that is not the method, for the loop each script writes out:
+
+        with common.Bookkeeping(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f]) as book:
+            for step in range(start, args.iters):
+                ...                                  # this step's learning rates, train_iteration, the EMA
+                book.end_iteration(step, losses)     # losses: a dict of scalars
+
+    end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
+    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM (then exits with 128 + the
+    signal), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
+    a non-finite loss, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
+    --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
+    progress bar counts the iterations."""
+
+    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
+        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
+        self.start, self.total = start, args.iters if total is None else total
+        self.desc, self.optimizers = desc, list(optimizers)
+        self.metrics = {}
+        self.stop, self.bar, self.t0 = _StopFlag(), None, time.time()
+
+    def __enter__(self):
+        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
+            if self.run.dist.is_main:
+                print(f"{self.desc}: already at iteration {self.start} of {self.total}; evaluating")
+            self._evaluate_and_log(self.start)
+            return self
+        self.stop.__enter__()
+        self.bar = tqdm(initial=self.start, total=self.total, desc=self.desc, disable=not self.run.dist.is_main,
+                        dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+            self.stop.__exit__(*exc)
+
+    def _evaluate_and_log(self, done):
+        metrics = self.evaluate(done)
+        if metrics:
+            self.metrics = dict(metrics)
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.run.dist.is_main:
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def end_iteration(self, step, losses):
+        """The bookkeeping after iteration `step` (0-based) with its losses: skip-stop, log, evaluate, checkpoint,
+        signals."""
+        args, run, desc, done = self.args, self.run, self.desc, step + 1
+        self.bar.update(1)
+        bad = max((o.skipped for o in self.optimizers), default=0)
+        if bad >= args.max_skips:
+            raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
+                            f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
+        if done % args.log_every == 0 or done == self.total:
+            record = {k: float(v) for k, v in losses.items()}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
+            run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
+        if (args.eval_every and done % args.eval_every == 0) or done == self.total:
+            self._evaluate_and_log(done)
+        if done % args.ckpt_every == 0 or done == self.total or self.stop.raised:
+            if not _all_finite(self.objects):
+                raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
+                                f"good checkpoint is {run.ckpt_path}")
+            run.save(self.objects, done)
+        if self.stop.raised:
+            print(f"\n{desc}: signal {self.stop.raised} received; checkpoint saved at iteration {done} in "
+                  f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+            run.dist.barrier()
+            sys.exit(128 + self.stop.raised)
+
+
+# ================================================================================================================
+# EVALUATION: sample a generator on fixed latents, score it, draw it
+# ================================================================================================================
+
+@torch.no_grad()
+def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
+    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
+    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(n, *info.shape, generator=g)
+    labels_all = balanced_labels(info, n, "cpu")
+    out = []
+    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
+        z = z_all[i:i + batch].to(device)
+        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
+        out.append(fn(z, labels).float().cpu())
+    return torch.cat(out), labels_all
+
+
+def teacher_sampler(teacher, steps):
+    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
+    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
+
+
+def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
+    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
+    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
+    FID (every rank must call this then). Returns (metrics, x)."""
+    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
+                         desc=f"eval {tag}")
+    metrics = {}
+    if info.mixture is not None:
+        metrics = mixture_metrics(x, info.mixture, labels)
+    if args.fid_samples:
+        metrics.update(fid(args, info, fn, dist))
+    if run is not None and run.dist.is_main:
+        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
+        save_picture(run.dir / name, info, x, reference)
+    return metrics, x
+
+
+# ================================================================================================================
+# THE FRAME OF A METHOD SCRIPT: what sid.py, dmd2.py and add.py do before and after their own training
+# ================================================================================================================
+
+def start_method(args):
+    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
+    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
+    run is None and the teacher has random weights."""
+    dist = init_distributed(args)
+    info = dataset_info(args)
+    if dist.is_main:
+        print_config(args)
+    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
+        return (dist, info, None, *bench_networks(args, info, dist))
+    if args.fid_samples:
+        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
+    if args.teacher not in ("auto", "analytic", "edm"):
+        # a given teacher file is loaded (and checked against the run) before anything is written
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+        run = Run(args, dist)
+    else:
+        # the run folder is checked before a teacher is trained (hours) or downloaded
+        run = Run(args, dist)
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+    return dist, info, run, teacher, teacher_net
+
+
+def teacher_reference(args, info, teacher, run):
+    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
+    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
+    nfe = heun_nfe(args.teacher_steps)
+    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
+                          tag=f"teacher-{nfe}nfe")
+    if metrics:
+        run.log({f"teacher/{k}": v for k, v in metrics.items()})
+        if run.dist.is_main:
+            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics, x, nfe
+
+
+def describe(dist, method, trained, sigmas, iters):
+    """One line at the start of training: the trained networks' sizes, the student's input sigmas, the length."""
+    if dist.is_main:
+        sizes = ", ".join(f"{k} {unet.count_params(v) / 1e6:.3g}M" for k, v in trained.items())
+        print(f"{method}: {sizes} parameters; student sigmas {[round(float(x), 4) for x in sigmas]}; {iters} iterations")
+
+
+def save_generator(args, run, ema):
+    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
+    if run.dist.is_main:
+        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+    run.dist.barrier()
+
+
+def init_generator(args, generator, ema):
+    """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
+    checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
+    if args.init_generator and not args.resume:
+        ckpt = load_checkpoint(args.init_generator)
+        restore({"generator": generator}, ckpt, args.init_generator)
+        restore({"generator": ema}, ckpt, args.init_generator)
+
+
+def load_generator(path, args, info):
+    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
+    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
+    net = build_denoiser(args, info)
+    restore({"generator": net}, load_checkpoint(path), path)
+    return net.eval().requires_grad_(False)
+
+
+# ################################################################################################################
+# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: the safe loader
+# of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --bench, main.
+# ################################################################################################################
+
+
+# ================================================================================================================
+# NVIDIA'S PRETRAINED EDM NETWORKS (restricted unpickler)
+# ================================================================================================================
 
 # NVIDIA's pretrained EDM networks, loaded safely. EDM's pickles (torch_utils.persistence) hold their classes' Python
 # source and rebuild every network object by running it; an ordinary unpickling of such a file runs whatever code it
@@ -972,286 +1373,6 @@ def load_edm_pickle(path, args, info):
                         f"pass the preset that builds it (--teacher edm picks "
                         f"{EDM_PRESETS.get(args.dataset, 'an edm-* preset')})")
     return teacher_net
-
-
-# ================================================================================================================
-# AMP, OPTIMISERS, EMA
-# ================================================================================================================
-
-def amp_dtype(args, device):
-    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
-    mode = args.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
-
-
-def autocast(args, device):
-    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
-    dtype = amp_dtype(args, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
-    three calls of one update, as each training iteration writes them:
-        opt.zero_grad()
-        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
-        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
-    Under torchrun every rank skips together (a non-finite loss on any rank)."""
-
-    def __init__(self, optimizer, args, device, clip=None):
-        self.opt, self.clip = optimizer, clip
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
-        self.skipped = 0  # consecutive steps skipped for a non-finite loss
-        self.skip_this = False  # the current update's loss was non-finite
-        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
-        self.lr = optimizer.param_groups[0]["lr"]  # the learning rate set_lr last asked for
-        self.lr_factor = 1.0  # --lr-decay's factor at the current iteration (TrainLoop sets it)
-
-    def set_lr(self, lr):
-        """The learning rate of the coming steps (before --lr-decay's factor)."""
-        self.lr = lr
-
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
-
-    def backward(self, loss):
-        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
-        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
-        --max-skips). Returns whether it back-propagated."""
-        finite = torch.isfinite(loss).all()
-        if torch.distributed.is_initialized():
-            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
-            # gradient all-reduce forever
-            finite = finite.float()
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            finite = finite > 0
-        self.skip_this = not bool(finite)
-        if self.skip_this:
-            self.skipped += 1
-            return False
-        self.skipped = 0
-        self.scaler.scale(loss).backward()
-        return True
-
-    def step(self):
-        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
-        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
-        if self.skip_this:
-            return False
-        self.scaler.unscale_(self.opt)
-        for p in self.params:
-            if p.grad is not None:
-                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr * self.lr_factor
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return True
-
-    def state_dict(self):
-        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
-        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
-
-    def load_state_dict(self, state):
-        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
-        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
-        scale when the checkpoint has none."""
-        self.opt.load_state_dict(state["opt"])
-        if not self.scaler.is_enabled():
-            self.idle_scaler_state = dict(state["scaler"])
-        elif state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
-
-
-@torch.no_grad()
-def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
-    """EMA with a half-life in images: beta = 0.5^(batch / halflife_img); with rampup_ratio (EDM: 0.05), the
-    half-life is capped at rampup_ratio * images seen so far, so early averages forget the initialisation fast."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None and nimg is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    beta = 0.5 ** (batch / max(halflife, 1e-8))
-    for p_ema, p in zip(ema.parameters(), unwrap(net).parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
-        b_ema.copy_(b)
-
-
-def set_dropout(net, p):
-    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
-    the teacher's dropout). Returns the network."""
-    for m in unwrap(net).modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-    return net
-
-
-def requires_grad(net, flag):
-    """Freeze / unfreeze a network's parameters (gradients still flow through its inputs when frozen)."""
-    for p in unwrap(net).parameters():
-        p.requires_grad_(flag)
-    return net
-
-
-# ================================================================================================================
-# TRAINING LOOP
-# ================================================================================================================
-
-class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
-
-    def __init__(self):
-        self.raised = None
-        self.old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.raised = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-def _all_finite(objects):
-    return all(torch.isfinite(p).all() for obj in objects.values() if isinstance(obj, nn.Module)
-               for p in obj.parameters())
-
-
-def lr_decay_factor(decay, step, total):
-    """The learning-rate factor of --lr-decay at iteration `step` of `total`: 1 ('none'), or cosine from 1 to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * step / total)) if decay == "cosine" else 1.0
-
-
-class TrainLoop:
-    """The training loop every script writes out in its main():
-
-        loop = common.TrainLoop(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f])
-        for step in loop:                # step = start, ..., total - 1
-            loop.log(iteration(step))    # one training iteration; its losses, a dict of scalars
-
-    The loop object keeps the bookkeeping around each iteration: it logs the losses every --log-every, evaluates
-    with evaluate(done) -> dict every --eval-every and at the end (and only that, when start >= total: a finished run
-    resumed, e.g. with --fid-samples 50000), checkpoints `objects` every --ckpt-every, at the end and on SIGINT /
-    SIGTERM (then exits with 128 + the signal), and stops the run after --max-skips consecutive steps that the
-    `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. --lr-decay scales
-    the rate of each of `decayed` (default: all of `optimizers`); the others keep theirs. `metrics` holds the latest
-    evaluation."""
-
-    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=(), decayed=None):
-        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
-        self.start, self.total = start, args.iters if total is None else total
-        self.desc, self.optimizers = desc, list(optimizers)
-        self.decayed = self.optimizers if decayed is None else list(decayed)
-        self.losses, self.metrics = {}, {}
-
-    def log(self, losses):
-        """The losses of the iteration that just ran (logged every --log-every)."""
-        self.losses = losses
-
-    def _evaluate_and_log(self, done):
-        metrics = self.evaluate(done)
-        if metrics:
-            self.metrics = dict(metrics)
-            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
-            if self.run.dist.is_main:
-                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-    def __iter__(self):
-        args, run, desc = self.args, self.run, self.desc
-        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
-            if run.dist.is_main:
-                print(f"{desc}: already at iteration {self.start} of {self.total}; evaluating")
-            self._evaluate_and_log(self.start)
-            return
-        t0 = time.time()
-        with _StopFlag() as stop:
-            bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=desc,
-                       disable=not run.dist.is_main, dynamic_ncols=True)
-            for step in bar:
-                self.losses = {}
-                for opt in self.decayed:  # --lr-decay: each such optimizer's lr is its set_lr times this factor
-                    opt.lr_factor = lr_decay_factor(args.lr_decay, step, self.total)
-                yield step  # the body of the caller's for-loop runs here
-                done = step + 1
-                bad = max((o.skipped for o in self.optimizers), default=0)
-                if bad >= args.max_skips:
-                    raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
-                                    f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
-                if done % args.log_every == 0 or done == self.total:
-                    record = {k: float(v) for k, v in self.losses.items()}
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
-                    run.log({"iter": done, "time": round(time.time() - t0, 2), **record})
-                if (args.eval_every and done % args.eval_every == 0) or done == self.total:
-                    self._evaluate_and_log(done)
-                if done % args.ckpt_every == 0 or done == self.total or stop.raised:
-                    if not _all_finite(self.objects):
-                        raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
-                                        f"good checkpoint is {run.ckpt_path}")
-                    run.save(self.objects, done)
-                if stop.raised:
-                    print(f"\n{desc}: signal {stop.raised} received; checkpoint saved at iteration {done} in "
-                          f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
-                    run.dist.barrier()
-                    sys.exit(128 + stop.raised)
-            bar.close()
-
-
-# ================================================================================================================
-# EVALUATION: sample a generator on fixed latents, score it, draw it
-# ================================================================================================================
-
-@torch.no_grad()
-def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
-    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
-    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
-    g = torch.Generator().manual_seed(seed)
-    z_all = torch.randn(n, *info.shape, generator=g)
-    labels_all = balanced_labels(info, n, "cpu")
-    out = []
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
-        z = z_all[i:i + batch].to(device)
-        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
-        out.append(fn(z, labels).float().cpu())
-    return torch.cat(out), labels_all
-
-
-def teacher_sampler(teacher, steps):
-    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
-    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
-
-
-def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
-    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
-    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
-    FID (every rank must call this then). Returns (metrics, x)."""
-    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
-                         desc=f"eval {tag}")
-    metrics = {}
-    if info.mixture is not None:
-        metrics = mixture_metrics(x, info.mixture, labels)
-    if args.fid_samples:
-        metrics.update(fid(args, info, fn, dist))
-    if run is not None and run.dist.is_main:
-        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
-        save_picture(run.dir / name, info, x, reference)
-    return metrics, x
 
 
 # ================================================================================================================
@@ -1565,6 +1686,14 @@ def base_parser(description, method):
     return p
 
 
+def add_fake_sigma_flag(group, default):
+    """--fake-sigma, the same flag in sid.py and dmd2.py (their defaults differ: each is its authors')."""
+    group.add_argument("--fake-sigma", default=default, choices=("lognormal", "grid", "loss", "generator"),
+                       help="noise levels of the fake score's EDM loss: 'lognormal' EDM's ln sigma ~ N(-1.2, 1.2^2) "
+                            "(SiD's authors'); 'grid' index ~ U{0..999} of the 1000-point Karras grid (DMD2's "
+                            "authors'); 'loss' the generator loss's own noise levels ('generator' is the same)")
+
+
 def parse_args(parser, method_defaults=None, argv=None):
     """Parse, fill per-dataset defaults (method's first, then shared), validate. Bad values exit 2 via parser.error.
     The help text of every flag filled per dataset lists its per-dataset values."""
@@ -1597,6 +1726,8 @@ def parse_args(parser, method_defaults=None, argv=None):
         args.resolution = 64
     if args.out_dir is None:
         args.out_dir = f"runs/{args.dataset}-{args.method}"
+    if getattr(args, "fake_sigma", None) == "generator":  # the flag's earlier name for 'loss'
+        args.fake_sigma = "loss"
     for name in ("batch", "teacher_batch", "eval_samples", "ckpt_every", "log_every", "teacher_steps", "max_skips",
                  "bench_iters"):
         if getattr(args, name) <= 0:
@@ -1703,70 +1834,6 @@ def unwrap(net):
     """The plain module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
     net = getattr(net, "_orig_mod", net)
     return getattr(net, "module", net)
-
-
-# ================================================================================================================
-# THE FRAME OF A METHOD SCRIPT: what sid.py, dmd2.py and add.py do before and after their own training
-# ================================================================================================================
-
-def start_method(args):
-    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
-    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
-    run is None and the teacher has random weights."""
-    dist = init_distributed(args)
-    info = dataset_info(args)
-    if dist.is_main:
-        print_config(args)
-    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
-        return (dist, info, None, *bench_networks(args, info, dist))
-    if args.fid_samples:
-        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
-    if args.teacher not in ("auto", "analytic", "edm"):
-        # a given teacher file is loaded (and checked against the run) before anything is written
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-        run = Run(args, dist)
-    else:
-        # the run folder is checked before a teacher is trained (hours) or downloaded
-        run = Run(args, dist)
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-    return dist, info, run, teacher, teacher_net
-
-
-def teacher_reference(args, info, teacher, run):
-    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
-    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
-    nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
-                          tag=f"teacher-{nfe}nfe")
-    if metrics:
-        run.log({f"teacher/{k}": v for k, v in metrics.items()})
-        if run.dist.is_main:
-            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics, x, nfe
-
-
-def save_generator(args, run, ema):
-    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
-    if run.dist.is_main:
-        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
-    run.dist.barrier()
-
-
-def init_generator(args, generator, ema):
-    """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
-    checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
-    if args.init_generator and not args.resume:
-        ckpt = load_checkpoint(args.init_generator)
-        restore({"generator": generator}, ckpt, args.init_generator)
-        restore({"generator": ema}, ckpt, args.init_generator)
-
-
-def load_generator(path, args, info):
-    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
-    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
-    net = build_denoiser(args, info)
-    restore({"generator": net}, load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
 
 
 # ================================================================================================================
@@ -2135,11 +2202,12 @@ def _seconds_per_call(fn, calls, device):
     return (time.perf_counter() - t0) / calls
 
 
-def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, student_nfe):
+def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=None, student_nfe=1):
     """Time --bench-iters training iterations step_fn(step) after --bench-warmup untimed ones, one EDM teacher
     training step at the same batch (the unit of cost: how many teacher steps one iteration costs), and the student
     sampler sample(z, labels) against the teacher's Heun sampler (--teacher-steps) on one batch of the same latents.
-    step_fn / sample may be None (common.py benchmarks the teacher alone). Prints and returns one JSON-able dict."""
+    step_fn / sample may be None (common.py benchmarks the teacher alone). With `ema`, each timed iteration also
+    updates it from nets["generator"], as the training loop does. Prints and returns one JSON-able dict."""
     device, batch = dist.device, args.batch // dist.world
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(args, device)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -2150,6 +2218,12 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, student
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    if step_fn is not None and ema is not None:
+        train = step_fn
+
+        def step_fn(i):  # the training loop's body: the iteration, then the EMA of the generator
+            train(i)
+            ema_update(ema, nets["generator"], args.ema, args.batch, nimg=(i + 1) * args.batch, rampup_ratio=0.05)
     if step_fn is not None:
         for i in range(args.bench_warmup):
             step_fn(i)
@@ -2280,7 +2354,7 @@ def main(argv=None):
         print_config(args)
     if args.bench:  # the teacher's own training step and sampler, on random weights
         teacher, teacher_net = bench_networks(args, info, dist)
-        return bench(args, info, dist, None, None, teacher, teacher_net, {"teacher": teacher_net}, None)
+        return bench(args, info, dist, None, None, teacher, teacher_net, {"teacher": teacher_net}, student_nfe=None)
     if args.fid_samples:
         fid_reference(args, info, dist)
     t0 = time.time()

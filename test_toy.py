@@ -491,7 +491,7 @@ def _kl_by_quadrature(m, s, sigma, mixture, n=301, width=9.0):
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.3, 1.0])
-def test_dmd2_gradient_equals_kl_gradient(sigma):
+def test_dmd2_identity7_gradient_equals_kl_gradient(sigma):
     """With exact denoisers and weight = sigma^2, the gradient of mean(dmd_loss) w.r.t. the parameters (m, s) of a
     Gaussian generator x_g = m + s z is a Monte Carlo estimate of grad KL(q_sigma || p_sigma) (toy2d mixture as p)."""
     mixture = common.toy2d_mixture()
@@ -935,7 +935,7 @@ def test_nonfinite_loss_skips_step_and_stops(tmp_path):
 
 
 def _tiny_run(tmp_path, iters, extra=()):
-    """A miniature training run through Run + TrainLoop: a toy2d MLP denoiser trained with the EDM loss."""
+    """A miniature training run through Run + Bookkeeping: a toy2d MLP denoiser trained with the EDM loss."""
     p = common.base_parser("t", "test")
     args = common.parse_args(p, argv=["--out-dir", str(tmp_path / "run"), "--iters", str(iters), "--batch", "64",
                                       "--ckpt-every", "5", "--log-every", "5", "--eval-every", "0", *extra])
@@ -948,14 +948,14 @@ def _tiny_run(tmp_path, iters, extra=()):
     start = run.resume(objects)
     data = common.real_batches(args, info, dist)
 
-    loop = common.TrainLoop(args, run, objects, lambda done: {}, start, desc="tiny", optimizers=[opt])
-    for step in loop:
-        x0, _ = next(data)
-        loss = common.edm_loss(net, x0).mean()
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        loop.log({"loss": loss.detach()})
+    with common.Bookkeeping(args, run, objects, lambda done: {}, start, desc="tiny", optimizers=[opt]) as book:
+        for step in range(start, args.iters):
+            x0, _ = next(data)
+            loss = common.edm_loss(net, x0).mean()
+            opt.zero_grad()
+            opt.backward(loss)
+            opt.step()
+            book.end_iteration(step, {"loss": loss.detach()})
     return net, run
 
 
@@ -970,54 +970,55 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [__import__("json").loads(l)["iter"] for l in lines] == [5, 10, 15, 20]
 
 
-def test_lr_decay_scales_every_step_of_every_optimizer(tmp_path):
-    """--lr-decay cosine: TrainLoop gives each optimizer the factor (1 + cos(pi step / iters)) / 2 and every step
-    runs at set_lr's rate times it (also after a set_lr mid-run, as the teacher's warm-up and DMD2's do);
-    --lr-decay none keeps the rate."""
+def test_learning_rate_schedule_and_set_lr():
+    """common.learning_rate, the one place a step's lr is decided: the base lr times a linear warm-up
+    min(1, warmed / warmup) times --lr-decay's factor (1 + cos(pi step / total)) / 2. AmpOptimizer.step runs at the
+    rate set_lr last gave; a list gives one rate per step in turn (the last one kept), and a skipped step uses up
+    its rate too."""
     assert common.lr_decay_factor("none", 7, 10) == 1.0
-    assert [common.lr_decay_factor("cosine", s, 4) for s in range(4)] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
-    for decay in ("cosine", "none"):
-        args = common.parse_args(common.base_parser("t", "test"), argv=[
-            "--out-dir", str(tmp_path / decay), "--iters", "8", "--lr-decay", decay, "--eval-every", "0"])
-        run = common.Run(args, common.Dist())
-        net = torch.nn.Linear(2, 1)
-        opts = [common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=lr), args, torch.device("cpu"))
-                for lr in (0.1, 0.2)]
-        seen = []
-        for step in common.TrainLoop(args, run, {"net": net}, lambda done: {}, 0, desc="t", optimizers=opts):
-            if step == 4:
-                opts[1].set_lr(0.4)
-            for opt in opts:
-                opt.zero_grad()
-                opt.backward(net(torch.ones(1, 2)).sum())
-                opt.step()
-            seen.append([opt.opt.param_groups[0]["lr"] for opt in opts])
-        for step, (lr0, lr1) in enumerate(seen):
-            f = common.lr_decay_factor(decay, step, 8)
-            assert lr0 == pytest.approx(0.1 * f) and lr1 == pytest.approx((0.2 if step < 4 else 0.4) * f)
+    cosine = [1, 0.8535534, 0.5, 0.1464466]
+    assert [common.lr_decay_factor("cosine", s, 4) for s in range(4)] == pytest.approx(cosine)
+    assert [common.learning_rate(0.2, s, 4, "cosine") for s in range(4)] == pytest.approx([0.2 * f for f in cosine])
+    assert [common.learning_rate(0.2, s, 4, "none") for s in range(4)] == [0.2] * 4
+    # the authors' DMD2 warm-up: lr 0 at the first update, lr/2 half-way, then lr; warmup 0 is no warm-up
+    assert common.learning_rate(1.0, 0, 10, "none", 500, 0) == 0.0
+    assert common.learning_rate(1.0, 0, 10, "none", 500, 250) == 0.5
+    assert common.learning_rate(1.0, 0, 10, "none", 500, 900) == 1.0
+    assert common.learning_rate(1.0, 0, 10, "none", 0, 0) == 1.0
+    assert common.learning_rate(2.0, 2, 4, "cosine", 500, 250) == pytest.approx(2.0 * 0.5 * 0.5)
+    args = common.parse_args(common.base_parser("t", "test"), argv=[])
+    net = torch.nn.Linear(2, 1)
+    opt = common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), args, torch.device("cpu"))
+    seen = []
+
+    def update(x):
+        opt.zero_grad()
+        opt.backward(net(x).sum())
+        opt.step()
+        seen.append(opt.opt.param_groups[0]["lr"])
+
+    opt.set_lr([0.3, 0.2, 0.1])
+    for _ in range(4):
+        update(torch.ones(1, 2))
+    opt.set_lr(0.05)
+    update(torch.ones(1, 2))
+    assert seen == [0.3, 0.2, 0.1, 0.1, 0.05]
+    opt.set_lr([1.0, 2.0])
+    w = net.weight.clone()
+    update(torch.full((1, 2), float("nan")))  # skipped: parameters untouched, its rate 1.0 used up
+    assert torch.equal(net.weight, w)
+    update(torch.ones(1, 2))
+    assert seen[-1] == 2.0
 
 
 def test_lr_decay_leaves_undecayed_optimizers_alone(toy_teacher, tmp_path):
-    """TrainLoop(decayed=[...]): --lr-decay scales only those optimizers; the others step at their own rate. sid.py
-    and dmd2.py decay the fake score's lr too unless --no-fake-lr-decay, add.py its discriminator's unless
-    --no-disc-lr-decay (the three scripts' toy2d defaults): after a cosine run the checkpoint's generator
-    optimizer holds the last step's decayed lr and the other optimizer its full lr."""
-    args = common.parse_args(common.base_parser("t", "test"), argv=[
-        "--out-dir", str(tmp_path / "loop"), "--iters", "4", "--lr-decay", "cosine", "--eval-every", "0"])
-    net = torch.nn.Linear(2, 1)
-    opts = [common.AmpOptimizer(torch.optim.SGD(net.parameters(), lr=lr), args, torch.device("cpu")) for lr in (1, 2)]
-    seen = []
-    loop = common.TrainLoop(args, common.Run(args, common.Dist()), {"net": net}, lambda done: {}, 0, desc="t",
-                            optimizers=opts, decayed=opts[:1])
-    for step in loop:
-        for opt in opts:
-            opt.zero_grad()
-            opt.backward(net(torch.ones(1, 2)).sum())
-            opt.step()
-        seen.append([opt.opt.param_groups[0]["lr"] for opt in opts])
-    assert [g for g, _ in seen] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
-    assert [f for _, f in seen] == [2, 2, 2, 2]
-
+    """Each script's learning_rates(args, step): --lr-decay scales the generator's lr; sid.py and dmd2.py decay the
+    fake score's lr too unless --no-fake-lr-decay, add.py its discriminator's unless --no-disc-lr-decay (the three
+    scripts' toy2d defaults): after a cosine run the checkpoint's generator optimizer holds the last step's decayed
+    lr and the other optimizer its full lr."""
+    args = sid.parse_args(["--iters", "4", "--lr-decay", "cosine", "--lr-g", "1", "--lr-f", "2", "--no-fake-lr-decay"])
+    assert [lr for s in range(4) for lr in sid.learning_rates(args, s)] == pytest.approx(
+        [1, 2, 0.8535534, 2, 0.5, 2, 0.1464466, 2])
     assert sid.parse_args([]).fake_lr_decay is False
     assert sid.parse_args(["--dataset", "cifar10"]).fake_lr_decay is True
     for flag, lr_f in (("--no-fake-lr-decay", 1e-3), ("--fake-lr-decay", 1e-3 * 0.1464466)):
@@ -1738,10 +1739,13 @@ def test_dmd2_gan_head_is_the_authors_on_the_encoder_output():
 @pytest.mark.slow
 def test_dmd2_warmup_counts_fake_score_updates_from_zero(tmp_path):
     """The authors' constant-with-warm-up schedule over fake-score updates: lr 0 at the first, lr/2 half-way, then
-    lr. After one iteration of 2 fake updates with --warmup 10, the fake optimiser's last lr is lr_f * 1/10 and the
-    generator's (which follows fake update 2) lr_g * 2/10."""
-    assert dmd2.warmup_lr(1.0, 0, 500) == 0.0 and dmd2.warmup_lr(1.0, 250, 500) == 0.5
-    assert dmd2.warmup_lr(1.0, 900, 500) == 1.0 and dmd2.warmup_lr(1.0, 0, 0) == 1.0
+    lr (dmd2.learning_rates: one rate per fake update). After one iteration of 2 fake updates with --warmup 10, the
+    fake optimiser's last lr is lr_f * 1/10 and the generator's (which follows fake update 2) lr_g * 2/10."""
+    args = dmd2.parse_args(["--warmup", "500", "--fake-updates", "5", "--lr-g", "1", "--lr-f", "1", "--lr-decay",
+                            "none"])
+    assert dmd2.learning_rates(args, 0) == (5 / 500, [0.0, 1 / 500, 2 / 500, 3 / 500, 4 / 500])
+    assert dmd2.learning_rates(args, 50) == (255 / 500, [250 / 500, 251 / 500, 252 / 500, 253 / 500, 254 / 500])
+    assert dmd2.learning_rates(args, 180) == (1.0, [1.0] * 5)
     flags = SMOKE + ["--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(tmp_path / "run"), "--iters", "1",
                      "--warmup", "10", "--lr-g", "1e-3", "--lr-f", "2e-3", "--eval-every", "0"]
     dmd2.main(flags)
@@ -1881,8 +1885,8 @@ def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
             return super().backward(loss)
 
     opt_d = Capture(torch.optim.Adam(disc.parameters(), lr=0.0), args, dist.device)
-    nets = SimpleNamespace(generator=generator, disc=disc, generator_t=generator, disc_t=disc)
-    out = add.train_iteration(args, info, dist, teacher_net, teacher_net, nets, opt_g, opt_d, 0,
+    nets = SimpleNamespace(generator=generator, disc=disc, generator_t=generator, disc_t=disc, feature_net=teacher_net)
+    out = add.train_iteration(args, info, dist, teacher_net, nets, opt_g, opt_d, 0,
                               common.real_batches(args, info, dist))
     assert float(out["r1"]) > 0
     torch.testing.assert_close(seen[-1], out["loss_d"] + 0.37 / 2 * out["r1"])
@@ -2180,7 +2184,7 @@ def test_bad_flags_exit_2_and_touch_nothing(tmp_path, capsys, method, argv, mess
 
 @pytest.mark.parametrize("method,argv", [("dmd2", ["--steps", "5"]), ("add", ["--steps", "0"]),
                                          ("sid", ["--t-max", "1.5"]), ("dmd2", ["--fake-updates", "0"]),
-                                         ("dmd2", ["--dmd-range", "900", "10"]), ("sid", ["--fake-sigma", "grid"]),
+                                         ("dmd2", ["--dmd-range", "900", "10"]), ("sid", ["--fake-sigma", "uniform"]),
                                          ("add", ["--distill-weight", "-1"]), ("add", ["--r1-weight", "nan"]),
                                          ("add", ["--adv-weight", "0", "--distill-weight", "0"])])
 def test_method_flags_out_of_range_exit_2(tmp_path, capsys, method, argv):
