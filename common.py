@@ -50,6 +50,7 @@ import pickle
 import random
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ def run_main(main, argv=None):
             bench_compare(main, argv, result)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({_reason(e)}); lower --batch, --eval-samples or --fid-samples", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the disk filled up, a file vanished, a device failed: the message says which file
+        print(f"error: {_reason(e)}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -398,6 +405,14 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     float64, scipy.linalg.sqrtm, with a small ridge when the product is near-singular (as the FID code does)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
+        raise ValueError(f"frechet_distance: shapes do not match (mu {mu1.shape} / {mu2.shape}, cov {cov1.shape} / "
+                         f"{cov2.shape})")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, cov1, cov2)):
+        # sqrtm of a matrix with a NaN can run for ever; a NaN statistic (too few samples, a diverged model) is NaN
+        warnings.warn("frechet_distance: non-finite mean or covariance (too few samples or non-finite samples); "
+                      "returning NaN")
+        return float("nan")
     covmean = scipy.linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         ridge = np.eye(len(cov1)) * 1e-6
@@ -568,14 +583,31 @@ def load_imagenet64_npz(data_dir):
         except Exception as e:
             raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
                             f"remove it from --data-dir") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-            raise UserError(f"{f}: 'data' has shape {data.shape}; expected (N, 12288) for 64x64 ImageNet")
+        check_image_arrays(f, data, lab)
         images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
         labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64) - 1))
     images, labels = torch.cat(images), torch.cat(labels)
-    if labels.min() < 0 or labels.max() > 999:
-        raise UserError(f"imagenet64 labels in {data_dir!r} are outside 1..1000")
     return images, labels
+
+
+def check_image_arrays(path, data, labels):
+    """A downsampled-ImageNet batch as this project reads it, or a UserError naming the file and the problem:
+    `data` uint8 (N, 12288) with N > 0, `labels` N integers in 1..1000."""
+    problem = None
+    if data.dtype != np.uint8:
+        problem = f"'data' is {data.dtype}, expected uint8 pixels 0..255"
+    elif data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
+        problem = f"'data' has shape {data.shape}, expected (N, 12288) for 64x64 ImageNet"
+    elif len(data) == 0:
+        problem = "'data' holds no images"
+    elif labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        problem = f"'labels' is {labels.dtype} of shape {labels.shape}, expected N integers"
+    elif len(labels) != len(data):
+        problem = f"{len(labels)} labels for {len(data)} images"
+    elif labels.min() < 1 or labels.max() > 1000:
+        problem = f"labels range {labels.min()}..{labels.max()}, expected 1..1000"
+    if problem:
+        raise UserError(f"{path}: {problem}; download it again or remove it from --data-dir")
 
 
 def _folder_batches(data_dir, batch, device, workers, rank):
@@ -583,13 +615,26 @@ def _folder_batches(data_dir, batch, device, workers, rank):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
-    ds = ImageFolder(data_dir, transform=tf)
+    try:  # checked now, not at the first batch: a run folder is only created once its inputs are known good
+        ds = ImageFolder(data_dir, transform=tf)
+        ds[0]
+    except Exception as e:  # no class folder, no image file, an unreadable first image
+        raise UserError(f"imagenet64: {str(data_dir)!r} is not a readable folder of class subfolders of images "
+                        f"({_reason(e)})") from None
     gen = torch.Generator().manual_seed(rank)
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**62, generator=gen)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
-    for x, y in loader:
-        yield x.to(device).float() / 127.5 - 1, y.to(device)
+
+    def batches():
+        try:
+            for x, y in loader:
+                yield x.to(device).float() / 127.5 - 1, y.to(device)
+        except (OSError, ValueError, RuntimeError) as e:  # an unreadable image found later (PIL, worker errors)
+            raise UserError(f"imagenet64: reading {str(data_dir)!r} failed ({_reason(e)}); remove or replace the "
+                            f"broken image") from None
+
+    return batches()
 
 
 class _CenterCropSquare:
@@ -632,7 +677,29 @@ TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "tea
 
 def teacher_config(args):
     """What a trained teacher is made of (its cache key): data, network preset and layout, training flags."""
-    return {**{k: getattr(args, k) for k in TEACHER_KEYS}, "layout": unet.layout_version(args.preset)}
+    cfg = {**{k: getattr(args, k) for k in TEACHER_KEYS}, "layout": unet.layout_version(args.preset)}
+    if args.dataset == "imagenet64":
+        cfg["data"] = data_identity(args.data_dir)
+    return cfg
+
+
+def data_identity(data_dir):
+    """What identifies a user's ImageNet-64 files (part of the teacher's cache key, so that a teacher trained on other
+    data is never reused): the npz files' names and sizes and a hash of their first and last 64 KiB, or the class
+    folders' names and file counts. (CIFAR-10 needs none: torchvision checks its archive's MD5.)"""
+    root, h = Path(data_dir), hashlib.sha256()
+    files = sorted(root.glob("*.npz")) if root.is_dir() else []
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name} {size}\n".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(65536))
+            fh.seek(max(0, size - 65536))
+            h.update(fh.read(65536))
+    if not files and root.is_dir():
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            h.update(f"{d.name} {sum(1 for _ in d.iterdir())}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def teacher_folder(args):
@@ -662,6 +729,7 @@ def train_teacher(args, info, dist, folder):
     targs.lr_decay = "none"  # the teacher's schedule is EDM's warm-up, below
     targs.resume = (folder / "ckpt.pt").is_file()
     targs.overwrite = not targs.resume
+    targs.allow_changed_flags = True  # the folder's name is the training config's hash: an interrupted run fits
     data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
     run = Run(targs, dist)
     objects = {"net": net, "ema": ema, "opt": opt}
@@ -685,6 +753,10 @@ def train_teacher(args, info, dist, folder):
             opt.step()
             ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
             book.end_iteration(step, {"loss": loss.detach()})
+    problem = ruined({"teacher": ema}) or (opt.skipped and f"its last {opt.skipped} steps had a non-finite loss")
+    if problem:  # never cached: a later run would reuse it without training again
+        raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the data in "
+                        f"--data-dir corrupt?)")
     if dist.is_main:
         save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
                         {**teacher_config(args), "num_classes": info.label_dim})
@@ -894,9 +966,25 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _all_finite(objects):
-    return all(torch.isfinite(p).all() for obj in objects.values() if isinstance(obj, nn.Module)
-               for p in obj.parameters())
+# A parameter this large means a ruined model, not a trained one (the networks here work with weights of order 1):
+# such a model is never saved over a good checkpoint.
+RUINED = 1e6
+
+
+def ruined(objects):
+    """Why the networks in `objects` must not be checkpointed (a non-finite parameter, or one above RUINED), or
+    None. One host sync per network."""
+    for name, obj in objects.items():
+        if isinstance(obj, nn.Module):
+            params = [p.detach() for p in obj.parameters()]
+            if not params:
+                continue
+            peak = float(torch.stack([p.abs().max() for p in params]).max())
+            if not math.isfinite(peak):
+                return f"{name} has non-finite parameters"
+            if peak > RUINED:
+                return f"{name} has a parameter of size {peak:.3g}"
+    return None
 
 
 def lr_decay_factor(decay, step, total):
@@ -927,7 +1015,7 @@ class Bookkeeping:
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
     the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM (then exits with 128 + the
     signal), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
-    a non-finite loss, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
+    a non-finite loss, or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
     --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
     progress bar counts the iterations."""
 
@@ -970,7 +1058,7 @@ class Bookkeeping:
         bad = max((o.skipped for o in self.optimizers), default=0)
         if bad >= args.max_skips:
             raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
-                            f"stopped without saving. The last good checkpoint is {run.ckpt_path}")
+                            f"stopped without saving. {run.last_good()}")
         if done % args.log_every == 0 or done == self.total:
             record = {k: float(v) for k, v in losses.items()}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
@@ -978,9 +1066,9 @@ class Bookkeeping:
         if (args.eval_every and done % args.eval_every == 0) or done == self.total:
             self._evaluate_and_log(done)
         if done % args.ckpt_every == 0 or done == self.total or self.stop.raised:
-            if not _all_finite(self.objects):
-                raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
-                                f"good checkpoint is {run.ckpt_path}")
+            problem = ruined(self.objects)
+            if problem:  # the checkpoint before stays: a ruined model never replaces a good one
+                raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
             run.save(self.objects, done)
         if self.stop.raised:
             print(f"\n{desc}: signal {self.stop.raised} received; checkpoint saved at iteration {done} in "
@@ -1026,7 +1114,7 @@ def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference
         metrics.update(fid(args, info, fn, dist))
     if run is not None and run.dist.is_main:
         name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
-        save_picture(run.dir / name, info, x, reference)
+        save_picture(run.file(name), info, x, reference)
     return metrics, x
 
 
@@ -1064,7 +1152,8 @@ def teacher_reference(args, info, teacher, run):
     metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
                           tag=f"teacher-{nfe}nfe")
     if metrics:
-        run.log({f"teacher/{k}": v for k, v in metrics.items()})
+        if not any('"teacher/' in line for line in run.kept_metrics or []):  # logged once per run, not per resume
+            run.log({f"teacher/{k}": v for k, v in metrics.items()})
         if run.dist.is_main:
             print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics, x, nfe
@@ -1408,11 +1497,15 @@ def save_checkpoint(path, objects, step, config):
     state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
              "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error (torch's zip writer raises RuntimeError)
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({_reason(e)}); the file there before is unchanged") from None
 
 
 def load_checkpoint(path):
@@ -1463,6 +1556,8 @@ def hold_folder(folder, create):
     if folder in _HELD_LOCKS:
         return True
     path = folder / ".lock"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a lock file (a folder?); remove it")
     if not create and not path.is_file():
         return True
     f = open(path, "a+" if create else "r")
@@ -1483,15 +1578,45 @@ def hold_folder(folder, create):
     return True
 
 
+def folder_problem(path):
+    """Why `path` cannot be a folder this project writes into, or None: empty, a file, under a file, or not writable
+    (a trial folder is made and removed again in the nearest existing parent, so /proc, read-only mounts and
+    missing permissions are found before a run starts)."""
+    if str(path).strip() == "":
+        return "is empty; name a folder"
+    path = Path(path)
+    if path.exists():
+        return None if path.is_dir() else "is a file, not a folder"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"is under {parent}, which is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".write-test-"))
+    except OSError as e:
+        return f"cannot be created in {parent} ({_reason(e)})"
+    return None
+
+
+# The files a run writes into its folder (its pictures are listed in RUN_MANIFEST as they are written): --overwrite
+# removes these and nothing else.
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "generator.pt", "config.json")
+RUN_MANIFEST = ".run-files"
+
+
 class Run:
     """The run folder: config.json, metrics.jsonl, ckpt.pt, pictures. Only rank 0 writes, and only one process at a
     time: rank 0 holds the folder's lock (hold_folder) from before its first write until it ends.
-    An existing run is never overwritten: continue it with --resume or discard it with --overwrite."""
+    An existing run is never overwritten: continue it with --resume or discard it with --overwrite, which removes
+    only the files a run writes. Everything a resume needs (the checkpoint, its flags, metrics.jsonl) is read and
+    checked here, before anything is written."""
 
     def __init__(self, args, dist):
         self.dir, self.dist, self.args = Path(args.out_dir), dist, args
         self.ckpt_path = self.dir / "ckpt.pt"
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.saved_step, self.ckpt, self.kept_metrics = None, None, None
         if dist.is_main and self.dir.is_dir():
             hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
         if args.resume and not self.ckpt_path.is_file():
@@ -1502,8 +1627,26 @@ class Run:
         if not args.resume and held and not args.overwrite:
             raise UserError(f"{self.dir} already holds a run; pass --resume to continue it or --overwrite to start "
                             f"again (or choose another --out-dir)")
+        if args.overwrite and not held and self.dir.is_dir():
+            others = sorted(p.name for p in self.dir.iterdir() if p.name not in (*RUN_FILES, ".lock", RUN_MANIFEST)
+                            and not p.name.endswith(".tmp"))
+            if others:
+                raise UserError(f"--overwrite: {self.dir} holds no run but other files ({', '.join(others[:3])}"
+                                f"{', ...' if len(others) > 3 else ''}); choose an empty or new --out-dir")
+        if args.resume:
+            self.ckpt = load_checkpoint(self.ckpt_path)
+            self.saved_step = self.ckpt["step"]
+            check_resume_flags(self.ckpt["config"], args, self.dir)
+            if dist.is_main:
+                self.kept_metrics = self._metrics_until(self.saved_step)
         dist.barrier()  # every rank has checked before rank 0 writes anything
         self.opened = False
+
+    def last_good(self):
+        """The sentence every error that stops a run ends with: the checkpoint to continue from, if there is one."""
+        if self.saved_step is not None and self.ckpt_path.is_file():
+            return f"The last good checkpoint is {self.ckpt_path} (iteration {self.saved_step}); continue with --resume."
+        return f"No checkpoint was saved in {self.dir}: there is nothing to resume."
 
     def open(self):
         """Create the folder, clear the old run's files with --overwrite, write config.json. Deferred until
@@ -1513,12 +1656,41 @@ class Run:
             return
         self.opened = True
         if self.dist.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            hold_folder(self.dir, create=True)  # before the first write, and before --overwrite clears anything
-            if self.args.overwrite:
-                for f in [self.ckpt_path, self.metrics_path, self.dir / "generator.pt", *self.dir.glob("*.png")]:
-                    f.unlink(missing_ok=True)
-            (self.dir / "config.json").write_text(json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                hold_folder(self.dir, create=True)  # before the first write, and before --overwrite clears anything
+                stale = [p for p in self.dir.glob("*.tmp") if p.name[:-4] in RUN_FILES]
+                for p in stale:  # a kill or a full disk during a write left it (the file it was for is intact)
+                    p.unlink()
+                if stale:
+                    print(f"removed {len(stale)} unfinished temporary file(s) in {self.dir}")
+                if self.args.overwrite:
+                    self._remove_run_files()
+                write_atomic(self.dir / "config.json", json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
+                if self.kept_metrics is not None:
+                    write_atomic(self.metrics_path, "".join(line + "\n" for line in self.kept_metrics))
+            except OSError as e:
+                raise UserError(f"cannot write the run folder {self.dir} ({_reason(e)})") from None
+
+    def _remove_run_files(self):
+        manifest = self.dir / RUN_MANIFEST
+        listed = manifest.read_text().split() if manifest.is_file() else []
+        for name in {*RUN_FILES, *listed}:
+            if "/" not in name:
+                (self.dir / name).unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+
+    def file(self, name):
+        """The path of a new file of this run (a picture): listed in the folder's manifest, so that --overwrite
+        removes it, and only files like it."""
+        self.open()
+        if self.dist.is_main:
+            manifest = self.dir / RUN_MANIFEST
+            listed = manifest.read_text().split() if manifest.is_file() else []
+            if name not in listed:
+                with open(manifest, "a") as f:
+                    f.write(name + "\n")
+        return self.dir / name
 
     def log(self, record):
         self.open()
@@ -1531,44 +1703,83 @@ class Run:
         self.open()
         if self.dist.is_main:
             save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
+        self.saved_step = step
 
     def resume(self, objects):
         """Restore objects and RNG states from ckpt.pt when --resume; returns the step to continue from (0 if new)."""
         if not self.args.resume:
             self.open()
             return 0
-        ckpt = load_checkpoint(self.ckpt_path)
-        old = ckpt["config"]
-        for key in ("dataset", "resolution", "preset", "cond", "method"):
-            if old.get(key) != getattr(self.args, key):
-                raise UserError(f"--resume: the run in {self.dir} has {key}={old.get(key)!r}, this command "
-                                f"{key}={getattr(self.args, key)!r}")
+        ckpt = self.ckpt
         restore(objects, ckpt, self.ckpt_path)
-        self.open()
+        self.open()  # config.json is written only now, after the checkpoint, its flags and the metrics were checked
         if self.dist.world == 1:
             set_rng_state(ckpt["rng"])
         if self.dist.is_main:
-            self._drop_metrics_after(ckpt["step"])
-        if self.dist.is_main:
             print(f"resumed {self.dir} at iteration {ckpt['step']}")
+        self.ckpt = None  # the tensors are in `objects` now
         return ckpt["step"]
 
-    def _drop_metrics_after(self, step):
-        """A run killed after its last checkpoint logged iterations that the resumed run repeats: drop those lines
-        (and a half-written last line), so metrics.jsonl holds each iteration once."""
+    def _metrics_until(self, step):
+        """The lines of metrics.jsonl that a resume at `step` keeps: a run killed after its last checkpoint logged
+        iterations that the resumed run repeats, and a kill can leave a half-written last line; both are dropped,
+        so that metrics.jsonl holds each iteration once. Any other line that is not a record is a UserError."""
         if not self.metrics_path.is_file():
-            return
+            return []
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--resume: cannot read {self.metrics_path} ({_reason(e)}); repair or remove it") from None
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
+        for n, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                if n == len(lines):  # the half-written last line of a killed run
+                    continue
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("iter", 0), int):
+                raise UserError(f"--resume: {self.metrics_path} line {n} is not a metrics record; repair or remove "
+                                f"that line")
             if record.get("iter", 0) <= step:
                 keep.append(line)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
+        return keep
+
+
+def write_atomic(path, text):
+    """Write a text file through a temporary file and a rename: a kill or a full disk never leaves half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# Flags whose change makes a resumed run another run: refused by --resume unless --allow-changed-flags.
+RESUME_FIXED = ("dataset", "resolution", "preset", "cond", "method")
+RESUME_CHECKED = ("batch", "teacher", "lr_decay", *TEACHER_KEYS[4:])
+METHOD_FLAGS = {}  # method -> the dests of its own argument group (parse_args fills it)
+
+
+def check_resume_flags(old, args, folder):
+    """--resume continues the run the checkpoint holds: another dataset, network or method is refused; other flags
+    that matter (batch, teacher, schedule and the method's own flags) are refused too, all differences listed,
+    unless --allow-changed-flags. --iters, evaluation, logging and hardware flags may change freely."""
+    for key in RESUME_FIXED:
+        if old.get(key) != getattr(args, key):
+            raise UserError(f"--resume: the run in {folder} has {key}={old.get(key)!r}, this command "
+                            f"{key}={getattr(args, key)!r}")
+    keys = [*RESUME_CHECKED, *METHOD_FLAGS.get(args.method, ())]
+    changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in keys
+               if k in old and hasattr(args, k) and old[k] != getattr(args, k)]
+    if changed and not args.allow_changed_flags:
+        raise UserError(f"--resume: this command changes the run's {', '.join(changed)}; repeat the run's flags "
+                        f"(its config.json) or pass --allow-changed-flags")
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--resume with changed flags: {', '.join(changed)}")
 
 
 # ================================================================================================================
@@ -1649,7 +1860,11 @@ def base_parser(description, method):
     g.add_argument("--max-skips", type=int, default=20,
                    help="stop when this many consecutive steps had a non-finite loss (the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="start again in an existing --out-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start again in an existing --out-dir (removes only the files a run writes there)")
+    g.add_argument("--allow-changed-flags", action="store_true",
+                   help="let --resume continue with flags that change the run (batch, teacher, schedule, the "
+                        "method's own flags); without it such a resume is refused and the differences listed")
     if method != "teacher":
         g.add_argument("--init-generator", default=None, metavar="PATH",
                        help="start the generator (and its EMA) from a saved generator instead of a copy of the "
@@ -1704,6 +1919,8 @@ def parse_args(parser, method_defaults=None, argv=None):
             listed = ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in values)
             action.help = f"{action.help} (per dataset: {listed})"
     args = parser.parse_args(argv)
+    own = [g for g in parser._action_groups if g.title == args.method]
+    METHOD_FLAGS[args.method] = [a.dest for g in own for a in g._group_actions]
     if args.teacher == "edm":
         if args.dataset not in EDM_PRESETS:
             parser.error(f"--teacher edm: NVIDIA published EDM networks for cifar10 and imagenet64, not "
@@ -1728,6 +1945,10 @@ def parse_args(parser, method_defaults=None, argv=None):
         args.out_dir = f"runs/{args.dataset}-{args.method}"
     if getattr(args, "fake_sigma", None) == "generator":  # the flag's earlier name for 'loss'
         args.fake_sigma = "loss"
+    for flag, value in (("--out-dir", args.out_dir), ("--teacher-dir", args.teacher_dir)):
+        problem = folder_problem(value)
+        if problem:
+            parser.error(f"{flag} {value!r} {problem}")
     for name in ("batch", "teacher_batch", "eval_samples", "ckpt_every", "log_every", "teacher_steps", "max_skips",
                  "bench_iters"):
         if getattr(args, name) <= 0:
@@ -1735,10 +1956,30 @@ def parse_args(parser, method_defaults=None, argv=None):
     for name in ("iters", "teacher_iters", "eval_every", "fid_samples", "bench_warmup"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    # Every numeric flag of every script, in one place: finite, then in range.
     for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
         is_lr = name == "lr" or name.startswith("lr_") or name.endswith("_lr")
-        if is_lr and isinstance(value, float) and not value > 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive number (got {value})")
+        if is_lr and isinstance(value, float) and not 0 < value < math.inf:
+            parser.error(f"{flag} must be a positive number (got {value})")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number (got {value})")
+    for name in ("teacher_ema", "teacher_rampup", "workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    for name in ("seed", "teacher_seed"):
+        if not 0 <= getattr(args, name) < 2 ** 31:
+            parser.error(f"--{name.replace('_', '-')} must be in 0 .. 2^31 - 1 (got {getattr(args, name)})")
+    # sizes a run allocates at once: refused with one line here rather than by the allocator hours later
+    image = args.dataset != "toy2d"
+    for name, limit in (("batch", 65536), ("teacher_batch", 65536), ("eval_samples", 100000 if image else 10 ** 6),
+                        ("fid_samples", 10 ** 6)):
+        if getattr(args, name) is not None and getattr(args, name) > limit:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is above this project's limit of "
+                         f"{limit} (it is held in memory at once)")
+    if args.dataset in ("toy2d", "synthetic") and args.eval_samples < 16:
+        parser.error(f"--eval-samples must be >= 16 on {args.dataset}: its metrics need a covariance of the "
+                     f"samples (got {args.eval_samples})")
     if args.dataset == "synthetic" and args.resolution not in (8, 16, 32, 64):
         parser.error(f"--resolution for synthetic must be 8, 16, 32 or 64 (got {args.resolution})")
     if args.teacher == "analytic" and args.dataset not in ("toy2d", "synthetic"):
@@ -2125,10 +2366,15 @@ def fid_reference(args, info, dist):
     if key not in _FID_CACHE:
         try:
             with np.load(path, allow_pickle=False) as ref:
-                _FID_CACHE[key] = (np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64))
+                mu, sigma = np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64)
         except Exception as e:
             raise UserError(f"cannot read FID reference statistics (mu, sigma) from {path} "
                             f"({_reason(e)}); pass an npz with mu and sigma with --fid-ref") from None
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and
+                                                                      np.isfinite(sigma).all()):
+            raise UserError(f"{path}: not FID reference statistics (mu {mu.shape}, sigma {sigma.shape}, both finite "
+                            f"expected: mu (D,), sigma (D, D)); pass a good npz with --fid-ref")
+        _FID_CACHE[key] = (mu, sigma)
     return detector, _FID_CACHE[key]
 
 
