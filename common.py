@@ -1553,11 +1553,11 @@ def hold_folder(folder, create):
     except ImportError:
         return False
     folder = Path(folder).resolve()
-    if folder in _HELD_LOCKS:
-        return True
     path = folder / ".lock"
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a lock file (a folder?); remove it")
+    if folder in _HELD_LOCKS:
+        return True
     if not create and not path.is_file():
         return True
     f = open(path, "a+" if create else "r")
@@ -1812,9 +1812,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line and exit code 2 (not the whole usage block)."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists every flag)", file=sys.stderr)
+        sys.exit(2)
+
+
 def base_parser(description, method):
     """The flags every script shares. Defaults of None are filled per dataset by parse_args()."""
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = _Parser(description=description, formatter_class=_HelpFormatter)
     p.set_defaults(method=method)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy2d", choices=DATASETS,
@@ -1945,6 +1953,11 @@ def parse_args(parser, method_defaults=None, argv=None):
         args.out_dir = f"runs/{args.dataset}-{args.method}"
     if getattr(args, "fake_sigma", None) == "generator":  # the flag's earlier name for 'loss'
         args.fake_sigma = "loss"
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            parser.error(f"--device {args.device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
     for flag, value in (("--out-dir", args.out_dir), ("--teacher-dir", args.teacher_dir)):
         problem = folder_problem(value)
         if problem:

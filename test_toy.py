@@ -2297,6 +2297,249 @@ def test_missing_data_or_corrupt_checkpoint_touch_nothing(toy_teacher, tmp_path,
     assert {f.name: f.read_bytes() for f in run.iterdir()} == files
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Nothing lost, whatever the input: every bad input stops with exit code 2 and one line, before anything is written
+# --------------------------------------------------------------------------------------------------------------
+
+def _fails_in_one_line(capsys, module, argv, message=None):
+    """Run a script's main as its command line does (common.run_main): exit code 2, no traceback, and one line
+    saying what is wrong, the last on stderr (above it only the progress bars of work done before, if any).
+    Returns that line."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(module.main, argv)
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert e.value.code == 2, lines[-3:]
+    assert "Traceback" not in "\n".join(lines) and [l for l in lines if l.startswith("error")] == lines[-1:], lines
+    if message:
+        assert message in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def _tree(folder):
+    """Every file under a folder with its bytes: what 'no user file changed' compares."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TOY = ["--dataset", "toy2d", "--teacher", "analytic", "--iters", "4", "--eval-samples", "200", "--batch", "64"]
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    (sid, TOY + ["--lr-f", "inf"], "--lr-f must be a positive number"),
+    (add, TOY + ["--lr-d", "inf"], "--lr-d must be a positive number"),
+    (common, ["--teacher-rampup", "nan", "--teacher-iters", "5"], "--teacher-rampup must be a finite number"),
+    (common, ["--teacher-ema", "-5"], "--teacher-ema must be >= 0"),
+    (sid, TOY[:-4] + ["--eval-samples", "99999999999"], "--eval-samples 99999999999 is above"),
+    (sid, TOY[:-2] + ["--batch", "100000000000"], "--batch 100000000000 is above"),
+    (sid, TOY + ["--seed", "18446744073709551616"], "--seed must be in"),
+    (sid, TOY + ["--device", "banana"], "--device 'banana' is not a device"),
+    (sid, TOY + ["--workers", "-1"], "--workers must be >= 0"),
+    (sid, ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--iters", "2", "--teacher", "analytic",
+           "--batch", "8", "--eval-samples", "1"], "--eval-samples must be >= 16"),
+])
+def test_bad_numbers_exit_2_in_one_line(tmp_path, capsys, module, argv, message):
+    """Numeric flags are checked in one place (common.parse_args) for every script: finite, in range, and below a
+    size limit for what is held in memory at once. Nothing is written (the run and teacher folders stay absent)."""
+    _fails_in_one_line(capsys, module, argv + ["--out-dir", str(tmp_path / "run"), "--teacher-dir",
+                                               str(tmp_path / "teachers")], message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_folders_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
+    """--out-dir empty, a file, under a file, somewhere no folder can be made (/proc), and --teacher-dir a file:
+    one line, exit 2, and the user's files keep their bytes. The current folder (the empty --out-dir) gets nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("a user's file\n")
+    before = _tree(tmp_path)
+    for flag, value, message in (("--out-dir", "", "is empty"), ("--out-dir", "file", "is a file"),
+                                 ("--out-dir", "file/sub", "which is a file"),
+                                 ("--out-dir", "/proc/foo", "cannot be created in /proc"),
+                                 ("--teacher-dir", "file", "is a file")):
+        err = _fails_in_one_line(capsys, sid, TOY + ["--out-dir", "run", flag, value], message)
+        assert f"{flag} {value!r}" in err, err
+    assert _tree(tmp_path) == before
+
+
+def _npz_folder(folder, data, labels):
+    folder.mkdir()
+    np.savez(folder / "train_data_batch_1.npz", data=data, labels=labels)
+    return folder
+
+
+def test_bad_imagenet64_data_exit_2_and_write_nothing(tmp_path, capsys):
+    """ImageNet-64 input that is not what it should be, found on load: float pixels (all NaN), string labels, too
+    few labels, no images, a class folder of files that are not images, a folder of text files. One line, exit 2,
+    no run folder and no teacher written."""
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 256, (10, 12288), dtype=np.uint8)
+    cases = {
+        "float NaN pixels": (_npz_folder(tmp_path / "nan", np.full((10, 12288), np.nan, np.float32),
+                                         np.arange(1, 11)), "'data' is float32"),
+        "string labels": (_npz_folder(tmp_path / "str", good, np.array(["a"] * 10)), "'labels' is <U1"),
+        "3 labels": (_npz_folder(tmp_path / "three", good, np.arange(1, 4)), "3 labels for 10 images"),
+        "no images": (_npz_folder(tmp_path / "empty", good[:0], np.arange(1, 1)), "holds no images"),
+    }
+    fake = tmp_path / "fake" / "n01440764"
+    fake.mkdir(parents=True)
+    for i in range(3):
+        (fake / f"{i}.jpg").write_bytes(b"not a jpeg")
+    cases["fake jpg"] = (tmp_path / "fake", "is not a readable folder of class subfolders of images")
+    txt = tmp_path / "txt" / "n01440764"
+    txt.mkdir(parents=True)
+    (txt / "notes.txt").write_text("text\n")
+    cases["only txt"] = (tmp_path / "txt", "is not a readable folder of class subfolders of images")
+    before = _tree(tmp_path)
+    for name, (folder, message) in cases.items():
+        argv = ["--dataset", "imagenet64", "--preset", "tiny", "--teacher-iters", "2", "--teacher-batch", "4",
+                "--batch", "4", "--iters", "2", "--fid-samples", "0", "--eval-samples", "4", "--workers", "0",
+                "--data-dir", str(folder), "--out-dir", str(tmp_path / "run"), "--teacher-dir",
+                str(tmp_path / "teachers")]
+        _fails_in_one_line(capsys, sid, argv, message)
+    assert _tree(tmp_path) == before and not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+@pytest.mark.parametrize("mu,sigma,message", [
+    (np.full(8, np.nan), np.eye(8), "not FID reference statistics"),
+    (np.zeros(8), np.eye(3), "not FID reference statistics"),
+])
+def test_bad_fid_statistics_exit_2_and_write_nothing(tmp_path, capsys, mu, sigma, message):
+    """An FID reference npz with NaN statistics, or with shapes that do not fit together: refused on load (before
+    any run folder or teacher is written), not scored as FID NaN."""
+    det = _standin_detector(tmp_path / "det.pt")
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    argv = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--fid-samples", "100",
+            "--fid-detector", str(det), "--fid-ref", str(tmp_path / "ref.npz"), "--out-dir", str(tmp_path / "run"),
+            "--teacher-dir", str(tmp_path / "teachers")]
+    _fails_in_one_line(capsys, sid, argv, message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+def test_frechet_distance_of_degenerate_statistics_is_nan():
+    """A NaN mean or covariance (one sample, a diverged model) gives NaN with a warning instead of running sqrtm
+    on it (which can run for ever); shapes that do not fit together are an error."""
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert math.isnan(common.frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3)))
+    with pytest.raises(ValueError, match="shapes"):
+        common.frechet_distance(np.zeros(8), np.eye(3), np.zeros(8), np.eye(8))
+
+
+@pytest.mark.slow
+def test_resume_refuses_bad_run_files_and_changed_flags_before_writing(toy_teacher, tmp_path, capsys):
+    """--resume checks everything before it writes: metrics.jsonl with a non-UTF-8 line, a line that is not a
+    record, a non-integer iteration; a .lock that is a folder; another --batch; another --preset (refused before a
+    teacher for it would be trained). One line, exit 2, and every file of the run (config.json too) keeps its
+    bytes. With --allow-changed-flags the changed batch is accepted."""
+    run = tmp_path / "run"
+    sid.main(_tiny_method_flags(toy_teacher, run, 5))
+    good = _tree(run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    for bad_line, in ((b"\xff\xfe not utf-8\n",), (b"[1, 2, 3]\n",), (b'{"iter": "abc"}\n',)):
+        (run / "metrics.jsonl").write_bytes(bad_line + metrics)
+        before = _tree(run)
+        _fails_in_one_line(capsys, sid, _tiny_method_flags(toy_teacher, run, 10) + ["--resume"], "metrics.jsonl")
+        assert _tree(run) == before
+    (run / "metrics.jsonl").write_bytes(metrics)
+    (run / ".lock").unlink()
+    (run / ".lock").mkdir()
+    _fails_in_one_line(capsys, sid, _tiny_method_flags(toy_teacher, run, 10) + ["--resume"], ".lock is not a lock")
+    (run / ".lock").rmdir()
+    teachers = set(Path(toy_teacher[0][toy_teacher[0].index("--teacher-dir") + 1]).iterdir())
+    for extra, message in ((["--batch", "64"], "--batch 32 -> 64"), (["--preset", "mlp-wide"], "preset='mlp'")):
+        _fails_in_one_line(capsys, sid, _tiny_method_flags(toy_teacher, run, 10) + ["--resume"] + extra, message)
+    assert set(Path(toy_teacher[0][toy_teacher[0].index("--teacher-dir") + 1]).iterdir()) == teachers
+    assert {k: v for k, v in _tree(run).items() if k != ".lock"} == {k: v for k, v in good.items() if k != ".lock"}
+    sid.main(_tiny_method_flags(toy_teacher, run, 10) + ["--resume", "--batch", "64", "--allow-changed-flags"])
+    assert common.load_checkpoint(run / "ckpt.pt")["step"] == 10
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert sum('"teacher/' in line for line in lines) == 1  # the teacher's metrics are logged once, not per resume
+
+
+def test_overwrite_removes_only_what_a_run_wrote(toy_teacher, tmp_path, capsys):
+    """--overwrite on a folder that never held a run but holds a user's files refuses and touches nothing; on a run
+    folder it removes the run's own files (the pictures it listed as it wrote them) and keeps the user's."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.png").write_bytes(b"\x89PNG a user's picture")
+    before = _tree(photos)
+    _fails_in_one_line(capsys, sid, _tiny_method_flags(toy_teacher, photos, 2) + ["--overwrite"], "holiday.png")
+    assert _tree(photos) == before
+    run = tmp_path / "run"
+    sid.main(_tiny_method_flags(toy_teacher, run, 2))
+    pictures = {p.name for p in run.glob("*.png")}
+    assert pictures and set((run / ".run-files").read_text().split()) == pictures
+    (run / "notes.png").write_bytes(b"a user's picture in the run folder")
+    sid.main(_tiny_method_flags(toy_teacher, run, 2) + ["--overwrite"])
+    assert (run / "notes.png").read_bytes() == b"a user's picture in the run folder"
+    assert {p.name for p in run.glob("*.png")} == pictures | {"notes.png"}
+
+
+@pytest.mark.slow
+def test_a_ruined_model_never_replaces_the_last_good_checkpoint(toy_teacher, tmp_path, capsys):
+    """20 good iterations, then a resume at lr 1e30: the weights become huge but finite. The run stops at its next
+    checkpoint with one line naming the checkpoint that exists (iteration 20), which keeps its bytes; a plain
+    --resume continues from it. A run stopped by skipped steps before its first checkpoint says there is none."""
+    run = tmp_path / "run"
+    flags = _tiny_method_flags(toy_teacher, run, 20)
+    flags[flags.index("--ckpt-every") + 1] = "10"
+    sid.main(flags)
+    ckpt = (run / "ckpt.pt").read_bytes()
+    argv = [*flags[:-2], "--out-dir", str(run), "--resume", "--iters", "60", "--lr-g", "1e30",
+            "--allow-changed-flags"]
+    argv[argv.index("--iters") + 1] = "60"
+    err = _fails_in_one_line(capsys, sid, argv, f"The last good checkpoint is {run / 'ckpt.pt'} (iteration 20)")
+    assert "not saved" in err and (run / "ckpt.pt").read_bytes() == ckpt
+    sid.main([*flags[:-2], "--out-dir", str(run), "--resume", "--iters", "25"])
+    assert common.load_checkpoint(run / "ckpt.pt")["step"] == 25
+    fresh = tmp_path / "fresh"
+    err = _fails_in_one_line(capsys, sid, _tiny_method_flags(toy_teacher, fresh, 30) + [
+        "--lr-g", "1e30", "--max-skips", "1", "--ckpt-every", "100"], "there is nothing to resume")
+    assert not (fresh / "ckpt.pt").exists()
+
+
+def test_disk_full_and_kills_leave_no_temporary_file(toy_teacher, tmp_path, capsys, monkeypatch):
+    """A checkpoint write that fails half-way (the disk fills up) stops the run with one line, removes its temporary
+    file and keeps the checkpoint before it; temporary files that a SIGKILL left are removed at the next start."""
+    run = tmp_path / "run"
+    flags = _tiny_method_flags(toy_teacher, run, 5)
+    sid.main(flags)
+    ckpt = (run / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    resume = [*flags[:-2], "--out-dir", str(run), "--resume"]
+    resume[resume.index("--iters") + 1] = "10"
+    _fails_in_one_line(capsys, sid, resume, "No space left on device")
+    assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").read_bytes() == ckpt
+    monkeypatch.setattr(torch, "save", real_save)
+    (run / "ckpt.pt.tmp").write_bytes(b"left by a SIGKILL")
+    (run / "metrics.jsonl.tmp").write_bytes(b"")
+    sid.main(resume)
+    assert not list(run.glob("*.tmp")) and common.load_checkpoint(run / "ckpt.pt")["step"] == 10
+
+
+def test_teacher_cache_refuses_a_nan_teacher_and_is_keyed_by_the_data(tmp_path, capsys, monkeypatch):
+    """A teacher whose training ended on non-finite losses is not cached (a later run would reuse it without
+    training again); an ImageNet-64 teacher's cache folder depends on the data files, not only on the flags."""
+    def nan_batches(args, info, dist):
+        while True:
+            yield torch.full((args.batch // dist.world, 2), float("nan")), None
+
+    monkeypatch.setattr(common, "real_batches", nan_batches)
+    _fails_in_one_line(capsys, common, ["--teacher-iters", "5", "--teacher-dir", str(tmp_path / "teachers")],
+                       "teacher.pt not written")
+    assert not list((tmp_path / "teachers").rglob("teacher.pt"))
+    rng = np.random.default_rng(0)
+    a = _npz_folder(tmp_path / "a", rng.integers(0, 256, (4, 12288), dtype=np.uint8), np.arange(1, 5))
+    b = _npz_folder(tmp_path / "b", rng.integers(0, 256, (4, 12288), dtype=np.uint8), np.arange(1, 5))
+    folder = {d: common.teacher_folder(common.parse_args(common.base_parser("t", "teacher"), argv=[
+        "--dataset", "imagenet64", "--data-dir", str(d)])) for d in (a, b)}
+    assert folder[a] != folder[b]
+
+
 def test_bench_times_every_script_and_writes_nothing(tmp_path):
     """--bench on toy2d for the teacher and the three methods: the numbers are there and positive, a one-step
     student samples several times faster than the 35-NFE teacher, and no run folder or teacher cache appears."""
