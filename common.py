@@ -48,6 +48,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -1505,7 +1506,9 @@ def save_checkpoint(path, objects, step, config):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # disk full, quota, I/O error (torch's zip writer raises RuntimeError)
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({_reason(e)}); the file there before is unchanged") from None
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not write {path} ({_reason(e)}; {free / 2**20:.1f} MiB free on its disk); the file "
+                        f"there before is unchanged") from None
 
 
 def load_checkpoint(path):
@@ -1585,9 +1588,9 @@ def folder_problem(path):
     if str(path).strip() == "":
         return "is empty; name a folder"
     path = Path(path)
-    if path.exists():
-        return None if path.is_dir() else "is a file, not a folder"
-    parent = path.parent
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -1595,7 +1598,7 @@ def folder_problem(path):
     try:
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".write-test-"))
     except OSError as e:
-        return f"cannot be created in {parent} ({_reason(e)})"
+        return f"cannot be written in {parent} ({_reason(e)})"
     return None
 
 

@@ -2353,7 +2353,7 @@ def test_bad_folders_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
     before = _tree(tmp_path)
     for flag, value, message in (("--out-dir", "", "is empty"), ("--out-dir", "file", "is a file"),
                                  ("--out-dir", "file/sub", "which is a file"),
-                                 ("--out-dir", "/proc/foo", "cannot be created in /proc"),
+                                 ("--out-dir", "/proc/foo", "cannot be written in /proc"),
                                  ("--teacher-dir", "file", "is a file")):
         err = _fails_in_one_line(capsys, sid, TOY + ["--out-dir", "run", flag, value], message)
         assert f"{flag} {value!r}" in err, err
