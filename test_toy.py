@@ -1588,7 +1588,8 @@ def test_regression_reference_reaches_the_teacher(toy_teacher, tmp_path):
     teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
     m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150, save=tmp_path / "reg.pt")
     assert m["modes"] == 8 and m["sw2"] < 0.1, m
-    saved = common.load_generator(tmp_path / "reg.pt", args, info)
+    saved, meta = common.load_generator(tmp_path / "reg.pt")
+    assert meta["sigmas"] == [2.5] and meta["method"] == "regression"
     again = common.evaluate(args, info, common.student_sampler(saved, [2.5], args, torch.device("cpu")), dist)[0]
     assert again == pytest.approx(m, abs=1e-6)
 
@@ -1661,8 +1662,9 @@ def test_sid_smoke_synthetic_and_resume(tmp_path):
     assert (tmp_path / "full" / "sid-000002.png").is_file() and (tmp_path / "full" / "sid-000004.png").is_file()
     args = sid.parse_args(_synthetic_flags(teachers, tmp_path / "full", 4))
     info = common.dataset_info(args)
-    generator = common.load_generator(tmp_path / "full" / "generator.pt", args, info)
-    x = common.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), sid.student_sigmas(args))
+    generator, meta = common.load_generator(tmp_path / "full" / "generator.pt")
+    assert meta["sigmas"] == sid.student_sigmas(args) and meta["shape"] == list(info.shape)
+    x = common.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), meta["sigmas"])
     assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
 
     sid.main(_synthetic_flags(teachers, tmp_path / "split", 2))
@@ -2021,8 +2023,9 @@ def test_add_smoke_synthetic(tmp_path):
         assert key in log
     assert (tmp_path / "run" / "add-1step-000004.png").is_file()
     args = add.parse_args(flags)
-    net = common.load_generator(tmp_path / "run" / "generator.pt", args, common.dataset_info(args))
-    x = common.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), add.student_sigmas(args))
+    net, meta = common.load_generator(tmp_path / "run" / "generator.pt")
+    assert meta["sigmas"] == add.student_sigmas(args) and meta["method"] == "add"
+    x = common.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), meta["sigmas"])
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
