@@ -387,15 +387,17 @@ def generate(generator, z, labels, sigmas, noise_generator=None, eps=None):
 
 
 def student_sampler(net, sigmas, args, device):
-    """fn(z, labels) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient, --amp
-    autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the same
-    noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one)."""
+    """fn(z, labels, eps=None) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient,
+    --amp autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the
+    same noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one), unless
+    `eps` gives it (fn.levels - 1 tensors: fid and --export draw each image's from its seed)."""
     noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     @torch.no_grad()
-    def sample(z, labels):
+    def sample(z, labels, eps=None):
         with autocast(args, device):
-            return generate(net, z, labels, sigmas, noise_generator).float()
+            return generate(net, z, labels, sigmas, noise_generator, eps).float()
+    sample.levels = len(sigmas)
     return sample
 
 
@@ -2206,18 +2208,19 @@ def fid_label(n):
 @torch.no_grad()
 def fid(args, info, fn, dist, n=None):
     """FID of a sampler fn(z, labels) over n (--fid-samples) images against fid_reference(). Every rank must call it:
-    the batches are dealt round-robin across ranks, and image i has the latent of seed i (seed_noise) and class
-    i mod K, so the images do not depend on the rank count, and they are those --export N writes (for a multi-step
-    student, up to its re-noising, which fn draws). Returns {fid_label(n): value}."""
+    the batches are dealt round-robin across ranks, and image i has the noise of seed i (seed_noise: its latent, and
+    a student sampler's re-noising) and class i mod K, so the images do not depend on the rank count, and they are
+    those --export N writes. Returns {fid_label(n): value}."""
     n = n or args.fid_samples
     detector, (mu_ref, sigma_ref) = fid_reference(args, info, dist)
     batch = max(args.batch, 256)
     stats = FeatureStats()
     for start, stop in tqdm(_fid_batches(n, batch, dist), desc=f"{fid_label(n)} sampling", leave=False,
                             disable=not dist.is_main):
-        z, _ = seed_noise(range(start, stop), info.shape)
+        z, eps = seed_noise(range(start, stop), info.shape, getattr(fn, "levels", 1))
         labels = balanced_labels(info, stop - start, dist.device, offset=start)
-        stats.add(detector_features(detector, fn(z.to(dist.device), labels)))
+        x = fn(z.to(dist.device), labels, [e.to(dist.device) for e in eps]) if eps else fn(z.to(dist.device), labels)
+        stats.add(detector_features(detector, x))
     mu, sigma = stats.reduce(dist, dist.device).mean_cov()
     if mu.shape != mu_ref.shape:
         raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
@@ -2293,17 +2296,18 @@ def write_npz(path, arrays):
 @torch.no_grad()
 def export_samples(args, net, meta, dist):
     """--export N: the samples of seeds 0..N-1 of a generator (net, meta as load_generator returns them), sampled as
-    its method does (generate at meta's sigmas, under --amp), written as one PNG per seed into --export-dir (toy2d:
-    DIR/points.npz) and / or all of them into --export-npz. Batches of --batch seeds are dealt round-robin to the
-    ranks, each rank writes its own seeds' PNGs, rank 0 the .npz. Every file is written atomically, and a batch whose
-    PNGs all exist (an interrupted export, run again) is not sampled again. Returns a summary dict."""
+    evaluate() and fid() do (student_sampler: generate at meta's sigmas, under --amp), written as one PNG per seed
+    into --export-dir (toy2d: DIR/points.npz) and / or all of them into --export-npz. Batches of --batch seeds are
+    dealt round-robin to the ranks; each rank writes its own seeds' PNGs, rank 0 the .npz. Every file is written
+    atomically, and a batch whose PNGs all exist (an interrupted export, run again) is not sampled again. Returns a
+    summary dict."""
     n, sigmas, device = args.export, meta["sigmas"], dist.device
+    sample = student_sampler(net.to(device), sigmas, args, device)  # what evaluate() and fid() sample with
     images = len(meta["shape"]) == 3
     if args.class_label is not None and not (meta["cond"] and args.class_label < meta["num_classes"]):
         raise UserError(f"--class {args.class_label}: the generator is " + (
             f"conditional on {meta['num_classes']} classes, 0..{meta['num_classes'] - 1}" if meta["cond"] else
             "unconditional"))
-    net = net.to(device)
     batches = [(s, min(s + args.batch, n)) for s in range(0, n, args.batch)]
     bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main, dynamic_ncols=True)
     held = {}  # first seed of a batch -> its samples as written (uint8 (B, H, W, 3) images, or (B, 2) points)
@@ -2317,9 +2321,7 @@ def export_samples(args, net, meta, dist):
             else:
                 z, eps = seed_noise(seeds, meta["shape"], len(sigmas))
                 labels = export_labels(meta, seeds, args.class_label)
-                with autocast(args, device):
-                    x = generate(net, z.to(device), labels if labels is None else labels.to(device), sigmas,
-                                 eps=[e.to(device) for e in eps]).float()
+                x = sample(z.to(device), labels if labels is None else labels.to(device), [e.to(device) for e in eps])
                 x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().numpy()  # (B, H, W, 3)
                 for path, image in zip(pngs, x):
                     write_png(path, image)

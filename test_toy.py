@@ -2594,7 +2594,8 @@ def test_export_scores_as_the_runs_own_evaluation(sid_synthetic_run, tmp_path):
     """`sid.py --resume --export 64` writes seeds 0..63 as PNGs (EDM's layout) and as the ADM evaluator's .npz (arr_0
     uint8 NHWC, arr_1 the class-balanced labels), the same bytes as `common.py --generator generator.pt` writes; PNG
     i is arr_0[i]. Read back and scored with the run's detector (a stand-in) against its reference statistics, both
-    give the Frechet distance of the run's own evaluation (evaluate, --fid-samples 64): the same images."""
+    give the Frechet distance of the run's own evaluation (evaluate, --fid-samples 64): the same images; so does a
+    two-level student's export."""
     import shutil
     flags, run = sid_synthetic_run
     shutil.copytree(run, tmp_path / "run")  # --resume writes into the run folder: a copy of the session's run
@@ -2620,11 +2621,21 @@ def test_export_scores_as_the_runs_own_evaluation(sid_synthetic_run, tmp_path):
     assert np.array_equal(arr_1, np.arange(64) % 10)
 
     detector, (mu_ref, sigma_ref) = common.fid_reference(args, info, dist)
-    for images in (pngs, arr_0):
+
+    def frechet(images):  # uint8 (N, H, W, 3) -> the Frechet distance of their features to the reference's
         stats = common.FeatureStats()
         stats.add(detector(torch.from_numpy(images).permute(0, 3, 1, 2), return_features=True))
-        mu, cov = stats.mean_cov()
-        assert common.frechet_distance(mu, cov, mu_ref, sigma_ref) == pytest.approx(own["fid64"], rel=1e-9)
+        return common.frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
+
+    assert frechet(pngs) == pytest.approx(own["fid64"], rel=1e-9)
+    assert frechet(arr_0) == pytest.approx(own["fid64"], rel=1e-9)
+    # a two-level student (re-noised to 0.5): its evaluation draws each image's re-noising from its seed too
+    ckpt = torch.load(run / "generator.pt", weights_only=True)
+    ckpt["meta"]["sigmas"] = [2.5, 0.5]
+    torch.save(ckpt, tmp_path / "two-step.pt")
+    two = common.evaluate(args, info, common.student_sampler(net, [2.5, 0.5], args, dist.device), dist)[0]
+    _export(tmp_path / "two-step.pt", tmp_path / "T", 64, "--batch", "64")
+    assert frechet(_pngs(tmp_path / "T", 64)) == pytest.approx(two["fid64"], rel=1e-9) != own["fid64"]
 
 
 def test_export_is_reproducible_and_an_interrupted_export_completes(sid_synthetic_run, tmp_path, monkeypatch):
