@@ -67,7 +67,8 @@ Pitfalls
   - Hinge losses near their balance say little about progress: watch the evaluation metrics.
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), real_batches, generate /
-student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), bench; EDMDenoiser.features.
+student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), save_generator, export_samples, bench;
+EDMDenoiser.features.
 
 Commands
     python add.py                                            # toy2d on CPU, a few minutes

@@ -53,7 +53,7 @@ Pitfalls
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), real_batches (the GAN's
 data), edm_loss, karras_sigma, generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID),
-bench; EDMDenoiser.features (the encoder's feature maps).
+save_generator, export_samples, bench; EDMDenoiser.features (the encoder's feature maps).
 
 Commands
     python dmd2.py                                           # toy2d on CPU, a few minutes

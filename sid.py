@@ -47,7 +47,8 @@ Pitfalls (from SiD's issue tracker)
     - Under DDP, G's backward must run inside DDP's gradient sync (here opt_g.backward follows the wrapped forward).
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), edm_loss, karras_sigma,
-generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), bench; unet's EDM networks.
+generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), save_generator, export_samples,
+bench; unet's EDM networks.
 
 Commands
     python sid.py                                         # toy2d on CPU, a few minutes
