@@ -2301,13 +2301,13 @@ def export_samples(args, net, meta, dist):
     dealt round-robin to the ranks; each rank writes its own seeds' PNGs, rank 0 the .npz. Every file is written
     atomically, and a batch whose PNGs all exist (an interrupted export, run again) is not sampled again. Returns a
     summary dict."""
-    n, sigmas, device = args.export, meta["sigmas"], dist.device
-    sample = student_sampler(net.to(device), sigmas, args, device)  # what evaluate() and fid() sample with
-    images = len(meta["shape"]) == 3
     if args.class_label is not None and not (meta["cond"] and args.class_label < meta["num_classes"]):
         raise UserError(f"--class {args.class_label}: the generator is " + (
             f"conditional on {meta['num_classes']} classes, 0..{meta['num_classes'] - 1}" if meta["cond"] else
             "unconditional"))
+    n, sigmas, device = args.export, meta["sigmas"], dist.device
+    sample = student_sampler(net.to(device), sigmas, args, device)  # what evaluate() and fid() sample with
+    images = len(meta["shape"]) == 3
     batches = [(s, min(s + args.batch, n)) for s in range(0, n, args.batch)]
     bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main, dynamic_ncols=True)
     held = {}  # first seed of a batch -> its samples as written (uint8 (B, H, W, 3) images, or (B, 2) points)
