@@ -67,7 +67,8 @@ Pitfalls
   - Hinge losses near their balance say little about progress: watch the evaluation metrics.
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), real_batches, generate /
-student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), bench; EDMDenoiser.features.
+student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), save_generator, export_samples, bench;
+EDMDenoiser.features.
 
 Commands
     python add.py                                            # toy2d on CPU, a few minutes
@@ -75,6 +76,7 @@ Commands
     python add.py --dataset synthetic --resolution 16        # small class-conditional images on CPU
     python add.py --dataset cifar10 --data-dir data          # one GPU
     torchrun --nproc_per_node=8 add.py --dataset imagenet64 --data-dir data/imagenet64
+    python add.py --dataset cifar10 --resume --steps 4 --export 50000 --export-dir samples   # 4-step samples
 """
 
 import argparse
@@ -495,6 +497,8 @@ def main(argv=None):
                             opt_d, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
+    if args.export:  # --resume --export N: the EMA generator's samples as files (common.export_samples), no training
+        return common.export_samples(args, nets.ema, common.generator_meta(args, info, student_sigmas(args)), dist)
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     common.describe(dist, METHOD, trained, student_sigmas(args), args.iters)
@@ -513,7 +517,7 @@ def main(argv=None):
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips
 
-    common.save_generator(args, run, nets.ema)
+    common.save_generator(args, info, run, nets.ema, student_sigmas(args))
     result = {"teacher": teacher_metrics, "student": book.metrics, "teacher_nfe": nfe,
               "student_nfe": len(student_sigmas(args)), "params": unet.count_params(nets.generator),
               "wall_s": round(time.time() - t0, 1)}

@@ -1,8 +1,9 @@
 """Everything the three distillation scripts share, maths first: exact Gaussian-mixture denoisers, EDM
 (preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
 (trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop's
-bookkeeping, evaluation; then, below the PLUMBING banner, what a reader can skip: the safe loader of NVIDIA's EDM
-pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
+bookkeeping, evaluation, saving and loading a generator; then, below the PLUMBING banner, what a reader can skip:
+the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --export,
+--bench.
 
 Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
@@ -12,6 +13,8 @@ Run it on its own to train (or load) the teacher and evaluate it with the 35-NFE
     python common.py --dataset synthetic --resolution 16
     python common.py --dataset cifar10 --data-dir data   # GPU; downloads CIFAR-10 on first use
     torchrun --nproc_per_node=8 common.py --dataset imagenet64 --data-dir data/imagenet64
+and to write a saved generator's samples for other evaluators (PNGs as EDM's generate.py writes them, the ADM .npz):
+    python common.py --generator runs/cifar10-sid/generator.pt --export 50000 --export-dir samples --export-npz s.npz
 
 Sections, in file order (search for the banner):
     GAUSSIAN MIXTURES       GaussianMixture (exact denoiser, score, density), toy2d_mixture, synthetic_mixture
@@ -23,7 +26,8 @@ Sections, in file order (search for the banner):
     AMP, OPTIMISERS, EMA    autocast, AmpOptimizer (zero_grad / backward / step), ema_update, set_dropout
     TRAINING LOOP           learning_rate (a step's lr), Bookkeeping (log, evaluate, checkpoint, signals, skips)
     EVALUATION              sample_many, evaluate
-    THE FRAME OF A METHOD   start_method, teacher_reference, describe, save_generator / load_generator
+    THE FRAME OF A METHOD   start_method, teacher_reference, describe, generator_meta, save_generator /
+                            load_generator (a self-describing generator.pt: net, meta)
     ## PLUMBING ##          not needed to learn the methods; everything below it keeps runs safe, resumable, fast
     NVIDIA'S PRETRAINED EDM NETWORKS
                             read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
@@ -33,8 +37,10 @@ Sections, in file order (search for the banner):
     DISTRIBUTED             init_distributed, wrap / unwrap (DDP, torch.compile)
     PICTURES                save_picture, side_by_side
     FID                     fid, fid_reference, fid_detector, downloads with checksums
+    EXPORT                  seed_noise (image i from seed i), export_samples (--export: PNGs, .npz),
+                            legacy_generator_meta (generator files saved before they described themselves)
     BENCHMARK               bench (--bench), bench_compare
-    MAIN                    python common.py: the teacher alone
+    MAIN                    python common.py: the teacher alone, or --generator G --export N
 """
 import argparse
 import contextlib
@@ -42,6 +48,7 @@ import copy
 import gc
 import collections
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -54,6 +61,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,30 +378,34 @@ def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_m
     return x.float()
 
 
-def generate(generator, z, labels, sigmas, noise_generator=None):
+def generate(generator, z, labels, sigmas, noise_generator=None, eps=None):
     """The few-step sampler of every student (SiD, DMD2, ADD): x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c),
     then x = x0 + sigma_{k+1} eps for the next level; the last x0 is the sample (one network evaluation per level).
-    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). `noise_generator` (a
-    torch.Generator) makes the re-noising reproducible. Gradients flow unless the caller turns them off."""
+    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). The re-noising eps is drawn with
+    `noise_generator` (a torch.Generator, for reproducibility), or given: `eps`, one tensor of z's shape per level
+    after the first (export draws each image's from its own seed). Gradients flow unless the caller turns them off."""
     x = sigmas[0] * z
     for k, sigma in enumerate(sigmas):
         x0 = generator(x, sigma, labels)  # (B, *shape)
         if k + 1 < len(sigmas):
-            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=noise_generator)
-            x = x0 + sigmas[k + 1] * eps
+            noise = eps[k].to(x0) if eps is not None else \
+                torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=noise_generator)
+            x = x0 + sigmas[k + 1] * noise
     return x0
 
 
 def student_sampler(net, sigmas, args, device):
-    """fn(z, labels) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient, --amp
-    autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the same
-    noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one)."""
+    """fn(z, labels, eps=None) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient,
+    --amp autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the
+    same noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one), unless
+    `eps` gives it (fn.levels - 1 tensors: fid and --export draw each image's from its seed)."""
     noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     @torch.no_grad()
-    def sample(z, labels):
+    def sample(z, labels, eps=None):
         with autocast(args, device):
-            return generate(net, z, labels, sigmas, noise_generator).float()
+            return generate(net, z, labels, sigmas, noise_generator, eps).float()
+    sample.levels = len(sigmas)
     return sample
 
 
@@ -1133,7 +1145,7 @@ def start_method(args):
         print_config(args)
     if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
         return (dist, info, None, *bench_networks(args, info, dist))
-    if args.fid_samples:
+    if args.fid_samples and not args.export:
         fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
     if args.teacher not in ("auto", "analytic", "edm"):
         # a given teacher file is loaded (and checked against the run) before anything is written
@@ -1167,10 +1179,21 @@ def describe(dist, method, trained, sigmas, iters):
         print(f"{method}: {sizes} parameters; student sigmas {[round(float(x), 4) for x in sigmas]}; {iters} iterations")
 
 
-def save_generator(args, run, ema):
-    """The final (EMA) generator, alone, as run.dir/generator.pt; load_generator() reads it back."""
+def generator_meta(args, info, sigmas, method=None):
+    """What a generator.pt holds besides its weights, so that load_generator rebuilds and samples it with neither the
+    run's flags nor its method file: the network's class and init arguments (unet.network_spec), sigma_data, the
+    data's shape and classes, the student's input sigmas (its sampler: generate at these levels) and the method."""
+    network, kwargs = unet.network_spec(args.preset, info.shape, info.label_dim)
+    return {"network": network, "network_kwargs": kwargs, "sigma_data": SIGMA_DATA,
+            "sigmas": [float(s) for s in sigmas], "shape": list(info.shape), "num_classes": info.num_classes,
+            "cond": info.cond, "dataset": args.dataset, "method": method or args.method}
+
+
+def save_generator(args, info, run, ema, sigmas):
+    """The final (EMA) generator, alone, with generator_meta, as run.dir/generator.pt; load_generator reads it."""
     if run.dist.is_main:
-        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args))
+        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args),
+                        meta=generator_meta(args, info, sigmas))
     run.dist.barrier()
 
 
@@ -1183,17 +1206,27 @@ def init_generator(args, generator, ema):
         restore({"generator": ema}, ckpt, args.init_generator)
 
 
-def load_generator(path, args, info):
-    """A saved generator (run.dir/generator.pt) as a frozen denoiser. Sample it as its method does, with the run's
-    flags (its config.json): generate(net, z, labels, method.student_sigmas(args))."""
-    net = build_denoiser(args, info)
-    restore({"generator": net}, load_checkpoint(path), path)
-    return net.eval().requires_grad_(False)
+def load_generator(path, device="cpu"):
+    """A saved generator.pt as (net, meta): the frozen EMA generator, rebuilt from what the file records (loaded with
+    weights_only, so nothing in it runs), and generator_meta. Sample it as its method does:
+        x = generate(net, z, labels, meta["sigmas"])      # z (B, *meta["shape"]), labels (B,) in 0..num_classes-1
+    A file saved before generators recorded their meta is read through its run's config (legacy_generator_meta)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta") or legacy_generator_meta(ckpt, path)
+    if meta.get("network") not in unet.NETWORKS:
+        raise UserError(f"{path}: its network {meta.get('network')!r} is not one of {sorted(unet.NETWORKS)}")
+    try:
+        net = EDMDenoiser(unet.NETWORKS[meta["network"]](**meta["network_kwargs"]), meta["sigma_data"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: its network cannot be built from the arguments it records ({_reason(e)})") from None
+    restore({"generator": net}, ckpt, path)
+    return net.to(device).eval().requires_grad_(False), meta
 
 
 # ################################################################################################################
 # PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: the safe loader
-# of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --bench, main.
+# of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --export, --bench,
+# main.
 # ################################################################################################################
 
 
@@ -1490,13 +1523,16 @@ def set_rng_state(state):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_checkpoint(path, objects, step, config):
-    """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config.
-    Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the old checkpoint, so a
-    kill at any moment leaves either the old or the new checkpoint, never half of one."""
+def save_checkpoint(path, objects, step, config, meta=None):
+    """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config (and
+    a generator's `meta`, generator_meta: plain data, as weights_only loading admits). Atomic: written to a temporary
+    file in the same folder, fsync'ed, then renamed over the old checkpoint, so a kill at any moment leaves either
+    the old or the new checkpoint, never half of one."""
     path = Path(path)
     state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
              "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
+    if meta is not None:
+        state["meta"] = meta
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1893,6 +1929,23 @@ def base_parser(description, method):
                    help="'auto': cifar10 downloads EDM's cifar10-32x32.npz; other datasets compute the statistics "
                         "of their training data once and cache them in --fid-dir; or a path to an npz with mu, sigma")
     g.add_argument("--fid-dir", default="data/fid", help="cache folder of the FID detector and reference statistics")
+    g = p.add_argument_group("export (after training)")
+    if method == "teacher":
+        g.add_argument("--generator", default=None, metavar="PATH",
+                       help="a saved generator.pt to --export: the file describes itself, so no other flag is needed")
+    g.add_argument("--export", type=int, default=0, metavar="N",
+                   help="write the samples of seeds 0..N-1 (in batches of --batch) and exit, without training: of "
+                        "--generator (common.py), or of the run's EMA generator (a method script, with --resume). "
+                        "Image i comes from seed i whatever the number of processes; a re-run completes an "
+                        "interrupted export")
+    g.add_argument("--export-dir", default=None, metavar="DIR",
+                   help="one PNG per seed, DIR/000000/000123.png (EDM's generate.py layout, read by EDM's fid.py, "
+                        "clean-fid, torch-fidelity); toy2d writes its points to DIR/points.npz")
+    g.add_argument("--export-npz", default=None, metavar="FILE",
+                   help="the samples in one .npz, as the ADM evaluator reads them: arr_0 uint8 N x H x W x 3 "
+                        "(toy2d: float32 N x 2 points), arr_1 the labels when conditional")
+    g.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+                   help="export class K only (default: class-balanced, seed i has class i mod the number of classes)")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true",
                    help="time training iterations and samplers on a random-weight teacher, print one JSON line, "
@@ -1969,7 +2022,7 @@ def parse_args(parser, method_defaults=None, argv=None):
                  "bench_iters"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ("iters", "teacher_iters", "eval_every", "fid_samples", "bench_warmup"):
+    for name in ("iters", "teacher_iters", "eval_every", "fid_samples", "bench_warmup", "export"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     # Every numeric flag of every script, in one place: finite, then in range.
@@ -2007,6 +2060,21 @@ def parse_args(parser, method_defaults=None, argv=None):
         parser.error(f"--init-generator {args.init_generator}: no such file")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
+    generator = getattr(args, "generator", None)
+    if args.export:
+        if not (args.export_dir or args.export_npz):
+            parser.error(f"--export {args.export}: say where, with --export-dir DIR and / or --export-npz FILE")
+        if args.method == "teacher" and not generator:
+            parser.error("--export: pass the generator.pt to export with --generator PATH")
+        if args.method != "teacher" and not args.resume:
+            parser.error("--export: a method script exports its run's generator; add --resume (or use "
+                         "`python common.py --generator RUN/generator.pt --export N`)")
+    elif args.export_dir or args.export_npz or args.class_label is not None or generator:
+        parser.error("--generator, --export-dir, --export-npz and --class go with --export N")
+    if args.class_label is not None and args.class_label < 0:
+        parser.error(f"--class must be >= 0 (got {args.class_label})")
+    if generator and not Path(generator).is_file():
+        parser.error(f"--generator {generator}: no such file")
     if args.fid_samples and args.dataset == "toy2d":
         parser.error("--fid-samples: FID scores images; toy2d is scored against its exact density instead")
     for flag, value in (("--fid-detector", args.fid_detector), ("--fid-ref", args.fid_ref)):
@@ -2400,26 +2468,171 @@ def fid_label(n):
 
 
 @torch.no_grad()
-def fid(args, info, fn, dist, n=None, seed=None):
+def fid(args, info, fn, dist, n=None):
     """FID of a sampler fn(z, labels) over n (--fid-samples) images against fid_reference(). Every rank must call it:
-    the batches are dealt round-robin across ranks, each batch's latents come from its own seed and its labels are
-    class-balanced by global index (sample i has class i mod K), so the images do not depend on the rank count.
-    Returns {fid_label(n): value}."""
+    the batches are dealt round-robin across ranks, and image i has the noise of seed i (seed_noise: its latent, and
+    a student sampler's re-noising) and class i mod K, so the images do not depend on the rank count, and they are
+    those --export N writes. Returns {fid_label(n): value}."""
     n = n or args.fid_samples
     detector, (mu_ref, sigma_ref) = fid_reference(args, info, dist)
-    seed = args.seed + 4242 if seed is None else seed
     batch = max(args.batch, 256)
     stats = FeatureStats()
     for start, stop in tqdm(_fid_batches(n, batch, dist), desc=f"{fid_label(n)} sampling", leave=False,
                             disable=not dist.is_main):
-        z = torch.randn(stop - start, *info.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start))
+        z, eps = seed_noise(range(start, stop), info.shape, getattr(fn, "levels", 1))
         labels = balanced_labels(info, stop - start, dist.device, offset=start)
-        stats.add(detector_features(detector, fn(z.to(dist.device), labels)))
+        x = fn(z.to(dist.device), labels, [e.to(dist.device) for e in eps]) if eps else fn(z.to(dist.device), labels)
+        stats.add(detector_features(detector, x))
     mu, sigma = stats.reduce(dist, dist.device).mean_cov()
     if mu.shape != mu_ref.shape:
         raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
                         f"{mu.shape[0]}-d features: they were not made with the same detector")
     return {fid_label(n): frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+
+
+# ================================================================================================================
+# EXPORT: a generator's samples as files for other evaluators (EDM's fid.py, clean-fid, torch-fidelity: a folder of
+# PNGs; the ADM evaluator: an .npz)
+# ================================================================================================================
+# Image i comes from seed i: its latent z, then (a multi-step student) the re-noising eps of each later level, drawn in
+# that order from torch.Generator().manual_seed(i), as EDM's generate.py gives each seed its own generator; its label
+# is i mod K, or --class. So the files depend neither on the batches nor on the number of processes, and fid() scores
+# the same images: `--resume --fid-samples N` and `--export N` see seeds 0..N-1 alike.
+
+def seed_noise(seeds, shape, levels=1):
+    """Each seed's own noise: z (B, *shape), and a list of levels - 1 re-noising eps (B, *shape) for generate()."""
+    draws = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        draws.append(torch.stack([torch.randn(*shape, generator=g) for _ in range(levels)]))
+    draws = torch.stack(draws)  # (B, levels, *shape)
+    return draws[:, 0], [draws[:, k] for k in range(1, levels)]
+
+
+def export_labels(meta, seeds, class_label=None):
+    """The labels (B,) of `seeds` for a conditional generator: seed mod K (class-balanced), or all class_label."""
+    if not meta["cond"]:
+        return None
+    seeds = torch.as_tensor(list(seeds), dtype=torch.long)
+    return seeds % meta["num_classes"] if class_label is None else torch.full_like(seeds, class_label)
+
+
+def seed_png(folder, seed):
+    """EDM's generate.py layout: DIR/<the seed's thousand, 6 digits>/<seed, 6 digits>.png."""
+    return Path(folder) / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+
+
+def _write_atomically(path, write):
+    """write(tmp) to NAME.tmp, then rename it to NAME: a file under its final name is always a whole one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_png(path, image):
+    """A uint8 (H, W, 3) image as a PNG (Pillow: the same image gives the same bytes), atomically."""
+    from PIL import Image
+    _write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def read_png(path):
+    from PIL import Image
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+
+
+def write_npz(path, arrays):
+    """np.savez's format (a zip of NAME.npy members, what np.load and the ADM evaluator read) with fixed member
+    timestamps, so that the same arrays give the same bytes; atomically."""
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, a in arrays.items():
+                member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(member, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+    _write_atomically(path, write)
+
+
+@torch.no_grad()
+def export_samples(args, net, meta, dist):
+    """--export N: the samples of seeds 0..N-1 of a generator (net, meta as load_generator returns them), sampled as
+    evaluate() and fid() do (student_sampler: generate at meta's sigmas, under --amp), written as one PNG per seed
+    into --export-dir (toy2d: DIR/points.npz) and / or all of them into --export-npz. Batches of --batch seeds are
+    dealt round-robin to the ranks; each rank writes its own seeds' PNGs, rank 0 the .npz. Every file is written
+    atomically, and a batch whose PNGs all exist (an interrupted export, run again) is not sampled again. Returns a
+    summary dict."""
+    if args.class_label is not None and not (meta["cond"] and args.class_label < meta["num_classes"]):
+        raise UserError(f"--class {args.class_label}: the generator is " + (
+            f"conditional on {meta['num_classes']} classes, 0..{meta['num_classes'] - 1}" if meta["cond"] else
+            "unconditional"))
+    n, sigmas, device = args.export, meta["sigmas"], dist.device
+    sample = student_sampler(net.to(device), sigmas, args, device)  # what evaluate() and fid() sample with
+    images = len(meta["shape"]) == 3
+    batches = [(s, min(s + args.batch, n)) for s in range(0, n, args.batch)]
+    bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main, dynamic_ncols=True)
+    held = {}  # first seed of a batch -> its samples as written (uint8 (B, H, W, 3) images, or (B, 2) points)
+    for r in range(0, len(batches), dist.world):
+        if r + dist.rank < len(batches):
+            start, stop = batches[r + dist.rank]
+            seeds = range(start, stop)
+            pngs = [seed_png(args.export_dir, s) for s in seeds] if images and args.export_dir else []
+            if pngs and all(p.is_file() for p in pngs):  # written by an earlier, interrupted export
+                x = np.stack([read_png(p) for p in pngs]) if args.export_npz else None
+            else:
+                z, eps = seed_noise(seeds, meta["shape"], len(sigmas))
+                labels = export_labels(meta, seeds, args.class_label)
+                x = sample(z.to(device), labels if labels is None else labels.to(device), [e.to(device) for e in eps])
+                x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().numpy()  # (B, H, W, 3)
+                for path, image in zip(pngs, x):
+                    write_png(path, image)
+            held[start] = x
+        bar.update(sum(stop - start for start, stop in batches[r:r + dist.world]))
+    bar.close()
+    npz = [args.export_npz] if args.export_npz else []
+    if not images and args.export_dir:
+        npz.append(Path(args.export_dir) / "points.npz")
+    if npz:  # rank 0 gathers every rank's samples
+        parts = [held]
+        if dist.world > 1:
+            parts = [None] * dist.world if dist.is_main else None
+            torch.distributed.gather_object(held, parts, dst=0)
+        if dist.is_main:
+            held = {start: x for part in parts for start, x in part.items()}
+            arrays = {"arr_0": np.concatenate([held[start] for start, _ in batches])}
+            if meta["cond"]:
+                arrays["arr_1"] = export_labels(meta, range(n), args.class_label).numpy()
+            for path in npz:
+                write_npz(path, arrays)
+    dist.barrier()
+    written = [str(p) for p in npz] + ([args.export_dir] if images and args.export_dir else [])
+    if dist.is_main:
+        print(f"exported {n} samples of {meta['method']} ({len(sigmas)} step{'s' * (len(sigmas) > 1)}): "
+              f"{', '.join(written)}")
+    return {"export": n, "files": written, "sigmas": sigmas}
+
+
+def legacy_generator_meta(ckpt, path):
+    """generator_meta of a generator.pt saved before generator files recorded it, from the run's config that it
+    holds: the network of its --preset and its method's student_sigmas (sid.py, dmd2.py or add.py is imported; no
+    other module is). Refused, with one line saying how to re-save it, when that config does not rebuild it."""
+    cfg = ckpt.get("config") or {}
+    method = cfg.get("method")
+    try:
+        args = argparse.Namespace(**cfg)
+        if method == "teacher":  # common.py --regress: regression_reference's one-step map from input noise 2.5
+            sigmas = [2.5]
+        elif method in ("sid", "dmd2", "add"):
+            sigmas = importlib.import_module(method).student_sigmas(args)
+        else:
+            raise ValueError(f"no method recorded (config method={method!r})")
+        return generator_meta(args, dataset_info(args), sigmas)
+    except (AttributeError, ImportError, KeyError, TypeError, ValueError) as e:
+        script = f"{method}.py" if method in ("sid", "dmd2", "add") else "sid.py (or dmd2.py, add.py)"
+        raise UserError(f"{path} predates self-describing generator files and cannot be rebuilt from its config "
+                        f"({_reason(e)}); re-save it from its run folder: `python {script} --resume` with the run's "
+                        f"flags (its config.json) rewrites generator.pt") from None
 
 
 # ================================================================================================================
@@ -2594,7 +2807,8 @@ def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_in
         loss.backward()
         opt.step()
     if save is not None and dist.is_main:
-        save_checkpoint(save, {"generator": generator}, iters, vars(args))
+        save_checkpoint(save, {"generator": generator}, iters, vars(args),
+                        meta=generator_meta(args, info, [sigma_init], method="regression"))
     return evaluate(args, info, student_sampler(generator.eval(), [sigma_init], args, dist.device), dist,
                     tag="regression")[0]
 
@@ -2611,6 +2825,9 @@ def main(argv=None):
     if args.regress < 0:
         parser.error(f"--regress must be >= 0 (got {args.regress})")
     dist = init_distributed(args)
+    if args.generator:  # --generator PATH --export N: a saved generator's samples as files, and nothing else
+        net, meta = load_generator(args.generator, dist.device)
+        return export_samples(args, net, meta, dist)
     info = dataset_info(args)
     if dist.is_main:
         print_config(args)

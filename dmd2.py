@@ -53,7 +53,7 @@ Pitfalls
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), real_batches (the GAN's
 data), edm_loss, karras_sigma, generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID),
-bench; EDMDenoiser.features (the encoder's feature maps).
+save_generator, export_samples, bench; EDMDenoiser.features (the encoder's feature maps).
 
 Commands
     python dmd2.py                                           # toy2d on CPU, a few minutes
@@ -61,6 +61,7 @@ Commands
     python dmd2.py --steps 2 --out-dir runs/toy2d-dmd2-2step       # two-step generator, backward simulation
     python dmd2.py --dataset cifar10 --data-dir data         # one GPU
     torchrun --nproc_per_node=8 dmd2.py --dataset imagenet64 --data-dir data/imagenet64
+    python dmd2.py --dataset imagenet64 --data-dir data/imagenet64 --resume --export 50000 --export-npz samples.npz
 """
 
 import argparse
@@ -439,6 +440,8 @@ def main(argv=None):
                             opt_f, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
+    if args.export:  # --resume --export N: the EMA generator's samples as files (common.export_samples), no training
+        return common.export_samples(args, nets.ema, common.generator_meta(args, info, student_sigmas(args)), dist)
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     common.describe(dist, METHOD, trained, student_sigmas(args), args.iters)
@@ -456,7 +459,7 @@ def main(argv=None):
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips
 
-    common.save_generator(args, run, nets.ema)
+    common.save_generator(args, info, run, nets.ema, student_sigmas(args))
     result = {"teacher": teacher_metrics, "student": book.metrics, "teacher_nfe": nfe,
               "student_nfe": len(student_sigmas(args)), "params": unet.count_params(nets.generator),
               "wall_s": round(time.time() - t0, 1)}

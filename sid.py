@@ -47,7 +47,8 @@ Pitfalls (from SiD's issue tracker)
     - Under DDP, G's backward must run inside DDP's gradient sync (here opt_g.backward follows the wrapped forward).
 
 Shared pieces (common.py / unet.py): start_method (processes, data, run folder, teacher), edm_loss, karras_sigma,
-generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), bench; unet's EDM networks.
+generate / student_sampler, AmpOptimizer, ema_update, Bookkeeping, evaluate (FID), save_generator, export_samples,
+bench; unet's EDM networks.
 
 Commands
     python sid.py                                         # toy2d on CPU, a few minutes
@@ -55,6 +56,7 @@ Commands
     python sid.py --dataset cifar10 --data-dir data       # one GPU (trains the teacher first if needed)
     torchrun --nproc_per_node=8 sid.py --dataset imagenet64 --data-dir data/imagenet64
     python sid.py --dataset cifar10 --resume --fid-samples 50000   # the finished run's FID-50k
+    python sid.py --dataset cifar10 --resume --export 50000 --export-dir samples   # its samples, as PNGs
 """
 
 import argparse
@@ -279,6 +281,8 @@ def main(argv=None):
                             opt_f, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
+    if args.export:  # --resume --export N: the EMA generator's samples as files (common.export_samples), no training
+        return common.export_samples(args, nets.ema, common.generator_meta(args, info, student_sigmas(args)), dist)
     # The teacher's 35-NFE samples from the evaluation latents: reference metrics and the left half of every picture.
     teacher_metrics, x_teacher, nfe = common.teacher_reference(args, info, teacher, run)
     common.describe(dist, METHOD, trained, student_sigmas(args), args.iters)
@@ -296,7 +300,7 @@ def main(argv=None):
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips
 
-    common.save_generator(args, run, nets.ema)
+    common.save_generator(args, info, run, nets.ema, student_sigmas(args))
     result = {"teacher": teacher_metrics, "student": book.metrics, "teacher_nfe": nfe,
               "student_nfe": len(student_sigmas(args)), "params": unet.count_params(nets.generator),
               "wall_s": round(time.time() - t0, 1)}

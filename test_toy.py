@@ -1,7 +1,8 @@
 """The test suite: the toy teacher the training tests share (part 0), numerical checks of the maths on exact Gaussian
 mixtures (part 1), common.py's machinery (part 2), the three methods' pieces, toy-scale convergence and smoke runs
-(part 3), and what holds across the three scripts: interruption and resume, bad input, --bench, torchrun, mixed
-precision and torch.compile (part 4).
+(part 3), what holds across the three scripts: interruption and resume, bad input, --bench, torchrun, mixed
+precision and torch.compile (part 4), and what comes after training: generator.pt, --export, the README's snippet
+(part 5).
 
     python -m pytest -q -n auto              # everything, one process per core (pytest-xdist); ~6 min on 2 cores
     python -m pytest -q                      # the same in one process
@@ -1095,7 +1096,9 @@ def test_bad_flags_exit_2(tmp_path, capsys):
                  ["--dataset", "synthetic", "--preset", "mlp"], ["--dataset", "synthetic", "--preset", "mlp-wide"],
                  ["--dataset", "toy2d", "--preset", "tiny"], ["--fid-samples", "100"],
                  ["--dataset", "synthetic", "--fid-samples", "100", "--fid-detector", str(tmp_path / "x.pt")],
-                 ["--dataset", "synthetic", "--fid-samples", "-1"]):
+                 ["--dataset", "synthetic", "--fid-samples", "-1"], ["--export", "5", "--export-npz", "x.npz"],
+                 ["--generator", str(tmp_path / "no.pt"), "--export", "5", "--export-npz", "x.npz"],
+                 ["--generator", str(tmp_path / "no.pt")], ["--export", "-1"]):
         with pytest.raises(SystemExit) as e:
             common.main(argv)
         assert e.value.code == 2
@@ -1588,7 +1591,8 @@ def test_regression_reference_reaches_the_teacher(toy_teacher, tmp_path):
     teacher, teacher_net = common.load_or_train_teacher(args, info, dist)
     m = common.regression_reference(args, info, dist, teacher, teacher_net, iters=150, save=tmp_path / "reg.pt")
     assert m["modes"] == 8 and m["sw2"] < 0.1, m
-    saved = common.load_generator(tmp_path / "reg.pt", args, info)
+    saved, meta = common.load_generator(tmp_path / "reg.pt")
+    assert meta["sigmas"] == [2.5] and meta["method"] == "regression"
     again = common.evaluate(args, info, common.student_sampler(saved, [2.5], args, torch.device("cpu")), dist)[0]
     assert again == pytest.approx(m, abs=1e-6)
 
@@ -1661,8 +1665,9 @@ def test_sid_smoke_synthetic_and_resume(tmp_path):
     assert (tmp_path / "full" / "sid-000002.png").is_file() and (tmp_path / "full" / "sid-000004.png").is_file()
     args = sid.parse_args(_synthetic_flags(teachers, tmp_path / "full", 4))
     info = common.dataset_info(args)
-    generator = common.load_generator(tmp_path / "full" / "generator.pt", args, info)
-    x = common.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), sid.student_sigmas(args))
+    generator, meta = common.load_generator(tmp_path / "full" / "generator.pt")
+    assert meta["sigmas"] == sid.student_sigmas(args) and meta["shape"] == list(info.shape)
+    x = common.generate(generator, torch.randn(3, *info.shape), torch.tensor([0, 1, 2]), meta["sigmas"])
     assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
 
     sid.main(_synthetic_flags(teachers, tmp_path / "split", 2))
@@ -2021,8 +2026,9 @@ def test_add_smoke_synthetic(tmp_path):
         assert key in log
     assert (tmp_path / "run" / "add-1step-000004.png").is_file()
     args = add.parse_args(flags)
-    net = common.load_generator(tmp_path / "run" / "generator.pt", args, common.dataset_info(args))
-    x = common.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), add.student_sigmas(args))
+    net, meta = common.load_generator(tmp_path / "run" / "generator.pt")
+    assert meta["sigmas"] == add.student_sigmas(args) and meta["method"] == "add"
+    x = common.generate(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), meta["sigmas"])
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
@@ -2171,6 +2177,9 @@ def test_nan_teacher_skips_generator_steps_and_stops(toy_teacher, tmp_path, monk
     (["--lr-g", "nan"], "--lr-g must be a positive number"),
     (["--iters", "-5"], "--iters must be >= 0"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--export", "8", "--export-dir", "samples"], "add --resume"),
+    (["--resume", "--export", "8"], "--export-dir DIR and / or --export-npz FILE"),
+    (["--export-npz", "samples.npz"], "go with --export N"),
 ])
 def test_bad_flags_exit_2_and_touch_nothing(tmp_path, capsys, method, argv, message):
     """Bad flags: exit code 2, one line naming the flag, and no run folder is created."""
@@ -2755,3 +2764,227 @@ def test_cuda_cifar10_preset_short_run(tmp_path, method, variant):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v) for r in records for k, v in r.items() if k.startswith("loss"))
     assert (tmp_path / "run" / "generator.pt").is_file()
+
+
+# ==============================================================================================================
+# PART 5. AFTER TRAINING: the self-describing generator.pt, --export (one PNG per seed, the ADM evaluator's .npz),
+# the README's snippet
+# ==============================================================================================================
+
+@pytest.fixture(scope="session")
+def sid_synthetic_run(tmp_path_factory):
+    """A tiny SiD run on synthetic 8x8 (2 iterations), trained once per session. Returns (its flags, its folder)."""
+    def train(folder):
+        flags = _synthetic_flags(folder / "teachers", folder / "run", 2) + [
+            "--eval-every", "0", "--eval-samples", "16", "--teacher-steps", "3"]
+        sid.main(flags)
+        return flags, folder / "run"
+
+    return _once(tmp_path_factory, "sid_synthetic_run", train)
+
+
+def _export(generator, out, n, *extra):
+    """`python common.py --generator G --export n --export-dir out --export-npz out.npz`, in this process."""
+    return common.main(["--generator", str(generator), "--export", str(n), "--export-dir", str(out),
+                        "--export-npz", f"{out}.npz", *extra])
+
+
+def _files(folder):
+    """{path relative to folder: bytes} of every file under it."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def _pngs(folder, n):
+    """The exported PNGs of seeds 0..n-1 as uint8 (n, H, W, 3)."""
+    return np.stack([common.read_png(common.seed_png(folder, i)) for i in range(n)])
+
+
+def test_generator_file_describes_itself_and_old_files_load_or_are_refused(sid_synthetic_run, tmp_path):
+    """generator.pt holds what rebuilds and samples it (network class and arguments, shape, classes, sigmas,
+    method), all plain data that torch.load(weights_only=True) reads: loaded with the file alone, it samples exactly
+    as the network built from the run's flags and sid.student_sigmas. A file saved before the meta existed loads from
+    the run's config it holds; one whose config does not rebuild it, or that names a network outside unet.py, is
+    refused with one line."""
+    flags, run = sid_synthetic_run
+    net, meta = common.load_generator(run / "generator.pt")
+    args = sid.parse_args(flags)
+    info = common.dataset_info(args)
+    assert meta == {"network": "SongUNet", "network_kwargs": meta["network_kwargs"], "sigma_data": 0.5,
+                    "sigmas": [2.5], "shape": [3, 8, 8], "num_classes": 10, "cond": True, "dataset": "synthetic",
+                    "method": "sid"}
+    rebuilt = common.build_denoiser(args, info)
+    common.restore({"generator": rebuilt}, common.load_checkpoint(run / "generator.pt"))
+    z, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        expected = common.generate(rebuilt, z, labels, sid.student_sigmas(args))
+        assert torch.equal(common.generate(net, z, labels, meta["sigmas"]), expected)
+    ckpt = torch.load(run / "generator.pt", weights_only=True)
+    del ckpt["meta"]  # as generator files were saved before
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, old_meta = common.load_generator(tmp_path / "old.pt")
+    assert old_meta == meta
+    with torch.no_grad():
+        assert torch.equal(common.generate(old, z, labels, old_meta["sigmas"]), expected)
+    torch.save({**ckpt, "config": {}}, tmp_path / "bare.pt")
+    with pytest.raises(common.UserError, match=r"re-save it from its run folder: `python sid.py .*--resume`"):
+        common.load_generator(tmp_path / "bare.pt")
+    torch.save({**ckpt, "meta": {**meta, "network": "builtins.exec"}}, tmp_path / "foreign.pt")
+    with pytest.raises(common.UserError, match="is not one of"):
+        common.load_generator(tmp_path / "foreign.pt")
+
+
+def test_export_scores_as_the_runs_own_evaluation(sid_synthetic_run, tmp_path):
+    """`sid.py --resume --export 64` writes seeds 0..63 as PNGs (EDM's layout) and as the ADM evaluator's .npz (arr_0
+    uint8 NHWC, arr_1 the class-balanced labels), the same bytes as `common.py --generator generator.pt` writes; PNG
+    i is arr_0[i]. Read back and scored with the run's detector (a stand-in) against its reference statistics, both
+    give the Frechet distance of the run's own evaluation (evaluate, --fid-samples 64): the same images; so does a
+    two-level student's export."""
+    import shutil
+    flags, run = sid_synthetic_run
+    shutil.copytree(run, tmp_path / "run")  # --resume writes into the run folder: a copy of the session's run
+    fid_flags = ["--fid-samples", "64", "--fid-detector", str(_standin_detector(tmp_path / "det.pt")),
+                 "--fid-dir", str(tmp_path / "fid")]
+    flags = flags + ["--out-dir", str(tmp_path / "run")]
+    args = sid.parse_args(flags + fid_flags)
+    info, dist = common.dataset_info(args), common.Dist()
+    net, meta = common.load_generator(run / "generator.pt")
+    own = common.evaluate(args, info, common.student_sampler(net, meta["sigmas"], args, dist.device), dist)[0]
+
+    # the export samples in batches of --batch: here the 64 that the evaluation's one batch holds
+    sid.main(flags + ["--resume", "--export", "64", "--export-dir", str(tmp_path / "E"), "--export-npz",
+                      str(tmp_path / "E.npz"), "--batch", "64"])
+    _export(run / "generator.pt", tmp_path / "G", 64, "--batch", "64")
+    assert _files(tmp_path / "E") == _files(tmp_path / "G") and len(_files(tmp_path / "E")) == 64
+    assert (tmp_path / "E.npz").read_bytes() == (tmp_path / "G.npz").read_bytes()
+    assert common.seed_png(tmp_path / "E", 63) == tmp_path / "E" / "000000" / "000063.png"
+    with np.load(tmp_path / "E.npz") as npz:
+        arr_0, arr_1 = npz["arr_0"], npz["arr_1"]
+    pngs = _pngs(tmp_path / "E", 64)
+    assert arr_0.dtype == np.uint8 and arr_0.shape == (64, 8, 8, 3) and np.array_equal(pngs, arr_0)
+    assert np.array_equal(arr_1, np.arange(64) % 10)
+
+    detector, (mu_ref, sigma_ref) = common.fid_reference(args, info, dist)
+
+    def frechet(images):  # uint8 (N, H, W, 3) -> the Frechet distance of their features to the reference's
+        stats = common.FeatureStats()
+        stats.add(detector(torch.from_numpy(images).permute(0, 3, 1, 2), return_features=True))
+        return common.frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
+
+    assert frechet(pngs) == pytest.approx(own["fid64"], rel=1e-9)
+    assert frechet(arr_0) == pytest.approx(own["fid64"], rel=1e-9)
+    # a two-level student (re-noised to 0.5): its evaluation draws each image's re-noising from its seed too
+    ckpt = torch.load(run / "generator.pt", weights_only=True)
+    ckpt["meta"]["sigmas"] = [2.5, 0.5]
+    torch.save(ckpt, tmp_path / "two-step.pt")
+    two = common.evaluate(args, info, common.student_sampler(net, [2.5, 0.5], args, dist.device), dist)[0]
+    _export(tmp_path / "two-step.pt", tmp_path / "T", 64, "--batch", "64")
+    assert frechet(_pngs(tmp_path / "T", 64)) == pytest.approx(two["fid64"], rel=1e-9) != own["fid64"]
+
+
+def test_export_is_reproducible_and_an_interrupted_export_completes(sid_synthetic_run, tmp_path, monkeypatch):
+    """The same export twice gives the same bytes (PNGs and .npz). An export killed while writing its 7th PNG
+    leaves a half-written file under a temporary name only: every file under a final name is whole, and no .npz
+    yet. Run again, it samples only the batches it had not finished and ends with the same files as an uninterrupted
+    export, nothing left over."""
+    from PIL import Image
+    import io
+    _, run = sid_synthetic_run
+    generator = run / "generator.pt"
+    _export(generator, tmp_path / "a", 20, "--batch", "4")
+    _export(generator, tmp_path / "b", 20, "--batch", "4")
+    done = _files(tmp_path / "a")
+    assert done == _files(tmp_path / "b") and len(done) == 20
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz") as npz:
+        assert np.array_equal(npz["arr_0"], _pngs(tmp_path / "a", 20))
+
+    save, calls = Image.Image.save, []
+
+    def killed_at_the_seventh(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) < 7:
+            return save(self, fp, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(self, buffer, *args, **kwargs)
+        Path(fp).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_at_the_seventh)
+    with pytest.raises(KeyboardInterrupt):
+        _export(generator, tmp_path / "c", 20, "--batch", "4")
+    monkeypatch.setattr(Image.Image, "save", save)
+    left = _files(tmp_path / "c")
+    finished = {name: data for name, data in left.items() if name.endswith(".png")}
+    assert len(finished) == 6 and all(done[name] == data for name, data in finished.items())
+    assert [name for name in left if not name.endswith(".png")] == ["000000/000006.png.tmp"]
+    assert not (tmp_path / "c.npz").exists()
+
+    generate, sampled = common.generate, []
+    monkeypatch.setattr(common, "generate", lambda *a, **k: sampled.append(len(a[1])) or generate(*a, **k))
+    _export(generator, tmp_path / "c", 20, "--batch", "4")
+    assert sampled == [4, 4, 4, 4]  # seeds 4-7 (two of them written before), 8-11, 12-15, 16-19; not 0-3
+    assert _files(tmp_path / "c") == done
+    assert (tmp_path / "c.npz").read_bytes() == (tmp_path / "a.npz").read_bytes()
+
+
+@pytest.mark.slow
+def test_export_under_torchrun_writes_what_one_process_writes(sid_synthetic_run, tmp_path):
+    """`torchrun --nproc_per_node=2 common.py --generator G --export 20` (gloo; each rank writes its own seeds' PNGs,
+    rank 0 the .npz) writes byte-identical files to one process, for a two-level student whose re-noising is drawn
+    per seed (a generator.pt of the run with the sigmas [2.5, 0.5])."""
+    import subprocess
+    import sys
+    _, run = sid_synthetic_run
+    ckpt = torch.load(run / "generator.pt", weights_only=True)
+    ckpt["meta"]["sigmas"] = [2.5, 0.5]
+    torch.save(ckpt, tmp_path / "two-step.pt")
+    _export(tmp_path / "two-step.pt", tmp_path / "one", 20, "--batch", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "common.py"),
+           "--generator", str(tmp_path / "two-step.pt"), "--export", "20", "--export-dir", str(tmp_path / "two"),
+           "--export-npz", str(tmp_path / "two.npz"), "--batch", "4", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _files(tmp_path / "one")
+    assert len(one) == 20 and _files(tmp_path / "two") == one
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    one_step = tmp_path / "one-step"
+    _export(run / "generator.pt", one_step, 4, "--batch", "4")
+    assert _files(one_step)["000000/000001.png"] != one["000000/000001.png"]  # the second level did something
+
+
+def test_toy2d_exports_points_as_npz(tmp_path):
+    """On toy2d the same flags write the points, float32 (N, 2), to DIR/points.npz and --export-npz (no PNGs); they
+    are the generator's samples from each seed's latent. --class on an unconditional generator is refused."""
+    args = common.parse_args(common.base_parser("t", "sid"), argv=[])
+    info = common.dataset_info(args)
+    net = common.build_denoiser(args, info)
+    torch.nn.init.normal_(net.net.out[-1].weight)  # not the zero-initialised output: samples that differ
+    common.save_checkpoint(tmp_path / "toy.pt", {"generator": net}, 0, vars(args),
+                           meta=common.generator_meta(args, info, [2.5]))
+    _export(tmp_path / "toy.pt", tmp_path / "E", 10, "--batch", "4")
+    assert sorted(_files(tmp_path / "E")) == ["points.npz"]
+    assert (tmp_path / "E" / "points.npz").read_bytes() == (tmp_path / "E.npz").read_bytes()
+    with np.load(tmp_path / "E.npz") as npz:
+        assert npz.files == ["arr_0"] and npz["arr_0"].dtype == np.float32
+        z, _ = common.seed_noise(range(10), (2,))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(npz["arr_0"]), common.generate(net, z, None, [2.5]))
+    with pytest.raises(common.UserError, match="unconditional"):
+        _export(tmp_path / "toy.pt", tmp_path / "F", 10, "--class", "3")
+
+
+def test_readme_after_training_snippet_runs(sid_synthetic_run, tmp_path, monkeypatch):
+    """The Python lines of README.md's "After training" section, as written there, on a run's generator.pt put at
+    the path they name: they load it, sample 64 images and save an 8 x 8 grid."""
+    import shutil
+    from PIL import Image
+    section = (REPO / "README.md").read_text().split("\n## After training\n")[1].split("\n## ")[0]
+    code = section.split("```python\n")[1].split("```")[0]
+    _, run = sid_synthetic_run
+    (tmp_path / "runs" / "cifar10-sid").mkdir(parents=True)
+    shutil.copy(run / "generator.pt", tmp_path / "runs" / "cifar10-sid" / "generator.pt")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (8 * 8 + 9 * 2, 8 * 8 + 9 * 2)  # 8 x 8 images of 8 x 8 pixels, torchvision's padding 2

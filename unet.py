@@ -505,24 +505,31 @@ def is_point_preset(preset):
     return PRESETS[preset].get("model_type") == "MLPNet"
 
 
-def build_network(preset, shape, num_classes=0, **overrides):
-    """Network for data of `shape` ((D,) for points, (C, H, W) for images) from a preset name; `overrides` replace
-    preset arguments (e.g. an EDM pickle's recorded augment_dim)."""
+def network_spec(preset, shape, num_classes=0, **overrides):
+    """(class name in NETWORKS, its init arguments) of the network a preset builds for data of `shape` ((D,) for
+    points, (C, H, W) for images): what build_network calls, and what a generator.pt records to be rebuilt from.
+    `overrides` replace preset arguments (e.g. an EDM pickle's recorded augment_dim)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown network preset {preset!r}; choose from {sorted(PRESETS)}")
     kwargs = {**PRESETS[preset], **overrides}
-    model = NETWORKS[kwargs.pop("model_type", "SongUNet")]
-    if model is MLPNet:
+    name = kwargs.pop("model_type", "SongUNet")
+    if name == "MLPNet":
         if len(shape) != 1:
             raise ValueError(f"the {preset!r} preset is for 2-D points; use a UNet preset for images")
-        return MLPNet(dim=shape[0], num_classes=num_classes, **kwargs)
+        return name, dict(dim=shape[0], num_classes=num_classes, **kwargs)
     if len(shape) != 3:
         raise ValueError(f"preset {preset!r} is a UNet for images; use 'mlp' for points")
     C, H, W = shape
     levels = len(kwargs["channel_mult"])
     if H != W or H % (2 ** (levels - 1)):
         raise ValueError(f"resolution {H}x{W} must be square and divisible by {2 ** (levels - 1)} for {preset!r}")
-    return model(img_resolution=H, in_channels=C, out_channels=C, label_dim=num_classes, **kwargs)
+    return name, dict(img_resolution=H, in_channels=C, out_channels=C, label_dim=num_classes, **kwargs)
+
+
+def build_network(preset, shape, num_classes=0, **overrides):
+    """Network for data of `shape` from a preset name (network_spec, then the class)."""
+    name, kwargs = network_spec(preset, shape, num_classes, **overrides)
+    return NETWORKS[name](**kwargs)
 
 
 def layout_version(preset):
