@@ -1806,7 +1806,7 @@ METHOD_FLAGS = {}  # method -> the dests of its own argument group (parse_args f
 def check_resume_flags(old, args, folder):
     """--resume continues the run the checkpoint holds: another dataset, network or method is refused; other flags
     that matter (batch, teacher, schedule and the method's own flags) are refused too, all differences listed,
-    unless --allow-changed-flags. --iters, evaluation, logging and hardware flags may change freely."""
+    unless --allow-changed-flags or --export (which only samples). --iters, evaluation, logging and hardware flags may change freely."""
     for key in RESUME_FIXED:
         if old.get(key) != getattr(args, key):
             raise UserError(f"--resume: the run in {folder} has {key}={old.get(key)!r}, this command "
@@ -1814,7 +1814,7 @@ def check_resume_flags(old, args, folder):
     keys = [*RESUME_CHECKED, *METHOD_FLAGS.get(args.method, ())]
     changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in keys
                if k in old and hasattr(args, k) and old[k] != getattr(args, k)]
-    if changed and not args.allow_changed_flags:
+    if changed and not args.allow_changed_flags and not getattr(args, "export", 0):  # an export trains nothing
         raise UserError(f"--resume: this command changes the run's {', '.join(changed)}; repeat the run's flags "
                         f"(its config.json) or pass --allow-changed-flags")
     if changed and int(os.environ.get("RANK", "0")) == 0:
