@@ -1,8 +1,8 @@
 """Everything the three distillation scripts share, maths first: exact Gaussian-mixture denoisers, EDM
 (preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
 (trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop's
-bookkeeping, evaluation; then, below the PLUMBING banner, what a reader can skip: the safe loader of NVIDIA's EDM
-pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
+bookkeeping, evaluation; then, below the PLUMBING banner, what a reader can skip: ImageNet-64's data files, the
+safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --bench.
 
 Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
@@ -25,6 +25,7 @@ Sections, in file order (search for the banner):
     EVALUATION              sample_many, evaluate
     THE FRAME OF A METHOD   start_method, teacher_reference, describe, save_generator / load_generator
     ## PLUMBING ##          not needed to learn the methods; everything below it keeps runs safe, resumable, fast
+    DATA FILES              imagenet64_npy (the npz files converted once into one .npy), _read_rows, _mapped_batches
     NVIDIA'S PRETRAINED EDM NETWORKS
                             read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
     CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
@@ -43,6 +44,7 @@ import gc
 import collections
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -533,14 +535,16 @@ def _mixture_batches(mixture, info, batch, device):
 
 
 def _tensor_batches(images, labels, batch, device, flip):
-    """uint8 images (N, C, H, W) held in memory -> random batches in [-1, 1] forever (with replacement)."""
+    """uint8 images (N, C, H, W) -> random batches in [-1, 1] forever (with replacement). The whole set moves to the
+    device once (CIFAR-10: 150 MB) and the indices are drawn there, so no batch waits on a copy from the host."""
+    images, labels = images.to(device), labels.to(device)
     n = len(images)
     while True:
-        idx = torch.randint(n, (batch,))
-        x = images[idx].to(device).float() / 127.5 - 1
+        idx = torch.randint(n, (batch,), device=device)
+        x = images[idx].float() / 127.5 - 1
         if flip:
             x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        yield x, labels[idx].to(device)
+        yield x, labels[idx]
 
 
 def load_cifar10(data_dir):
@@ -556,26 +560,13 @@ def load_cifar10(data_dir):
     return images, torch.as_tensor(ds.targets, dtype=torch.long)
 
 
-def load_imagenet64_npz(data_dir):
-    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir:
-    `data` uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 (N, 3, 64, 64) and labels 0..999."""
-    files = sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
-    images, labels = [], []
-    for f in tqdm(files, desc="reading imagenet64 npz", disable=len(files) < 2):
-        try:
-            with np.load(f) as d:
-                data, lab = d["data"], d["labels"]
-        except Exception as e:
-            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
-                            f"remove it from --data-dir") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-            raise UserError(f"{f}: 'data' has shape {data.shape}; expected (N, 12288) for 64x64 ImageNet")
-        images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
-        labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64) - 1))
-    images, labels = torch.cat(images), torch.cat(labels)
-    if labels.min() < 0 or labels.max() > 999:
-        raise UserError(f"imagenet64 labels in {data_dir!r} are outside 1..1000")
-    return images, labels
+def load_imagenet64_npz(data_dir, cache_dir=None):
+    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir: `data`
+    uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 images (N, 3, 64, 64), a read-only memory map of
+    one .npy converted from the npz files on first use (imagenet64_npy), so that no process holds a copy of the
+    15.7 GB set, and int16 labels 0..999 (2 bytes an image, in memory)."""
+    images_path, labels_path = imagenet64_npy(data_dir, cache_dir)
+    return np.load(images_path, mmap_mode="r"), np.load(labels_path)
 
 
 def _folder_batches(data_dir, batch, device, workers, rank):
@@ -613,8 +604,8 @@ def real_batches(args, info, dist):
         raise UserError(f"imagenet64: {str(root)!r} is not a folder. Put the downsampled ImageNet 64x64 npz batches "
                         f"(train_data_batch_1.npz ...) or class subfolders of images there, or pass --data-dir")
     if any(root.glob("*.npz")):
-        images, labels = load_imagenet64_npz(root)
-        return _tensor_batches(images, labels, batch, device, flip=False)
+        images, labels = load_imagenet64_npz(root, args.data_cache)
+        return _mapped_batches(images, labels, batch, device)
     if any(p.is_dir() for p in root.iterdir()):
         return _folder_batches(root, batch, device, args.workers, dist.rank)
     raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
@@ -1102,9 +1093,208 @@ def load_generator(path, args, info):
 
 
 # ################################################################################################################
-# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: the safe loader
-# of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --bench, main.
+# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: ImageNet-64's data
+# files, the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures,
+# FID, --bench, main.
 # ################################################################################################################
+
+
+# ================================================================================================================
+# DATA FILES: ImageNet-64's npz batches converted once into memory-mapped .npy files
+# ================================================================================================================
+# The downsampled ImageNet-64 train set is 1,281,167 images, 15.7 GB as uint8. npz files are zip archives, so reading
+# them means loading them: each process would hold the whole set (and twice that while concatenating), 8 ranks over
+# 120 GB. Instead the npz files are converted once, a chunk at a time, into one uint8 .npy of shape (N, 3, 64, 64)
+# and a labels .npy, beside them or in --data-cache, with a manifest of the sources (names, sizes, modification times):
+# a changed source converts again. Every process opens the .npy as a read-only memory map (np.load(mmap_mode="r"):
+# its shape, and where its rows are) and reads each batch's rows from the file (_read_rows): the pages live once, in
+# the kernel's page cache, shared by all ranks on the machine, and a process holds a few batches, whatever the data
+# size. Measured in assets/results.md (ImageNet-64 host memory); tested by
+# test_imagenet64_host_memory_does_not_grow_with_the_data.
+
+IMAGENET64_FILES = ("imagenet64-images.npy", "imagenet64-labels.npy", "imagenet64-manifest.json")
+ROW_BYTES = 3 * 64 * 64  # one image, planar RGB
+CONVERT_ROWS = 1024  # rows per read while converting (12.6 MB)
+
+
+def imagenet64_sources(data_dir):
+    return sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
+
+
+def _manifest(data_dir, sources):
+    """What a conversion is made of: the source folder and each npz file's name, size and modification time."""
+    stats = [(f.name, f.stat()) for f in sources]
+    return {"format": 1, "source_dir": str(Path(data_dir).resolve()),
+            "sources": [{"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for name, st in stats]}
+
+
+def _converted(cache, manifest):
+    """Whether `cache` holds a finished conversion of exactly these sources."""
+    images, labels, recorded = (cache / name for name in IMAGENET64_FILES)
+    try:
+        old = json.loads(recorded.read_text())
+        rows = old.pop("rows")
+        return (old == manifest and np.load(images, mmap_mode="r").shape == (rows, 3, 64, 64)
+                and np.load(labels, mmap_mode="r").shape == (rows,))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _npz_rows(member, f):
+    """Read the .npy header of an npz's `data` member (an open stream, left at the first row): its row count."""
+    try:
+        version = np.lib.format.read_magic(member)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(member)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                        f"remove it from --data-dir") from None
+    if len(shape) != 2 or shape[1] != ROW_BYTES or dtype != np.uint8 or fortran:
+        raise UserError(f"{f}: 'data' has shape {shape} ({dtype}); expected uint8 (N, 12288) for 64x64 ImageNet")
+    return shape[0]
+
+
+def _open_data(f):
+    """The `data` member of an npz file, as a stream (np.savez or np.savez_compressed)."""
+    import zipfile
+    try:
+        archive = zipfile.ZipFile(f)
+        return archive, archive.open("data.npy")
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                        f"remove it from --data-dir") from None
+
+
+def convert_imagenet64(sources, cache, manifest):
+    """Stream the npz files' rows, CONVERT_ROWS at a time, into cache/imagenet64-images.npy (a .npy header, then
+    the rows as they are: planar RGB rows are (3, 64, 64) images in C order) and their labels - 1 into
+    imagenet64-labels.npy (int16); both written under temporary names and renamed, then the manifest last, so an
+    interrupted conversion is never taken for a finished one."""
+    images_path, labels_path, manifest_path = (cache / name for name in IMAGENET64_FILES)
+    counts = []
+    for f in sources:  # the row counts first (headers only): the output's header comes before its rows
+        archive, member = _open_data(f)
+        with archive, member:
+            counts.append(_npz_rows(member, f))
+    n = sum(counts)
+    import shutil
+    if shutil.disk_usage(cache).free < n * ROW_BYTES * 1.01:
+        raise UserError(f"converting ImageNet-64 needs {n * ROW_BYTES / 1e9:.1f} GB in {cache}, which has "
+                        f"{shutil.disk_usage(cache).free / 1e9:.1f} GB free; pass --data-cache DIR")
+    tmp = {path: path.with_name(path.name + ".part") for path in (images_path, labels_path, manifest_path)}
+    labels = []
+    try:
+        with open(tmp[images_path], "wb") as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)})
+            bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
+            for f, count in zip(sources, counts):
+                archive, member = _open_data(f)
+                with archive, member:
+                    _npz_rows(member, f)
+                    for start in range(0, count, CONVERT_ROWS):
+                        chunk = member.read(min(CONVERT_ROWS, count - start) * ROW_BYTES)
+                        if len(chunk) != min(CONVERT_ROWS, count - start) * ROW_BYTES:
+                            raise UserError(f"{f} is truncated; download it again")
+                        out.write(chunk)
+                        bar.update(len(chunk) // ROW_BYTES)
+                with np.load(f) as d:
+                    lab = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+                if len(lab) != count or lab.min() < 1 or lab.max() > 1000:
+                    raise UserError(f"{f}: expected {count} labels in 1..1000")
+                labels.append((lab - 1).astype(np.int16))
+            bar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        with open(tmp[labels_path], "wb") as out:
+            np.save(out, np.concatenate(labels))
+        tmp[manifest_path].write_text(json.dumps({**manifest, "rows": n}, indent=1) + "\n")
+        for path in (images_path, labels_path, manifest_path):
+            os.replace(tmp[path], path)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive flock on `path` (created if missing) for the block: one process converts while the others wait,
+    however many ranks or runs start at once. No-op where file locks are not available."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def imagenet64_npy(data_dir, cache_dir=None):
+    """The paths of the converted ImageNet-64 (images .npy, labels .npy) in cache_dir (default: data_dir),
+    converting the npz files in data_dir first when the manifest there does not match them. Every rank may call it:
+    the first to take the lock converts, the others wait and then find the conversion done."""
+    sources = imagenet64_sources(data_dir)
+    cache = Path(cache_dir or data_dir)
+    manifest = _manifest(data_dir, sources)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _file_lock(cache / ".imagenet64.lock"):
+            if not _converted(cache, manifest):
+                convert_imagenet64(sources, cache, manifest)
+    except OSError as e:
+        if not _converted(cache, manifest):  # a read-only folder is fine once it holds the conversion
+            raise UserError(f"cannot write the converted ImageNet-64 into {cache} ({_reason(e)}); pass "
+                            f"--data-cache DIR, a writable folder") from None
+    return cache / IMAGENET64_FILES[0], cache / IMAGENET64_FILES[1]
+
+
+def _read_rows(array, rows, out):
+    """out[j] = array[rows[j]] for a memory-mapped .npy `array` and sorted `rows`, read from its file with os.preadv,
+    each run of consecutive rows in one call, straight into `out` (C-contiguous). Gathering through the map instead
+    (np.take) maps whole page-cache folios around each row into the process (80 MB for a batch of 64, measured in
+    assets/results.md), which then count in its resident set; a read maps nothing. Where os.preadv is missing
+    (Windows), through the map."""
+    if not hasattr(os, "preadv"):
+        return np.take(array, rows, axis=0, out=out)
+    row = array.strides[0]
+    flat = out.reshape(len(rows), -1).view(np.uint8)  # (B, row bytes)
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        j = 0
+        while j < len(rows):
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1:
+                k += 1
+            if os.preadv(fd, [flat[j:k]], array.offset + int(rows[j]) * row) != (k - j) * row:
+                raise UserError(f"{array.filename} is shorter than its header says; delete it to convert again")
+            j = k
+    finally:
+        os.close(fd)
+    return out
+
+
+def _mapped_batches(images, labels, batch, device):
+    """Memory-mapped uint8 images (N, 3, H, W) and labels (N,) -> random batches in [-1, 1] forever (with
+    replacement). The indices are sorted (neighbouring rows share pages) and the rows read into a staging buffer
+    (_read_rows). On CUDA the staging buffers are pinned and copied with non_blocking=True, two of them in turn: a
+    buffer is refilled only once the copy that read it has finished (its event), long since the case one batch
+    later."""
+    n, cuda = len(images), device.type == "cuda"
+    slots = [[torch.empty(batch, *images.shape[1:], dtype=torch.uint8, pin_memory=cuda),
+              torch.empty(batch, dtype=torch.int16, pin_memory=cuda), None] for _ in range(2 if cuda else 1)]
+    for k in itertools.cycle(range(len(slots))):
+        x_host, labels_host, copied = slots[k]
+        if copied is not None:
+            copied.synchronize()
+        idx = torch.randint(n, (batch,)).sort().values.numpy()
+        _read_rows(images, idx, x_host.numpy())
+        np.take(labels, idx, out=labels_host.numpy())
+        x = x_host.to(device, non_blocking=True).float() / 127.5 - 1  # new tensors: the buffers are free again
+        y = labels_host.to(device, non_blocking=True).long()
+        if cuda:
+            slots[k][2] = torch.cuda.Event()
+            slots[k][2].record()
+        yield x, y
 
 
 # ================================================================================================================
@@ -1610,6 +1800,9 @@ def base_parser(description, method):
                    help="toy2d: 2-D Gaussian mixture; synthetic: class-conditional Gaussian mixture of 10 smooth "
                         "template images (exact denoiser known); cifar10; imagenet64 (downsampled npz or folder)")
     g.add_argument("--data-dir", default="data", help="where cifar10 is downloaded / imagenet64 is read from")
+    g.add_argument("--data-cache", default=None, metavar="DIR",
+                   help="imagenet64 npz: where their one-time conversion into a memory-mapped .npy goes (15.7 GB for "
+                        "the full train set; default: --data-dir itself)")
     g.add_argument("--resolution", type=int, default=None,
                    help="image side for 'synthetic' (8, 16, 32, 64); fixed at 32 for cifar10 and 64 for imagenet64")
     g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
@@ -2075,10 +2268,15 @@ def training_images(args, info, dist, batch):
             yield to_uint8(x.reshape(-1, *info.shape))
         return
     root = Path(args.data_dir)
-    if args.dataset == "cifar10" or any(root.glob("*.npz")):
-        images, _ = load_cifar10(args.data_dir) if args.dataset == "cifar10" else load_imagenet64_npz(root)
+    if args.dataset == "cifar10":
+        images, _ = load_cifar10(args.data_dir)
         for s, e in _fid_batches(len(images), batch, dist):
             yield images[s:e]
+        return
+    if any(root.glob("*.npz")):
+        images, _ = load_imagenet64_npz(root, args.data_cache)
+        for s, e in _fid_batches(len(images), batch, dist):  # this rank's shard: the only rows it reads
+            yield torch.from_numpy(_read_rows(images, np.arange(s, e), np.empty((e - s, *images.shape[1:]), np.uint8)))
         return
     real_batches(args, info, dist)  # the same checks and messages as training (missing folder, no images)
     import torchvision.transforms as T

@@ -880,6 +880,121 @@ def test_imagenet64_npz_and_folder(tmp_path):
         common.real_batches(args, common.dataset_info(args), common.Dist())
 
 
+def _fake_imagenet64(folder, files, rows):
+    """`files` npz batches of `rows` fake 64x64 images in the official layout: image i has every value
+    (i % 1000) % 256 and label i % 1000 + 1, so a batch shows whether images and labels stayed paired."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        i = np.arange(k * rows, (k + 1) * rows)
+        data = np.repeat((i % 1000 % 256).astype(np.uint8)[:, None], 12288, axis=1)
+        np.savez(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
+    return folder
+
+
+def test_imagenet64_converted_once_and_again_when_a_source_changes(tmp_path):
+    """The npz files become one .npy (and labels, and a manifest) in --data-cache, written once; a source that changes
+    (size or modification time) converts again. Batches keep images and labels paired, and the FID reference pass
+    (common.training_images) deals each rank its own rows, every row once."""
+    data = _fake_imagenet64(tmp_path / "npz", 3, 50)
+    cache = tmp_path / "cache"
+    images, labels = common.load_imagenet64_npz(data, cache)
+    assert images.shape == (150, 3, 64, 64) and isinstance(images, np.memmap) and labels.tolist() == list(range(150))
+    names = sorted(f.name for f in cache.iterdir())
+    assert names == [".imagenet64.lock", *sorted(common.IMAGENET64_FILES)]
+    manifest = json.loads((cache / "imagenet64-manifest.json").read_text())
+    assert manifest["rows"] == 150 and [s["name"] for s in manifest["sources"]] == [
+        "train_data_batch_1.npz", "train_data_batch_2.npz", "train_data_batch_3.npz"]
+    stamp = (cache / "imagenet64-images.npy").stat().st_mtime_ns
+    common.load_imagenet64_npz(data, cache)
+    assert (cache / "imagenet64-images.npy").stat().st_mtime_ns == stamp  # read, not converted again
+    _fake_imagenet64(data, 1, 70)  # train_data_batch_1.npz rewritten with 70 rows
+    images, labels = common.load_imagenet64_npz(data, cache)
+    assert images.shape == (170, 3, 64, 64) and labels.tolist() == list(range(70)) + list(range(50, 150))
+    assert not list(cache.glob("*.part"))
+    x, y = next(common._mapped_batches(images, labels, 64, torch.device("cpu")))
+    assert x.shape == (64, 3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert torch.equal(x, (y % 256).float()[:, None, None, None].expand_as(x) / 127.5 - 1)
+    args = common.parse_args(common.base_parser("t", "test"), argv=[
+        "--dataset", "imagenet64", "--data-dir", str(data), "--data-cache", str(cache)])
+    info = common.dataset_info(args)
+    shards = [torch.cat(list(common.training_images(args, info, common.Dist(rank=r, world=2), 32)))
+              for r in range(2)]
+    assert len(shards[0]) + len(shards[1]) == 170
+    seen = torch.cat(shards)[:, 0, 0, 0].sort().values
+    assert torch.equal(seen, torch.tensor(images[:, 0, 0, 0]).sort().values)
+
+
+# Loads imagenet64 through real_batches (converting it first, unless its cache is there), draws 1000 batches and makes
+# the FID reference pass (common.training_images), alone or under torchrun; each process writes its peak resident
+# set's growth over that work (VmHWM, reset at the start) to rss<rank>.json.
+_RSS_DRIVER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import common, torch
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+args = common.parse_args(common.base_parser("rss", "test"), argv=sys.argv[3:])
+dist = common.init_distributed(args)
+info = common.dataset_info(args)
+(torch.zeros(8, 3, 64, 64, dtype=torch.uint8).float() / 127.5 - 1).sort()  # torch's first-use costs, before the start
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS now
+start = status("VmRSS")
+batches = common.real_batches(args, info, dist)
+for _ in range(1000):
+    x, y = next(batches)
+    assert torch.equal(x[:, 0, 0, 0], (y % 256).float() / 127.5 - 1)
+rows = sum(len(images) for images in common.training_images(args, info, dist, 250))
+out = {"growth_mb": status("VmHWM") - start, "held_mb": status("VmRSS") - start, "fid_rows": rows}
+(Path(sys.argv[2]) / f"rss{dist.rank}.json").write_text(json.dumps(out))
+"""
+
+IMAGENET64_RSS_BOUND_MB = 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the resident set with Linux's /proc")
+def test_imagenet64_host_memory_does_not_grow_with_the_data(tmp_path):
+    """Host memory of imagenet64 npz data: converting it, 1000 batches of 32 and the FID reference pass raise a
+    process's peak resident set by less than IMAGENET64_RSS_BOUND_MB = 64 MB, for 2,000 fake images (25 MB) as for
+    16,000 (197 MB), and under torchrun with 2 processes for the two together (each reads its share of a shared,
+    memory-mapped .npy; measured: about 15-40 MB each, assets/results.md, ImageNet-64 host memory). The loader that
+    concatenated the npz files grew by 2x the data: 97 and 378 MB."""
+    import subprocess
+    import sys
+    (tmp_path / "driver.py").write_text(_RSS_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    growth = {}
+    for name, files, rows in (("small", 2, 1000), ("large", 4, 4000)):
+        data = _fake_imagenet64(tmp_path / name, files, rows)
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        flags = ["--dataset", "imagenet64", "--data-dir", str(data), "--batch", "32"]
+        r = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), str(out)] + flags, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        result = json.loads((out / "rss0.json").read_text())
+        assert result["fid_rows"] == files * rows
+        growth[name] = result["growth_mb"]
+    # two processes, converting again into their own cache folder
+    out = tmp_path / "out-two"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "driver.py"), str(REPO), str(out), "--dataset", "imagenet64", "--data-dir",
+                        str(tmp_path / "large"), "--data-cache", str(tmp_path / "cache-two"), "--batch", "32"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rss{rank}.json").read_text()) for rank in range(2)]
+    assert sum(rank["fid_rows"] for rank in ranks) == 16000
+    growth["two"] = sum(rank["growth_mb"] for rank in ranks)
+    print({k: round(v, 1) for k, v in growth.items()})
+    assert max(growth.values()) < IMAGENET64_RSS_BOUND_MB, growth
+
+
 def test_common_smoke_synthetic_and_cache(tmp_path):
     """`python common.py` on a tiny synthetic config trains, evaluates, and the second call reuses the cache."""
     flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-dir", str(tmp_path),
