@@ -734,10 +734,13 @@ def load_or_train_teacher(args, info, dist):
 # ================================================================================================================
 
 def amp_dtype(args, device):
-    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
+    """Resolve --amp: auto -> bf16 on GPUs that compute in bf16 natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp32 elsewhere. Older GPUs (V100, T4) run bf16 emulated, slowly, though
+    torch.cuda.is_bf16_supported() says yes; fp16 needs loss scaling and diverged in SiD's and DMD2's authors' runs,
+    so auto does not choose it there (--amp fp16 asks for it). Returns None for fp32."""
     mode = args.amp
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        mode = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
 
 
@@ -916,8 +919,8 @@ class Bookkeeping:
                 book.end_iteration(step, losses)     # losses: a dict of scalars
 
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
-    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM (then exits with 128 + the
-    signal), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
+    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
+    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
     a non-finite loss, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
     --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
     progress bar counts the iterations."""
@@ -949,9 +952,11 @@ class Bookkeeping:
         metrics = self.evaluate(done)
         if metrics:
             self.metrics = dict(metrics)
-            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}, **fid_ref_record(self.args,
+                                                                                                        metrics)})
             if self.run.dist.is_main:
-                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                           + fid_note(self.args, metrics))
 
     def end_iteration(self, step, losses):
         """The bookkeeping after iteration `step` (0-based) with its losses: skip-stop, log, evaluate, checkpoint,
@@ -968,16 +973,20 @@ class Bookkeeping:
             run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
         if (args.eval_every and done % args.eval_every == 0) or done == self.total:
             self._evaluate_and_log(done)
-        if done % args.ckpt_every == 0 or done == self.total or self.stop.raised:
+        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
+        # largest signal number received, 0 for none: one all_reduce of one number on the host)
+        signum = run.dist.max(self.stop.raised or 0)
+        if done % args.ckpt_every == 0 or done == self.total or signum:
             if not _all_finite(self.objects):
                 raise UserError(f"{desc}: non-finite parameters at iteration {done}; not saved. The last "
                                 f"good checkpoint is {run.ckpt_path}")
             run.save(self.objects, done)
-        if self.stop.raised:
-            print(f"\n{desc}: signal {self.stop.raised} received; checkpoint saved at iteration {done} in "
-                  f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+        if signum:
+            if run.dist.is_main:
+                print(f"\n{desc}: signal {signum} received; checkpoint saved at iteration {done} in "
+                      f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
             run.dist.barrier()
-            sys.exit(128 + self.stop.raised)
+            sys.exit(128 + signum)
 
 
 # ================================================================================================================
@@ -1037,6 +1046,8 @@ def start_method(args):
         return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples:
         fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
+        if dist.is_main:
+            print(f"FID reference statistics: {fid_ref_label(args)} (--fid-ref {args.fid_ref})")
     if args.teacher not in ("auto", "analytic", "edm"):
         # a given teacher file is loaded (and checked against the run) before anything is written
         teacher, teacher_net = load_or_train_teacher(args, info, dist)
@@ -1050,14 +1061,25 @@ def start_method(args):
 
 def teacher_reference(args, info, teacher, run):
     """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
-    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
-    nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
-                          tag=f"teacher-{nfe}nfe")
+    metrics (logged as teacher/*, printed) and the left half of every picture. Sampled once per teacher, sampler and
+    evaluation settings and cached beside the teacher, so a restart or a --resume does not sample the teacher
+    again (load_teacher_reference). Returns (metrics, samples, nfe)."""
+    nfe, dist = heun_nfe(args.teacher_steps), run.dist
+    cache = teacher_reference_cache(args, info, dist)  # (file, key)
+    cached = load_teacher_reference(cache, dist)
+    if cached is None:
+        metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), dist, run=run,
+                              tag=f"teacher-{nfe}nfe")
+        save_teacher_reference(cache, dist, metrics, x)
+    else:
+        metrics, x = cached
+        if dist.is_main:
+            save_picture(run.dir / f"teacher-{nfe}nfe.png", info, x)
     if metrics:
-        run.log({f"teacher/{k}": v for k, v in metrics.items()})
-        if run.dist.is_main:
-            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        run.log({**{f"teacher/{k}": v for k, v in metrics.items()}, **fid_ref_record(args, metrics)})
+        if dist.is_main:
+            print(f"teacher ({nfe} NFE{', cached' if cached else ''}): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + fid_note(args, metrics))
     return metrics, x, nfe
 
 
@@ -1590,12 +1612,14 @@ def set_rng_state(state):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_checkpoint(path, objects, step, config):
+def save_checkpoint(path, objects, step, config, rng_ranks=None):
     """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config.
-    Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the old checkpoint, so a
-    kill at any moment leaves either the old or the new checkpoint, never half of one."""
+    rng_ranks: every rank's RNG states (Run.save gathers them), each rank's own restored on --resume; default: this
+    process's. Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the old
+    checkpoint, so a kill at any moment leaves either the old or the new checkpoint, never half of one."""
     path = Path(path)
-    state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
+    rng_ranks = rng_ranks or [rng_state()]
+    state = {"format": 1, "step": step, "config": config, "rng": rng_ranks[0], "rng_ranks": rng_ranks,
              "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -1630,6 +1654,83 @@ def restore(objects, ckpt, path="checkpoint"):
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"{path}: {name!r} does not fit this configuration (other --preset, --resolution "
                             f"or --cond?): {_reason(e)}") from None
+
+
+# ================================================================================================================
+# THE TEACHER'S REFERENCE, CACHED
+# ================================================================================================================
+# The teacher's reference metrics come from its 35-NFE Heun sampler over --eval-samples and --fid-samples latents:
+# for EDM's ImageNet-64 network at FID-50k about 20 minutes of an H100, at every start and every --resume. They
+# depend only on the teacher, the sampler and the evaluation settings, so teacher_reference keeps them, with the
+# samples drawn in the pictures, in a file beside the teacher, named by a hash of all of those.
+
+def teacher_file(args):
+    """The file the teacher's weights were loaded from (--teacher auto / analytic: the cached teacher.pt)."""
+    if args.teacher == "edm":
+        return Path(args.teacher_dir) / DOWNLOADS[edm_download_key(args)][0]
+    if args.teacher in ("auto", "analytic"):
+        return teacher_folder(args) / "teacher.pt"
+    return Path(args.teacher)
+
+
+def _file_identity(path):
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def teacher_reference_key(args, info, dist):
+    """What the teacher's reference metrics and samples are a function of: the teacher (its file's path, size and
+    modification time; the mixture itself with --teacher analytic), the sampler, the evaluation settings (samples,
+    seed, batch, device) and, with --fid-samples, the detector's and the reference statistics' contents."""
+    key = {"format": 1, "teacher": "analytic" if args.teacher == "analytic" else _file_identity(teacher_file(args)),
+           "dataset": args.dataset, "resolution": args.resolution, "cond": bool(info.cond),
+           "teacher_steps": args.teacher_steps, "eval_samples": args.eval_samples, "seed": args.seed,
+           "batch": max(args.batch, 256), "device": dist.device.type}
+    if args.fid_samples:
+        _, detector_hash = fid_detector(args, dist)
+        _, (mu, sigma) = fid_reference(args, info, dist)
+        key["fid"] = {"samples": args.fid_samples, "detector": detector_hash,
+                      "reference": hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()}
+    return key
+
+
+def teacher_reference_cache(args, info, dist):
+    """(home/reference-<steps>steps-<hash of the key>.pt, key), home being the teacher's folder (for --teacher PATH,
+    the file's). Every rank calls it: checking the FID files is collective."""
+    key = teacher_reference_key(args, info, dist)
+    home = Path(args.teacher_dir) if args.teacher == "edm" else teacher_file(args).parent
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return home / f"reference-{args.teacher_steps}steps-{digest}.pt", key
+
+
+def load_teacher_reference(cache, dist):
+    """The cached (metrics, samples) of the teacher's reference, or None. Rank 0 reads the file and passes what it
+    found to the others, so that all ranks agree on whether to sample the teacher (collective with a FID)."""
+    path, key = cache
+    found = None
+    if dist.is_main:
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry.get("key") == key:
+                found = (entry["metrics"], entry["samples"])
+        except Exception:  # missing, unreadable or of another format: sample again
+            found = None
+    return dist.broadcast_object(found)
+
+
+def save_teacher_reference(cache, dist, metrics, samples):
+    """Rank 0 writes the teacher's reference (metrics, samples) beside the teacher, atomically; a folder it may not
+    write in only costs the next start a new sampling."""
+    path, key = cache
+    if not dist.is_main:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save({"key": key, "metrics": dict(metrics), "samples": samples.float().cpu()}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"note: the teacher's reference metrics were not cached in {path.parent} ({_reason(e)})")
 
 
 # ================================================================================================================
@@ -1718,9 +1819,11 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, objects, step):
+        """Every rank calls it: rank 0 writes the checkpoint, with every rank's RNG states."""
         self.open()
+        rng_ranks = self.dist.gather_object(rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
+            save_checkpoint(self.ckpt_path, objects, step, vars(self.args), rng_ranks)
 
     def resume(self, objects):
         """Restore objects and RNG states from ckpt.pt when --resume; returns the step to continue from (0 if new)."""
@@ -1735,8 +1838,12 @@ class Run:
                                 f"{key}={getattr(self.args, key)!r}")
         restore(objects, ckpt, self.ckpt_path)
         self.open()
-        if self.dist.world == 1:
-            set_rng_state(ckpt["rng"])
+        rng_ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if len(rng_ranks) == self.dist.world:
+            set_rng_state(rng_ranks[self.dist.rank])  # each rank its own
+        elif self.dist.is_main:
+            print(f"note: {self.ckpt_path} holds the RNG states of {len(rng_ranks)} processes and this run has "
+                  f"{self.dist.world}; every rank keeps its fresh seed (--seed + rank)")
         if self.dist.is_main:
             self._drop_metrics_after(ckpt["step"])
         if self.dist.is_main:
@@ -1857,8 +1964,11 @@ def base_parser(description, method):
                    help="'auto': download NVIDIA's TorchScript Inception (inception-2015-12-05.pt) into --fid-dir; "
                         "or a path to it (offline machines)")
     g.add_argument("--fid-ref", default="auto",
-                   help="'auto': cifar10 downloads EDM's cifar10-32x32.npz; other datasets compute the statistics "
-                        "of their training data once and cache them in --fid-dir; or a path to an npz with mu, sigma")
+                   help="reference statistics of the FID: 'edm' EDM's published ones (cifar10-32x32.npz, "
+                        "imagenet-64x64.npz: the papers' FID), downloaded into --fid-dir; 'data' the training data's, "
+                        "computed once and cached in --fid-dir; 'auto' EDM's where they describe the teacher's data "
+                        "(cifar10; imagenet64 with an EDM teacher, trained on EDM's own crops of ImageNet), else the "
+                        "data's; or a path to an npz with mu, sigma")
     g.add_argument("--fid-dir", default="data/fid", help="cache folder of the FID detector and reference statistics")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true",
@@ -1869,7 +1979,8 @@ def base_parser(description, method):
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+                   help="mixed precision: auto = bf16 autocast on GPUs with native bf16 (compute capability >= 8.0), "
+                        "fp32 on older GPUs and the CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the trained networks")
     g.add_argument("--compile-backend", default="inductor",
@@ -1946,8 +2057,14 @@ def parse_args(parser, method_defaults=None, argv=None):
     if args.fid_samples and args.dataset == "toy2d":
         parser.error("--fid-samples: FID scores images; toy2d is scored against its exact density instead")
     for flag, value in (("--fid-detector", args.fid_detector), ("--fid-ref", args.fid_ref)):
-        if value != "auto" and not Path(value).is_file():
+        if value not in ("auto", "edm", "data") and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file ('auto' downloads it into --fid-dir)")
+    if args.fid_ref == "auto":  # resolved here, so that config.json records which reference the FIDs used
+        edm_data = args.dataset == "cifar10" or (args.dataset == "imagenet64" and (args.teacher == "edm" or
+                                                                                  is_edm_pickle(args.teacher)))
+        args.fid_ref = "edm" if edm_data else "data"
+    if args.fid_ref == "edm" and args.dataset not in EDM_PRESETS:
+        parser.error(f"--fid-ref edm: EDM published FID statistics for cifar10 and imagenet64, not {args.dataset}")
     if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f"--compile-backend {args.compile_backend}: not a torch.compile backend (choose from "
                      f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
@@ -1976,6 +2093,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    group: object = None  # a gloo group of the processes (NCCL runs) for the small agreements below, made on the host
+    # so that they never wait for the GPU; None: the default group (gloo already on the CPU)
 
     @property
     def is_main(self):
@@ -1984,6 +2103,30 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather_object(self, obj):
+        """Every rank's obj, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def max(self, value):
+        """The largest of the ranks' integers, on every rank (one all_reduce of one number)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(t)
 
 
 def init_distributed(args):
@@ -2001,6 +2144,7 @@ def init_distributed(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = torch.distributed.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -2009,7 +2153,7 @@ def init_distributed(args):
     if args.batch % world or args.teacher_batch % world:
         raise UserError(f"--batch {args.batch} / --teacher-batch {args.teacher_batch} must divide by the "
                         f"{world} processes")
-    return Dist(rank=rank, world=world, device=device)
+    return Dist(rank=rank, world=world, device=device, group=group)
 
 
 def wrap(net, args, dist, compile=True):
@@ -2017,7 +2161,10 @@ def wrap(net, args, dist, compile=True):
     compile=False, for networks whose losses need a double backward, which torch.compile does not support).
     Keep the plain module for EMA, checkpoints and frozen (no-grad-to-parameters) uses."""
     if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        # broadcast_buffers=False, as SiD's authors (training/sid_training_loop.py): the networks' buffers (fixed
+        # resampling filters) are equal on every rank from the start, so rank 0's need not be sent before every forward
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
     if args.compile and compile:
         net = torch.compile(net, backend=args.compile_backend)
     return net
@@ -2106,8 +2253,11 @@ DOWNLOADS = {
     "detector": ("inception-2015-12-05.pt",
                  "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
                  "--fid-detector PATH"),
+    # EDM's published FID reference statistics (--fid-ref edm), by dataset
     "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
                 "--fid-ref PATH"),
+    "imagenet64": ("imagenet-64x64.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz",
+                   "--fid-ref PATH"),
     # NVIDIA's pretrained EDM networks (--teacher edm)
     "edm-cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl",
                          "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
@@ -2289,13 +2439,14 @@ def training_images(args, info, dist, batch):
 
 
 def fid_reference(args, info, dist):
-    """(mu, sigma) of the reference set: --fid-ref PATH; EDM's published statistics for cifar10; otherwise the
-    training data's statistics, computed once with this detector and cached in --fid-dir."""
+    """(detector, (mu, sigma) of the reference set) for --fid-ref (resolved by parse_args): 'edm' EDM's published
+    statistics, downloaded and verified; 'data' the training data's, computed once with this detector and cached in
+    --fid-dir; or a given file."""
     detector, detector_hash = fid_detector(args, dist)
-    if args.fid_ref != "auto":
+    if args.fid_ref == "edm":
+        path = fetch(args.dataset, args.fid_dir, dist)
+    elif args.fid_ref != "data":
         path = verified_file(args.fid_ref)
-    elif args.dataset == "cifar10":
-        path = fetch("cifar10", args.fid_dir, dist)
     else:
         # keyed by what the statistics are made of: the mixture draws, or the data folder; and the detector
         made_of = (f"n{max(args.fid_samples, 10000)}" if info.mixture is not None else
@@ -2330,6 +2481,23 @@ def fid_reference(args, info, dist):
     return detector, _FID_CACHE[key]
 
 
+def fid_ref_label(args):
+    """Which reference statistics the FIDs use, in words, for the log (resolved --fid-ref)."""
+    if args.fid_ref == "edm":
+        return f"EDM's {DOWNLOADS[args.dataset][0]}"
+    return f"the {args.dataset} training data" if args.fid_ref == "data" else args.fid_ref
+
+
+def fid_ref_record(args, metrics):
+    """{"fid_ref": resolved --fid-ref} for a log record whose metrics hold a FID, else {}."""
+    return {"fid_ref": args.fid_ref} if any(k.startswith("fid") for k in metrics) else {}
+
+
+def fid_note(args, metrics):
+    """The end of a printed line whose metrics hold a FID: which reference it used."""
+    return f" (FID against {fid_ref_label(args)})" if fid_ref_record(args, metrics) else ""
+
+
 def fid_label(n):
     """fid10k, fid50k, fid2500: the count is part of the name, since FID depends on it."""
     return f"fid{n // 1000}k" if n % 1000 == 0 else f"fid{n}"
@@ -2355,7 +2523,9 @@ def fid(args, info, fn, dist, n=None, seed=None):
     if mu.shape != mu_ref.shape:
         raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
                         f"{mu.shape[0]}-d features: they were not made with the same detector")
-    return {fid_label(n): frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+    # the matrix square root of 2048 x 2048 (about 20 s) once, on rank 0, and its result sent to the others
+    value = frechet_distance(mu, sigma, mu_ref, sigma_ref) if dist.is_main else None
+    return {fid_label(n): dist.broadcast_object(value)}
 
 
 # ================================================================================================================
