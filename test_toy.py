@@ -2721,6 +2721,18 @@ FROZEN = {"sid": ["--lr-g", "1e-12", "--lr-f", "1e-12"], "dmd2": ["--lr-g", "1e-
           "add": ["--lr-g", "1e-12", "--lr-d", "1e-12"]}
 
 
+def test_amp_auto_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """--amp auto: bf16 on GPUs of compute capability 8.0 and later (A100, H100), fp32 on older ones (V100 7.0,
+    T4 7.5, which emulate bf16) and on the CPU; an explicit --amp is kept. (The capability is stood in for.)"""
+    args = Namespace(amp="auto")
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert common.amp_dtype(args, cuda) is expected, capability
+        assert common.amp_dtype(Namespace(amp="fp16"), cuda) is torch.float16
+    assert common.amp_dtype(args, torch.device("cpu")) is None
+
+
 def _precision_flags(toy_teacher, tmp_path, dataset, device):
     if dataset == "toy2d":
         flags, _ = toy_teacher
