@@ -2,8 +2,8 @@
 (preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
 (trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop's
 bookkeeping, evaluation, saving and loading a generator; then, below the PLUMBING banner, what a reader can skip:
-the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes, pictures, FID, --export,
---bench.
+ImageNet-64's data files, the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments,
+processes, pictures, FID, --export, --bench.
 
 Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
     x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
@@ -29,6 +29,7 @@ Sections, in file order (search for the banner):
     THE FRAME OF A METHOD   start_method, teacher_reference, describe, generator_meta, save_generator /
                             load_generator (a self-describing generator.pt: net, meta)
     ## PLUMBING ##          not needed to learn the methods; everything below it keeps runs safe, resumable, fast
+    DATA FILES              imagenet64_npy (the npz files converted once into one .npy), _read_rows, _mapped_batches
     NVIDIA'S PRETRAINED EDM NETWORKS
                             read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
     CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
@@ -50,6 +51,7 @@ import collections
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -561,14 +563,16 @@ def _mixture_batches(mixture, info, batch, device):
 
 
 def _tensor_batches(images, labels, batch, device, flip):
-    """uint8 images (N, C, H, W) held in memory -> random batches in [-1, 1] forever (with replacement)."""
+    """uint8 images (N, C, H, W) -> random batches in [-1, 1] forever (with replacement). The whole set moves to the
+    device once (CIFAR-10: 150 MB) and the indices are drawn there, so no batch waits on a copy from the host."""
+    images, labels = images.to(device), labels.to(device)
     n = len(images)
     while True:
-        idx = torch.randint(n, (batch,))
-        x = images[idx].to(device).float() / 127.5 - 1
+        idx = torch.randint(n, (batch,), device=device)
+        x = images[idx].float() / 127.5 - 1
         if flip:
             x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        yield x, labels[idx].to(device)
+        yield x, labels[idx]
 
 
 def load_cifar10(data_dir):
@@ -584,40 +588,30 @@ def load_cifar10(data_dir):
     return images, torch.as_tensor(ds.targets, dtype=torch.long)
 
 
-def load_imagenet64_npz(data_dir):
-    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir:
-    `data` uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 (N, 3, 64, 64) and labels 0..999."""
-    files = sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
-    images, labels = [], []
-    for f in tqdm(files, desc="reading imagenet64 npz", disable=len(files) < 2):
-        try:
-            with np.load(f) as d:
-                data, lab = d["data"], d["labels"]
-        except Exception as e:
-            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
-                            f"remove it from --data-dir") from None
-        check_image_arrays(f, data, lab)
-        images.append(torch.from_numpy(data.reshape(-1, 3, 64, 64)))
-        labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64) - 1))
-    images, labels = torch.cat(images), torch.cat(labels)
-    return images, labels
+def load_imagenet64_npz(data_dir, cache_dir=None):
+    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir: `data`
+    uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 images (N, 3, 64, 64), a read-only memory map of
+    one .npy converted from the npz files on first use (imagenet64_npy), so that no process holds a copy of the
+    15.7 GB set, and int16 labels 0..999 (2 bytes an image, in memory)."""
+    images_path, labels_path = imagenet64_npy(data_dir, cache_dir)
+    return np.load(images_path, mmap_mode="r"), np.load(labels_path)
 
 
-def check_image_arrays(path, data, labels):
+def check_image_arrays(path, shape, dtype, labels=None):
     """A downsampled-ImageNet batch as this project reads it, or a UserError naming the file and the problem:
-    `data` uint8 (N, 12288) with N > 0, `labels` N integers in 1..1000."""
+    `data` uint8 (N, 12288) with N > 0 (its .npy header's shape and dtype), `labels` N integers in 1..1000."""
     problem = None
-    if data.dtype != np.uint8:
-        problem = f"'data' is {data.dtype}, expected uint8 pixels 0..255"
-    elif data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-        problem = f"'data' has shape {data.shape}, expected (N, 12288) for 64x64 ImageNet"
-    elif len(data) == 0:
+    if dtype != np.uint8:
+        problem = f"'data' is {dtype}, expected uint8 pixels 0..255"
+    elif len(shape) != 2 or shape[1] != 3 * 64 * 64:
+        problem = f"'data' has shape {shape}, expected (N, 12288) for 64x64 ImageNet"
+    elif shape[0] == 0:
         problem = "'data' holds no images"
-    elif labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    elif labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
         problem = f"'labels' is {labels.dtype} of shape {labels.shape}, expected N integers"
-    elif len(labels) != len(data):
-        problem = f"{len(labels)} labels for {len(data)} images"
-    elif labels.min() < 1 or labels.max() > 1000:
+    elif labels is not None and len(labels) != shape[0]:
+        problem = f"{len(labels)} labels for {shape[0]} images"
+    elif labels is not None and (labels.min() < 1 or labels.max() > 1000):
         problem = f"labels range {labels.min()}..{labels.max()}, expected 1..1000"
     if problem:
         raise UserError(f"{path}: {problem}; download it again or remove it from --data-dir")
@@ -671,8 +665,8 @@ def real_batches(args, info, dist):
         raise UserError(f"imagenet64: {str(root)!r} is not a folder. Put the downsampled ImageNet 64x64 npz batches "
                         f"(train_data_batch_1.npz ...) or class subfolders of images there, or pass --data-dir")
     if any(root.glob("*.npz")):
-        images, labels = load_imagenet64_npz(root)
-        return _tensor_batches(images, labels, batch, device, flip=False)
+        images, labels = load_imagenet64_npz(root, args.data_cache)
+        return _mapped_batches(images, labels, batch, device)
     if any(p.is_dir() for p in root.iterdir()):
         return _folder_batches(root, batch, device, args.workers, dist.rank)
     raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
@@ -828,10 +822,13 @@ def load_or_train_teacher(args, info, dist):
 # ================================================================================================================
 
 def amp_dtype(args, device):
-    """Resolve --amp: auto -> bf16 on CUDA (when supported), fp32 elsewhere. Returns None for fp32."""
+    """Resolve --amp: auto -> bf16 on GPUs that compute in bf16 natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp32 elsewhere. Older GPUs (V100, T4) run bf16 emulated, slowly, though
+    torch.cuda.is_bf16_supported() says yes; fp16 needs loss scaling and diverged in SiD's and DMD2's authors' runs,
+    so auto does not choose it there (--amp fp16 asks for it). Returns None for fp32."""
     mode = args.amp
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        mode = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
 
 
@@ -1026,9 +1023,10 @@ class Bookkeeping:
                 book.end_iteration(step, losses)     # losses: a dict of scalars
 
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
-    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM (then exits with 128 + the
-    signal), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
-    a non-finite loss, or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
+    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
+    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
+    the `optimizers` (AmpOptimizers) skipped for a non-finite loss, or when a checkpoint would hold a ruined model,
+    keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
     --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
     progress bar counts the iterations."""
 
@@ -1059,9 +1057,11 @@ class Bookkeeping:
         metrics = self.evaluate(done)
         if metrics:
             self.metrics = dict(metrics)
-            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}, **fid_ref_record(self.args,
+                                                                                                        metrics)})
             if self.run.dist.is_main:
-                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                           + fid_note(self.args, metrics))
 
     def end_iteration(self, step, losses):
         """The bookkeeping after iteration `step` (0-based) with its losses: skip-stop, log, evaluate, checkpoint,
@@ -1078,16 +1078,20 @@ class Bookkeeping:
             run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
         if (args.eval_every and done % args.eval_every == 0) or done == self.total:
             self._evaluate_and_log(done)
-        if done % args.ckpt_every == 0 or done == self.total or self.stop.raised:
+        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
+        # largest signal number received, 0 for none: one all_reduce of one number on the host)
+        signum = run.dist.max(self.stop.raised or 0)
+        if done % args.ckpt_every == 0 or done == self.total or signum:
             problem = ruined(self.objects)
             if problem:  # the checkpoint before stays: a ruined model never replaces a good one
                 raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
             run.save(self.objects, done)
-        if self.stop.raised:
-            print(f"\n{desc}: signal {self.stop.raised} received; checkpoint saved at iteration {done} in "
-                  f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+        if signum:
+            if run.dist.is_main:
+                print(f"\n{desc}: signal {signum} received; checkpoint saved at iteration {done} in "
+                      f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
             run.dist.barrier()
-            sys.exit(128 + self.stop.raised)
+            sys.exit(128 + signum)
 
 
 # ================================================================================================================
@@ -1147,6 +1151,8 @@ def start_method(args):
         return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples and not args.export:
         fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
+        if dist.is_main:
+            print(f"FID reference statistics: {fid_ref_label(args)} (--fid-ref {args.fid_ref})")
     if args.teacher not in ("auto", "analytic", "edm"):
         # a given teacher file is loaded (and checked against the run) before anything is written
         teacher, teacher_net = load_or_train_teacher(args, info, dist)
@@ -1160,15 +1166,26 @@ def start_method(args):
 
 def teacher_reference(args, info, teacher, run):
     """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
-    metrics (logged as teacher/*, printed) and the left half of every picture. Returns (metrics, samples, nfe)."""
-    nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), run.dist, run=run,
-                          tag=f"teacher-{nfe}nfe")
+    metrics (logged as teacher/*, printed) and the left half of every picture. Sampled once per teacher, sampler and
+    evaluation settings and cached beside the teacher, so a restart or a --resume does not sample the teacher
+    again (load_teacher_reference). Returns (metrics, samples, nfe)."""
+    nfe, dist = heun_nfe(args.teacher_steps), run.dist
+    cache = teacher_reference_cache(args, info, dist)  # (file, key)
+    cached = load_teacher_reference(cache, dist)
+    if cached is None:
+        metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), dist, run=run,
+                              tag=f"teacher-{nfe}nfe")
+        save_teacher_reference(cache, dist, metrics, x)
+    else:
+        metrics, x = cached
+        if dist.is_main:
+            save_picture(run.file(f"teacher-{nfe}nfe.png"), info, x)
     if metrics:
         if not any('"teacher/' in line for line in run.kept_metrics or []):  # logged once per run, not per resume
-            run.log({f"teacher/{k}": v for k, v in metrics.items()})
-        if run.dist.is_main:
-            print(f"teacher ({nfe} NFE): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            run.log({**{f"teacher/{k}": v for k, v in metrics.items()}, **fid_ref_record(args, metrics)})
+        if dist.is_main:
+            print(f"teacher ({nfe} NFE{', cached' if cached else ''}): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + fid_note(args, metrics))
     return metrics, x, nfe
 
 
@@ -1224,10 +1241,224 @@ def load_generator(path, device="cpu"):
 
 
 # ################################################################################################################
-# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: the safe loader
-# of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --export, --bench,
-# main.
+# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: ImageNet-64's data
+# files, the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures,
+# FID, --export, --bench, main.
 # ################################################################################################################
+
+
+# ================================================================================================================
+# DATA FILES: ImageNet-64's npz batches converted once into memory-mapped .npy files
+# ================================================================================================================
+# The downsampled ImageNet-64 train set is 1,281,167 images, 15.7 GB as uint8. npz files are zip archives, so reading
+# them means loading them: each process would hold the whole set (and twice that while concatenating), 8 ranks over
+# 120 GB. Instead the npz files are converted once, a chunk at a time, into one uint8 .npy of shape (N, 3, 64, 64)
+# and a labels .npy, beside them or in --data-cache, with a manifest of the sources (names, sizes, modification times):
+# a changed source converts again. Every process opens the .npy as a read-only memory map (np.load(mmap_mode="r"):
+# its shape, and where its rows are) and reads each batch's rows from the file (_read_rows): the pages live once, in
+# the kernel's page cache, shared by all ranks on the machine, and a process holds a few batches, whatever the data
+# size. Measured in assets/results.md (ImageNet-64 host memory); tested by
+# test_imagenet64_host_memory_does_not_grow_with_the_data.
+
+IMAGENET64_FILES = ("imagenet64-images.npy", "imagenet64-labels.npy", "imagenet64-manifest.json")
+ROW_BYTES = 3 * 64 * 64  # one image, planar RGB
+CONVERT_ROWS = 1024  # rows per read while converting (12.6 MB)
+
+
+def imagenet64_sources(data_dir):
+    return sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
+
+
+def _manifest(data_dir, sources):
+    """What a conversion is made of: the source folder and each npz file's name, size and modification time."""
+    stats = [(f.name, f.stat()) for f in sources]
+    return {"format": 1, "source_dir": str(Path(data_dir).resolve()),
+            "sources": [{"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for name, st in stats]}
+
+
+def _converted(cache, manifest):
+    """Whether `cache` holds a finished conversion of exactly these sources."""
+    images, labels, recorded = (cache / name for name in IMAGENET64_FILES)
+    try:
+        old = json.loads(recorded.read_text())
+        rows = old.pop("rows")
+        return (old == manifest and np.load(images, mmap_mode="r").shape == (rows, 3, 64, 64)
+                and np.load(labels, mmap_mode="r").shape == (rows,))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _npz_rows(member, f):
+    """Read the .npy header of an npz's `data` member (an open stream, left at the first row): its row count."""
+    try:
+        version = np.lib.format.read_magic(member)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(member)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                        f"remove it from --data-dir") from None
+    check_image_arrays(f, shape, dtype)
+    if fortran:
+        raise UserError(f"{f}: 'data' is stored in Fortran order; expected the official files' C order")
+    return shape[0]
+
+
+def _open_data(f):
+    """The `data` member of an npz file, as a stream (np.savez or np.savez_compressed)."""
+    import zipfile
+    try:
+        archive = zipfile.ZipFile(f)
+        return archive, archive.open("data.npy")
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                        f"remove it from --data-dir") from None
+
+
+def checked_row_counts(sources):
+    """Every npz file's row count, read from its header, after checking the file (check_image_arrays: the data's
+    dtype and shape from the header, the labels in full, which are small): bad data stops before anything is
+    written."""
+    counts = []
+    for f in sources:
+        archive, member = _open_data(f)
+        with archive, member:
+            count = _npz_rows(member, f)
+        try:
+            with np.load(f) as d:
+                labels = np.asarray(d["labels"])
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"cannot read the labels of {f} ({_reason(e)}); download it again or remove it from "
+                            f"--data-dir") from None
+        check_image_arrays(f, (count, ROW_BYTES), np.uint8, labels)
+        counts.append(count)
+    return counts
+
+
+def convert_imagenet64(sources, cache, manifest):
+    """Stream the npz files' rows, CONVERT_ROWS at a time, into cache/imagenet64-images.npy (a .npy header, then
+    the rows as they are: planar RGB rows are (3, 64, 64) images in C order) and their labels - 1 into
+    imagenet64-labels.npy (int16); both written under temporary names and renamed, then the manifest last, so an
+    interrupted conversion is never taken for a finished one."""
+    images_path, labels_path, manifest_path = (cache / name for name in IMAGENET64_FILES)
+    counts = checked_row_counts(sources)  # the output's header, which holds the row count, comes before its rows
+    n = sum(counts)
+    import shutil
+    if shutil.disk_usage(cache).free < n * ROW_BYTES * 1.01:
+        raise UserError(f"converting ImageNet-64 needs {n * ROW_BYTES / 1e9:.1f} GB in {cache}, which has "
+                        f"{shutil.disk_usage(cache).free / 1e9:.1f} GB free; pass --data-cache DIR")
+    tmp = {path: path.with_name(path.name + ".part") for path in (images_path, labels_path, manifest_path)}
+    labels = []
+    try:
+        with open(tmp[images_path], "wb") as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)})
+            bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
+            for f, count in zip(sources, counts):
+                archive, member = _open_data(f)
+                with archive, member:
+                    _npz_rows(member, f)
+                    for start in range(0, count, CONVERT_ROWS):
+                        chunk = member.read(min(CONVERT_ROWS, count - start) * ROW_BYTES)
+                        if len(chunk) != min(CONVERT_ROWS, count - start) * ROW_BYTES:
+                            raise UserError(f"{f} is truncated; download it again")
+                        out.write(chunk)
+                        bar.update(len(chunk) // ROW_BYTES)
+                with np.load(f) as d:
+                    labels.append((np.asarray(d["labels"], dtype=np.int64) - 1).astype(np.int16))
+            bar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        with open(tmp[labels_path], "wb") as out:
+            np.save(out, np.concatenate(labels))
+        tmp[manifest_path].write_text(json.dumps({**manifest, "rows": n}, indent=1) + "\n")
+        for path in (images_path, labels_path, manifest_path):
+            os.replace(tmp[path], path)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive flock on `path` (created if missing) for the block: one process converts while the others wait,
+    however many ranks or runs start at once. No-op where file locks are not available."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def imagenet64_npy(data_dir, cache_dir=None):
+    """The paths of the converted ImageNet-64 (images .npy, labels .npy) in cache_dir (default: data_dir),
+    converting the npz files in data_dir first when the manifest there does not match them. Every rank may call it:
+    the first to take the lock converts, the others wait and then find the conversion done."""
+    sources = imagenet64_sources(data_dir)
+    cache = Path(cache_dir or data_dir)
+    manifest = _manifest(data_dir, sources)
+    if not _converted(cache, manifest):
+        checked_row_counts(sources)  # before the cache folder or its lock is written
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _file_lock(cache / ".imagenet64.lock"):
+            if not _converted(cache, manifest):
+                convert_imagenet64(sources, cache, manifest)
+    except OSError as e:
+        if not _converted(cache, manifest):  # a read-only folder is fine once it holds the conversion
+            raise UserError(f"cannot write the converted ImageNet-64 into {cache} ({_reason(e)}); pass "
+                            f"--data-cache DIR, a writable folder") from None
+    return cache / IMAGENET64_FILES[0], cache / IMAGENET64_FILES[1]
+
+
+def _read_rows(array, rows, out):
+    """out[j] = array[rows[j]] for a memory-mapped .npy `array` and sorted `rows`, read from its file with os.preadv,
+    each run of consecutive rows in one call, straight into `out` (C-contiguous). Gathering through the map instead
+    (np.take) maps whole page-cache folios around each row into the process (80 MB for a batch of 64, measured in
+    assets/results.md), which then count in its resident set; a read maps nothing. Where os.preadv is missing
+    (Windows), through the map."""
+    if not hasattr(os, "preadv"):
+        return np.take(array, rows, axis=0, out=out)
+    row = array.strides[0]
+    flat = out.reshape(len(rows), -1).view(np.uint8)  # (B, row bytes)
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        j = 0
+        while j < len(rows):
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1:
+                k += 1
+            if os.preadv(fd, [flat[j:k]], array.offset + int(rows[j]) * row) != (k - j) * row:
+                raise UserError(f"{array.filename} is shorter than its header says; delete it to convert again")
+            j = k
+    finally:
+        os.close(fd)
+    return out
+
+
+def _mapped_batches(images, labels, batch, device):
+    """Memory-mapped uint8 images (N, 3, H, W) and labels (N,) -> random batches in [-1, 1] forever (with
+    replacement). The indices are sorted (neighbouring rows share pages) and the rows read into a staging buffer
+    (_read_rows). On CUDA the staging buffers are pinned and copied with non_blocking=True, two of them in turn: a
+    buffer is refilled only once the copy that read it has finished (its event), long since the case one batch
+    later."""
+    n, cuda = len(images), device.type == "cuda"
+    slots = [[torch.empty(batch, *images.shape[1:], dtype=torch.uint8, pin_memory=cuda),
+              torch.empty(batch, dtype=torch.int16, pin_memory=cuda), None] for _ in range(2 if cuda else 1)]
+    for k in itertools.cycle(range(len(slots))):
+        x_host, labels_host, copied = slots[k]
+        if copied is not None:
+            copied.synchronize()
+        idx = torch.randint(n, (batch,)).sort().values.numpy()
+        _read_rows(images, idx, x_host.numpy())
+        np.take(labels, idx, out=labels_host.numpy())
+        x = x_host.to(device, non_blocking=True).float() / 127.5 - 1  # new tensors: the buffers are free again
+        y = labels_host.to(device, non_blocking=True).long()
+        if cuda:
+            slots[k][2] = torch.cuda.Event()
+            slots[k][2].record()
+        yield x, y
 
 
 # ================================================================================================================
@@ -1523,13 +1754,15 @@ def set_rng_state(state):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_checkpoint(path, objects, step, config, meta=None):
+def save_checkpoint(path, objects, step, config, meta=None, rng_ranks=None):
     """Write {name: state_dict} of nets (unwrapped, uncompiled), EMA, optimizers, + step, RNG states and config (and
-    a generator's `meta`, generator_meta: plain data, as weights_only loading admits). Atomic: written to a temporary
-    file in the same folder, fsync'ed, then renamed over the old checkpoint, so a kill at any moment leaves either
-    the old or the new checkpoint, never half of one."""
+    a generator's `meta`, generator_meta: plain data, as weights_only loading admits). rng_ranks: every rank's RNG
+    states (Run.save gathers them), each rank's own restored on --resume; default: this process's. Atomic: written
+    to a temporary file in the same folder, fsync'ed, then renamed over the old checkpoint, so a kill at any moment
+    leaves either the old or the new checkpoint, never half of one."""
     path = Path(path)
-    state = {"format": 1, "step": step, "config": config, "rng": rng_state(),
+    rng_ranks = rng_ranks or [rng_state()]
+    state = {"format": 1, "step": step, "config": config, "rng": rng_ranks[0], "rng_ranks": rng_ranks,
              "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
     if meta is not None:
         state["meta"] = meta
@@ -1572,6 +1805,83 @@ def restore(objects, ckpt, path="checkpoint"):
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"{path}: {name!r} does not fit this configuration (other --preset, --resolution "
                             f"or --cond?): {_reason(e)}") from None
+
+
+# ================================================================================================================
+# THE TEACHER'S REFERENCE, CACHED
+# ================================================================================================================
+# The teacher's reference metrics come from its 35-NFE Heun sampler over --eval-samples and --fid-samples latents:
+# for EDM's ImageNet-64 network at FID-50k about 20 minutes of an H100, at every start and every --resume. They
+# depend only on the teacher, the sampler and the evaluation settings, so teacher_reference keeps them, with the
+# samples drawn in the pictures, in a file beside the teacher, named by a hash of all of those.
+
+def teacher_file(args):
+    """The file the teacher's weights were loaded from (--teacher auto / analytic: the cached teacher.pt)."""
+    if args.teacher == "edm":
+        return Path(args.teacher_dir) / DOWNLOADS[edm_download_key(args)][0]
+    if args.teacher in ("auto", "analytic"):
+        return teacher_folder(args) / "teacher.pt"
+    return Path(args.teacher)
+
+
+def _file_identity(path):
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def teacher_reference_key(args, info, dist):
+    """What the teacher's reference metrics and samples are a function of: the teacher (its file's path, size and
+    modification time; the mixture itself with --teacher analytic), the sampler, the evaluation settings (samples,
+    seed, batch, device) and, with --fid-samples, the detector's and the reference statistics' contents."""
+    key = {"format": 1, "teacher": "analytic" if args.teacher == "analytic" else _file_identity(teacher_file(args)),
+           "dataset": args.dataset, "resolution": args.resolution, "cond": bool(info.cond),
+           "teacher_steps": args.teacher_steps, "eval_samples": args.eval_samples, "seed": args.seed,
+           "batch": max(args.batch, 256), "device": dist.device.type}
+    if args.fid_samples:
+        _, detector_hash = fid_detector(args, dist)
+        _, (mu, sigma) = fid_reference(args, info, dist)
+        key["fid"] = {"samples": args.fid_samples, "detector": detector_hash,
+                      "reference": hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()}
+    return key
+
+
+def teacher_reference_cache(args, info, dist):
+    """(home/reference-<steps>steps-<hash of the key>.pt, key), home being the teacher's folder (for --teacher PATH,
+    the file's). Every rank calls it: checking the FID files is collective."""
+    key = teacher_reference_key(args, info, dist)
+    home = Path(args.teacher_dir) if args.teacher == "edm" else teacher_file(args).parent
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return home / f"reference-{args.teacher_steps}steps-{digest}.pt", key
+
+
+def load_teacher_reference(cache, dist):
+    """The cached (metrics, samples) of the teacher's reference, or None. Rank 0 reads the file and passes what it
+    found to the others, so that all ranks agree on whether to sample the teacher (collective with a FID)."""
+    path, key = cache
+    found = None
+    if dist.is_main:
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry.get("key") == key:
+                found = (entry["metrics"], entry["samples"])
+        except Exception:  # missing, unreadable or of another format: sample again
+            found = None
+    return dist.broadcast_object(found)
+
+
+def save_teacher_reference(cache, dist, metrics, samples):
+    """Rank 0 writes the teacher's reference (metrics, samples) beside the teacher, atomically; a folder it may not
+    write in only costs the next start a new sampling."""
+    path, key = cache
+    if not dist.is_main:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save({"key": key, "metrics": dict(metrics), "samples": samples.float().cpu()}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"note: the teacher's reference metrics were not cached in {path.parent} ({_reason(e)})")
 
 
 # ================================================================================================================
@@ -1739,9 +2049,11 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, objects, step):
+        """Every rank calls it: rank 0 writes the checkpoint, with every rank's RNG states."""
         self.open()
+        rng_ranks = self.dist.gather_object(rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_path, objects, step, vars(self.args))
+            save_checkpoint(self.ckpt_path, objects, step, vars(self.args), rng_ranks=rng_ranks)
         self.saved_step = step
 
     def resume(self, objects):
@@ -1752,8 +2064,12 @@ class Run:
         ckpt = self.ckpt
         restore(objects, ckpt, self.ckpt_path)
         self.open()  # config.json is written only now, after the checkpoint, its flags and the metrics were checked
-        if self.dist.world == 1:
-            set_rng_state(ckpt["rng"])
+        rng_ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if len(rng_ranks) == self.dist.world:
+            set_rng_state(rng_ranks[self.dist.rank])  # each rank its own
+        elif self.dist.is_main:
+            print(f"note: {self.ckpt_path} holds the RNG states of {len(rng_ranks)} processes and this run has "
+                  f"{self.dist.world}; every rank keeps its fresh seed (--seed + rank)")
         if self.dist.is_main:
             print(f"resumed {self.dir} at iteration {ckpt['step']}")
         self.ckpt = None  # the tensors are in `objects` now
@@ -1868,6 +2184,9 @@ def base_parser(description, method):
                    help="toy2d: 2-D Gaussian mixture; synthetic: class-conditional Gaussian mixture of 10 smooth "
                         "template images (exact denoiser known); cifar10; imagenet64 (downsampled npz or folder)")
     g.add_argument("--data-dir", default="data", help="where cifar10 is downloaded / imagenet64 is read from")
+    g.add_argument("--data-cache", default=None, metavar="DIR",
+                   help="imagenet64 npz: where their one-time conversion into a memory-mapped .npy goes (15.7 GB for "
+                        "the full train set; default: --data-dir itself)")
     g.add_argument("--resolution", type=int, default=None,
                    help="image side for 'synthetic' (8, 16, 32, 64); fixed at 32 for cifar10 and 64 for imagenet64")
     g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
@@ -1926,8 +2245,11 @@ def base_parser(description, method):
                    help="'auto': download NVIDIA's TorchScript Inception (inception-2015-12-05.pt) into --fid-dir; "
                         "or a path to it (offline machines)")
     g.add_argument("--fid-ref", default="auto",
-                   help="'auto': cifar10 downloads EDM's cifar10-32x32.npz; other datasets compute the statistics "
-                        "of their training data once and cache them in --fid-dir; or a path to an npz with mu, sigma")
+                   help="reference statistics of the FID: 'edm' EDM's published ones (cifar10-32x32.npz, "
+                        "imagenet-64x64.npz: the papers' FID), downloaded into --fid-dir; 'data' the training data's, "
+                        "computed once and cached in --fid-dir; 'auto' EDM's where they describe the teacher's data "
+                        "(cifar10; imagenet64 with an EDM teacher, trained on EDM's own crops of ImageNet), else the "
+                        "data's; or a path to an npz with mu, sigma")
     g.add_argument("--fid-dir", default="data/fid", help="cache folder of the FID detector and reference statistics")
     g = p.add_argument_group("export (after training)")
     if method == "teacher":
@@ -1955,7 +2277,8 @@ def base_parser(description, method):
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+                   help="mixed precision: auto = bf16 autocast on GPUs with native bf16 (compute capability >= 8.0), "
+                        "fp32 on older GPUs and the CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the trained networks")
     g.add_argument("--compile-backend", default="inductor",
@@ -2078,8 +2401,14 @@ def parse_args(parser, method_defaults=None, argv=None):
     if args.fid_samples and args.dataset == "toy2d":
         parser.error("--fid-samples: FID scores images; toy2d is scored against its exact density instead")
     for flag, value in (("--fid-detector", args.fid_detector), ("--fid-ref", args.fid_ref)):
-        if value != "auto" and not Path(value).is_file():
+        if value not in ("auto", "edm", "data") and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file ('auto' downloads it into --fid-dir)")
+    if args.fid_ref == "auto":  # resolved here, so that config.json records which reference the FIDs used
+        edm_data = args.dataset == "cifar10" or (args.dataset == "imagenet64" and (args.teacher == "edm" or
+                                                                                  is_edm_pickle(args.teacher)))
+        args.fid_ref = "edm" if edm_data else "data"
+    if args.fid_ref == "edm" and args.dataset not in EDM_PRESETS:
+        parser.error(f"--fid-ref edm: EDM published FID statistics for cifar10 and imagenet64, not {args.dataset}")
     if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f"--compile-backend {args.compile_backend}: not a torch.compile backend (choose from "
                      f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
@@ -2108,6 +2437,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    group: object = None  # a gloo group of the processes (NCCL runs) for the small agreements below, made on the host
+    # so that they never wait for the GPU; None: the default group (gloo already on the CPU)
 
     @property
     def is_main(self):
@@ -2116,6 +2447,30 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather_object(self, obj):
+        """Every rank's obj, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def max(self, value):
+        """The largest of the ranks' integers, on every rank (one all_reduce of one number)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(t)
 
 
 def init_distributed(args):
@@ -2133,6 +2488,7 @@ def init_distributed(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = torch.distributed.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -2141,7 +2497,7 @@ def init_distributed(args):
     if args.batch % world or args.teacher_batch % world:
         raise UserError(f"--batch {args.batch} / --teacher-batch {args.teacher_batch} must divide by the "
                         f"{world} processes")
-    return Dist(rank=rank, world=world, device=device)
+    return Dist(rank=rank, world=world, device=device, group=group)
 
 
 def wrap(net, args, dist, compile=True):
@@ -2149,7 +2505,10 @@ def wrap(net, args, dist, compile=True):
     compile=False, for networks whose losses need a double backward, which torch.compile does not support).
     Keep the plain module for EMA, checkpoints and frozen (no-grad-to-parameters) uses."""
     if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        # broadcast_buffers=False, as SiD's authors (training/sid_training_loop.py): the networks' buffers (fixed
+        # resampling filters) are equal on every rank from the start, so rank 0's need not be sent before every forward
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
     if args.compile and compile:
         net = torch.compile(net, backend=args.compile_backend)
     return net
@@ -2238,8 +2597,11 @@ DOWNLOADS = {
     "detector": ("inception-2015-12-05.pt",
                  "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
                  "--fid-detector PATH"),
+    # EDM's published FID reference statistics (--fid-ref edm), by dataset
     "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
                 "--fid-ref PATH"),
+    "imagenet64": ("imagenet-64x64.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz",
+                   "--fid-ref PATH"),
     # NVIDIA's pretrained EDM networks (--teacher edm)
     "edm-cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl",
                          "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
@@ -2400,10 +2762,15 @@ def training_images(args, info, dist, batch):
             yield to_uint8(x.reshape(-1, *info.shape))
         return
     root = Path(args.data_dir)
-    if args.dataset == "cifar10" or any(root.glob("*.npz")):
-        images, _ = load_cifar10(args.data_dir) if args.dataset == "cifar10" else load_imagenet64_npz(root)
+    if args.dataset == "cifar10":
+        images, _ = load_cifar10(args.data_dir)
         for s, e in _fid_batches(len(images), batch, dist):
             yield images[s:e]
+        return
+    if any(root.glob("*.npz")):
+        images, _ = load_imagenet64_npz(root, args.data_cache)
+        for s, e in _fid_batches(len(images), batch, dist):  # this rank's shard: the only rows it reads
+            yield torch.from_numpy(_read_rows(images, np.arange(s, e), np.empty((e - s, *images.shape[1:]), np.uint8)))
         return
     real_batches(args, info, dist)  # the same checks and messages as training (missing folder, no images)
     import torchvision.transforms as T
@@ -2416,13 +2783,14 @@ def training_images(args, info, dist, batch):
 
 
 def fid_reference(args, info, dist):
-    """(mu, sigma) of the reference set: --fid-ref PATH; EDM's published statistics for cifar10; otherwise the
-    training data's statistics, computed once with this detector and cached in --fid-dir."""
+    """(detector, (mu, sigma) of the reference set) for --fid-ref (resolved by parse_args): 'edm' EDM's published
+    statistics, downloaded and verified; 'data' the training data's, computed once with this detector and cached in
+    --fid-dir; or a given file."""
     detector, detector_hash = fid_detector(args, dist)
-    if args.fid_ref != "auto":
+    if args.fid_ref == "edm":
+        path = fetch(args.dataset, args.fid_dir, dist)
+    elif args.fid_ref != "data":
         path = verified_file(args.fid_ref)
-    elif args.dataset == "cifar10":
-        path = fetch("cifar10", args.fid_dir, dist)
     else:
         # keyed by what the statistics are made of: the mixture draws, or the data folder; and the detector
         made_of = (f"n{max(args.fid_samples, 10000)}" if info.mixture is not None else
@@ -2462,6 +2830,23 @@ def fid_reference(args, info, dist):
     return detector, _FID_CACHE[key]
 
 
+def fid_ref_label(args):
+    """Which reference statistics the FIDs use, in words, for the log (resolved --fid-ref)."""
+    if args.fid_ref == "edm":
+        return f"EDM's {DOWNLOADS[args.dataset][0]}"
+    return f"the {args.dataset} training data" if args.fid_ref == "data" else args.fid_ref
+
+
+def fid_ref_record(args, metrics):
+    """{"fid_ref": resolved --fid-ref} for a log record whose metrics hold a FID, else {}."""
+    return {"fid_ref": args.fid_ref} if any(k.startswith("fid") for k in metrics) else {}
+
+
+def fid_note(args, metrics):
+    """The end of a printed line whose metrics hold a FID: which reference it used."""
+    return f" (FID against {fid_ref_label(args)})" if fid_ref_record(args, metrics) else ""
+
+
 def fid_label(n):
     """fid10k, fid50k, fid2500: the count is part of the name, since FID depends on it."""
     return f"fid{n // 1000}k" if n % 1000 == 0 else f"fid{n}"
@@ -2487,7 +2872,9 @@ def fid(args, info, fn, dist, n=None):
     if mu.shape != mu_ref.shape:
         raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
                         f"{mu.shape[0]}-d features: they were not made with the same detector")
-    return {fid_label(n): frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+    # the matrix square root of 2048 x 2048 (about 20 s) once, on rank 0, and its result sent to the others
+    value = frechet_distance(mu, sigma, mu_ref, sigma_ref) if dist.is_main else None
+    return {fid_label(n): dist.broadcast_object(value)}
 
 
 # ================================================================================================================

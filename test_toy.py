@@ -881,6 +881,121 @@ def test_imagenet64_npz_and_folder(tmp_path):
         common.real_batches(args, common.dataset_info(args), common.Dist())
 
 
+def _fake_imagenet64(folder, files, rows):
+    """`files` npz batches of `rows` fake 64x64 images in the official layout: image i has every value
+    (i % 1000) % 256 and label i % 1000 + 1, so a batch shows whether images and labels stayed paired."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        i = np.arange(k * rows, (k + 1) * rows)
+        data = np.repeat((i % 1000 % 256).astype(np.uint8)[:, None], 12288, axis=1)
+        np.savez(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
+    return folder
+
+
+def test_imagenet64_converted_once_and_again_when_a_source_changes(tmp_path):
+    """The npz files become one .npy (and labels, and a manifest) in --data-cache, written once; a source that changes
+    (size or modification time) converts again. Batches keep images and labels paired, and the FID reference pass
+    (common.training_images) deals each rank its own rows, every row once."""
+    data = _fake_imagenet64(tmp_path / "npz", 3, 50)
+    cache = tmp_path / "cache"
+    images, labels = common.load_imagenet64_npz(data, cache)
+    assert images.shape == (150, 3, 64, 64) and isinstance(images, np.memmap) and labels.tolist() == list(range(150))
+    names = sorted(f.name for f in cache.iterdir())
+    assert names == [".imagenet64.lock", *sorted(common.IMAGENET64_FILES)]
+    manifest = json.loads((cache / "imagenet64-manifest.json").read_text())
+    assert manifest["rows"] == 150 and [s["name"] for s in manifest["sources"]] == [
+        "train_data_batch_1.npz", "train_data_batch_2.npz", "train_data_batch_3.npz"]
+    stamp = (cache / "imagenet64-images.npy").stat().st_mtime_ns
+    common.load_imagenet64_npz(data, cache)
+    assert (cache / "imagenet64-images.npy").stat().st_mtime_ns == stamp  # read, not converted again
+    _fake_imagenet64(data, 1, 70)  # train_data_batch_1.npz rewritten with 70 rows
+    images, labels = common.load_imagenet64_npz(data, cache)
+    assert images.shape == (170, 3, 64, 64) and labels.tolist() == list(range(70)) + list(range(50, 150))
+    assert not list(cache.glob("*.part"))
+    x, y = next(common._mapped_batches(images, labels, 64, torch.device("cpu")))
+    assert x.shape == (64, 3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert torch.equal(x, (y % 256).float()[:, None, None, None].expand_as(x) / 127.5 - 1)
+    args = common.parse_args(common.base_parser("t", "test"), argv=[
+        "--dataset", "imagenet64", "--data-dir", str(data), "--data-cache", str(cache)])
+    info = common.dataset_info(args)
+    shards = [torch.cat(list(common.training_images(args, info, common.Dist(rank=r, world=2), 32)))
+              for r in range(2)]
+    assert len(shards[0]) + len(shards[1]) == 170
+    seen = torch.cat(shards)[:, 0, 0, 0].sort().values
+    assert torch.equal(seen, torch.tensor(images[:, 0, 0, 0]).sort().values)
+
+
+# Loads imagenet64 through real_batches (converting it first, unless its cache is there), draws 1000 batches and makes
+# the FID reference pass (common.training_images), alone or under torchrun; each process writes its peak resident
+# set's growth over that work (VmHWM, reset at the start) to rss<rank>.json.
+_RSS_DRIVER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import common, torch
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+args = common.parse_args(common.base_parser("rss", "test"), argv=sys.argv[3:])
+dist = common.init_distributed(args)
+info = common.dataset_info(args)
+(torch.zeros(8, 3, 64, 64, dtype=torch.uint8).float() / 127.5 - 1).sort()  # torch's first-use costs, before the start
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS now
+start = status("VmRSS")
+batches = common.real_batches(args, info, dist)
+for _ in range(1000):
+    x, y = next(batches)
+    assert torch.equal(x[:, 0, 0, 0], (y % 256).float() / 127.5 - 1)
+rows = sum(len(images) for images in common.training_images(args, info, dist, 250))
+out = {"growth_mb": status("VmHWM") - start, "held_mb": status("VmRSS") - start, "fid_rows": rows}
+(Path(sys.argv[2]) / f"rss{dist.rank}.json").write_text(json.dumps(out))
+"""
+
+IMAGENET64_RSS_BOUND_MB = 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the resident set with Linux's /proc")
+def test_imagenet64_host_memory_does_not_grow_with_the_data(tmp_path):
+    """Host memory of imagenet64 npz data: converting it, 1000 batches of 32 and the FID reference pass raise a
+    process's peak resident set by less than IMAGENET64_RSS_BOUND_MB = 64 MB, for 2,000 fake images (25 MB) as for
+    16,000 (197 MB), and under torchrun with 2 processes for the two together (each reads its share of a shared,
+    memory-mapped .npy; measured: about 15-40 MB each, assets/results.md, ImageNet-64 host memory). The loader that
+    concatenated the npz files grew by 2x the data: 97 and 378 MB."""
+    import subprocess
+    import sys
+    (tmp_path / "driver.py").write_text(_RSS_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    growth = {}
+    for name, files, rows in (("small", 2, 1000), ("large", 4, 4000)):
+        data = _fake_imagenet64(tmp_path / name, files, rows)
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        flags = ["--dataset", "imagenet64", "--data-dir", str(data), "--batch", "32"]
+        r = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), str(out)] + flags, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        result = json.loads((out / "rss0.json").read_text())
+        assert result["fid_rows"] == files * rows
+        growth[name] = result["growth_mb"]
+    # two processes, converting again into their own cache folder
+    out = tmp_path / "out-two"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "driver.py"), str(REPO), str(out), "--dataset", "imagenet64", "--data-dir",
+                        str(tmp_path / "large"), "--data-cache", str(tmp_path / "cache-two"), "--batch", "32"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rss{rank}.json").read_text()) for rank in range(2)]
+    assert sum(rank["fid_rows"] for rank in ranks) == 16000
+    growth["two"] = sum(rank["growth_mb"] for rank in ranks)
+    print({k: round(v, 1) for k, v in growth.items()})
+    assert max(growth.values()) < IMAGENET64_RSS_BOUND_MB, growth
+
+
 def test_common_smoke_synthetic_and_cache(tmp_path):
     """`python common.py` on a tiny synthetic config trains, evaluates, and the second call reuses the cache."""
     flags = ["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--teacher-dir", str(tmp_path),
@@ -1262,6 +1377,68 @@ def test_tampered_or_unreadable_fid_files_stop_before_anything_is_written(tmp_pa
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+def test_fid_reference_is_edms_for_an_edm_teacher_and_the_datas_otherwise(tmp_path, monkeypatch):
+    """--fid-ref auto on imagenet64: EDM's published imagenet-64x64.npz with --teacher edm (the papers' FID), the
+    training data's statistics with a teacher trained here; 'edm' is downloaded once (a file:// URL here), its hash
+    recorded and checked like CIFAR-10's; 'data' is computed from the npz files; the choice is in the parsed flags
+    (config.json) and in each log record with a FID; 'edm' for a dataset EDM published none for exits 2."""
+    det = _standin_detector(tmp_path / "det.pt")
+    published = tmp_path / "published.npz"
+    np.savez(published, mu=np.full(48, 0.25), sigma=np.eye(48))
+    monkeypatch.setitem(common.DOWNLOADS, "imagenet64", ("imagenet-64x64.npz", published.as_uri(), "--fid-ref PATH"))
+    data = _fake_imagenet64(tmp_path / "npz", 1, 40)
+    flags = ["--dataset", "imagenet64", "--data-dir", str(data), "--fid-detector", str(det), "--fid-samples", "40",
+             "--fid-dir", str(tmp_path / "fid")]
+    common._FID_CACHE.clear()
+    edm = sid.parse_args(flags + ["--teacher", "edm"])
+    assert edm.fid_ref == "edm" and common.fid_ref_label(edm) == "EDM's imagenet-64x64.npz"
+    assert sid.parse_args(flags).fid_ref == "data"
+    assert sid.parse_args(flags + ["--teacher", "edm", "--fid-ref", "data"]).fid_ref == "data"
+    assert sid.parse_args(flags[:-2] + ["--dataset", "cifar10"]).fid_ref == "edm"  # EDM's are of CIFAR-10's train set
+    info, dist = common.dataset_info(edm), common.Dist()
+    _, (mu, sigma) = common.fid_reference(edm, info, dist)
+    assert np.array_equal(mu, np.full(48, 0.25)) and np.array_equal(sigma, np.eye(48))
+    got = tmp_path / "fid" / "imagenet-64x64.npz"
+    assert (tmp_path / "fid" / "imagenet-64x64.npz.sha256").read_text().startswith(common.sha256_of(published))
+    common._FID_CACHE.clear()
+    changed = bytearray(got.read_bytes())
+    changed[len(changed) // 2] ^= 1
+    got.write_bytes(bytes(changed))
+    with pytest.raises(common.UserError, match="corrupt or was changed"):
+        common.fid_reference(edm, info, dist)
+    # the training data's statistics: the stand-in detector's features of the 40 fake images
+    _, (mu_data, _) = common.fid_reference(sid.parse_args(flags), info, dist)
+    images, _ = common.load_imagenet64_npz(data)
+    features = _StandInDetector()(torch.tensor(images), return_features=True).double().detach().numpy()
+    assert np.allclose(mu_data, features.mean(0), atol=1e-6)
+    assert len(list((tmp_path / "fid").glob("ref-imagenet64-64-*.npz"))) == 1
+    # the log says which reference a FID used
+    args = sid.parse_args(flags)
+    assert common.fid_ref_record(args, {"fid10k": 3.0}) == {"fid_ref": "data"} and common.fid_ref_record(args, {}) == {}
+    assert common.fid_note(edm, {"fid10k": 3.0}) == " (FID against EDM's imagenet-64x64.npz)"
+    with pytest.raises(SystemExit) as e:
+        sid.parse_args(["--dataset", "synthetic", "--fid-ref", "edm"])
+    assert e.value.code == 2
+    common._FID_CACHE.clear()
+
+
+def test_frechet_distance_runs_on_rank_0_only(monkeypatch):
+    """With several ranks, the FID's matrix square root runs on rank 0 alone and the others take its result (a
+    broadcast; here the collectives are stood in for, as rank 1 of 2)."""
+    import torch.distributed as td
+    calls = []
+    monkeypatch.setattr(common, "frechet_distance", lambda *a: calls.append(a) or 1.5)
+    monkeypatch.setattr(td, "all_reduce", lambda t, op=None, group=None: t)
+    monkeypatch.setattr(td, "broadcast_object_list", lambda box, src=0, group=None: box.__setitem__(0, 7.25))
+    monkeypatch.setattr(common, "fid_reference",
+                        lambda args, info, dist: (_StandInDetector(), (np.zeros(48), np.eye(48))))
+    args = sid.parse_args(["--dataset", "synthetic", "--resolution", "8", "--fid-samples", "600"])
+    info = common.dataset_info(args)
+    out = common.fid(args, info, _exact_sampler(info.mixture), common.Dist(rank=1, world=2))
+    assert out == {"fid600": 7.25} and calls == []
+    out = common.fid(args, info, _exact_sampler(info.mixture), common.Dist(rank=0, world=2))
+    assert out == {"fid600": 7.25} and len(calls) == 1  # rank 0 computes, and sends what it computed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2140,6 +2317,38 @@ def test_one_live_run_per_folder_and_sigterm(toy_teacher, tmp_path):
     assert common.load_checkpoint(run / "ckpt.pt")["step"] == step + 5
 
 
+@pytest.mark.slow
+def test_teacher_reference_is_sampled_once_then_read_from_beside_the_teacher(tmp_path, monkeypatch):
+    """The teacher's reference metrics (here with a FID) and samples are computed at the first start and kept beside
+    the teacher: a second run, and a --resume, do not sample the teacher again, and log and draw the same; another
+    sampler (--teacher-steps) or other evaluation settings (--eval-samples) sample it again."""
+    det = _standin_detector(tmp_path / "det.pt")
+    calls = []
+    sampler = common.teacher_sampler
+    monkeypatch.setattr(common, "teacher_sampler", lambda teacher, steps: calls.append(steps) or sampler(teacher, steps))
+    fid = ["--fid-samples", "64", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"), "--teacher-steps", "4"]
+
+    def run(name, iters, extra=()):
+        return sid.main(_synthetic_flags(tmp_path / "teachers", tmp_path / name, iters) + fid + list(extra))
+
+    first = run("first", 2)
+    assert calls == [4] and {"fd", "fid64"} <= set(first["teacher"])
+    folder = next((tmp_path / "teachers").iterdir())
+    assert len(list(folder.glob("reference-4steps-*.pt"))) == 1
+    second = run("second", 2)
+    resumed = run("first", 4, ["--resume"])
+    assert calls == [4]  # neither sampled the teacher
+    assert second["teacher"] == resumed["teacher"] == first["teacher"]
+    picture = "teacher-7nfe.png"
+    assert (tmp_path / "second" / picture).read_bytes() == (tmp_path / "first" / picture).read_bytes()
+    logged = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert {k: v for k, v in logged[0].items() if k.startswith("teacher/")} == {
+        f"teacher/{k}": v for k, v in first["teacher"].items()} and logged[0]["fid_ref"] == "data"
+    run("steps", 2, ["--teacher-steps", "3"])
+    run("samples", 2, ["--eval-samples", "16"])
+    assert calls == [4, 3, 4]
+
+
 class _NaNTeacher(torch.nn.Module):
     """A teacher gone bad: every output is NaN."""
 
@@ -2613,6 +2822,8 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     flags = _synthetic_flags(tmp_path / "teachers", tmp_path / "one", 4) + [
         "--fid-samples", "600", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"), "--teacher-steps", "6"]
     one = sid.main(flags)  # also trains the teacher, which the two processes then load
+    for cached in (tmp_path / "teachers").glob("*/reference-*.pt"):
+        cached.unlink()  # the two processes compute the teacher's metrics again (not read them from the cache)
     (tmp_path / "driver.py").write_text(_DDP_DRIVER)
     two_flags = [f if f != str(tmp_path / "one") else str(tmp_path / "two") for f in flags]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -2627,6 +2838,120 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     for key, value in one["teacher"].items():
         assert teacher[f"teacher/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert "eval/fid600" in logs[-1] and math.isfinite(logs[-1]["eval/fid600"])
+    assert len(list((tmp_path / "teachers").glob("*/reference-*.pt"))) == 1  # rank 0 cached them again
+
+
+# Runs sid.py's main() under torchrun and records, per rank, in the folder argv[2]: its pid, the RNG states it held
+# when it saved each checkpoint and right after --resume, the iterations it saved at, and its exit code; and checks
+# that the trained networks are wrapped without broadcast_buffers.
+_RANKS_DRIVER = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import common, sid, torch
+record, rank = Path(sys.argv[2]), int(os.environ["RANK"])
+(record / f"pid{rank}").write_text(str(os.getpid()))
+save, resume, wrap = common.Run.save, common.Run.resume, common.wrap
+
+def log(name, value):
+    with open(record / f"{name}{rank}.jsonl", "a") as f:
+        f.write(json.dumps(value) + "\\n")
+
+def logged_save(self, objects, step):
+    torch.save(common.rng_state(), record / f"saved{rank}-{step}.pt")
+    log("saves", step)
+    save(self, objects, step)
+
+def logged_resume(self, objects):
+    start = resume(self, objects)
+    torch.save(common.rng_state(), record / f"resumed{rank}-{start}.pt")
+    return start
+
+def checked_wrap(net, args, dist, compile=True):
+    out = wrap(net, args, dist, compile)
+    assert out.broadcast_buffers is False
+    return out
+
+common.Run.save, common.Run.resume, common.wrap = logged_save, logged_resume, checked_wrap
+try:
+    common.run_main(sid.main, sys.argv[3:])
+except SystemExit as e:
+    log("exit", e.code)
+    raise
+"""
+
+
+def _torchrun(tmp_path, record, flags):
+    """`torchrun --nproc_per_node=2 driver.py` (_RANKS_DRIVER) as a process of its own session (to be stopped as a
+    whole), recording into `record`."""
+    import subprocess
+    import sys
+    (tmp_path / "ranks_driver.py").write_text(_RANKS_DRIVER)
+    record.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "ranks_driver.py"), str(REPO), str(record)] + flags
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish(proc, timeout=120):
+    """(return code, stderr) of a _torchrun process; the whole session is killed if it outlives the timeout."""
+    import signal
+    import subprocess
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s: {err[-3000:]}")
+    return proc.returncode, err
+
+
+def _same_rng(a, b):
+    return (torch.equal(a["torch"], b["torch"]) and torch.equal(a["numpy"][1], b["numpy"][1])
+            and a["numpy"][2:] == b["numpy"][2:] and a["python"] == b["python"])
+
+
+@pytest.mark.slow
+def test_torchrun_resume_restores_every_ranks_rng(toy_teacher, tmp_path):
+    """2 gloo ranks: a checkpoint holds every rank's RNG states, and --resume gives each rank back its own (the
+    states each held when it saved), so a resumed multi-process run draws what the uninterrupted one would have."""
+    record = tmp_path / "record"
+    flags = _tiny_method_flags(toy_teacher, tmp_path / "run", 4)
+    code, err = _finish(_torchrun(tmp_path, record, flags))
+    assert code == 0, err[-3000:]
+    code, err = _finish(_torchrun(tmp_path, record, _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]))
+    assert code == 0, err[-3000:]
+    saved = [torch.load(record / f"saved{rank}-4.pt", weights_only=True) for rank in range(2)]
+    resumed = [torch.load(record / f"resumed{rank}-4.pt", weights_only=True) for rank in range(2)]
+    assert not _same_rng(saved[0], saved[1])  # the ranks draw different noise
+    assert _same_rng(resumed[0], saved[0]) and _same_rng(resumed[1], saved[1])
+    assert len(common.load_checkpoint(tmp_path / "run" / "ckpt.pt")["rng_ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teacher, tmp_path):
+    """2 gloo ranks: SIGTERM to rank 1 alone (a scheduler that signals one process) stops both ranks at the same
+    iteration, with one checkpoint (rank 0 writes it, with both ranks' RNG states), and both exit with 128 + 15."""
+    import signal
+    import time
+    record, run = tmp_path / "record", tmp_path / "run"
+    flags = _tiny_method_flags(toy_teacher, run, 10**6) + ["--ckpt-every", str(10**6), "--log-every", "10"]
+    proc = _torchrun(tmp_path, record, flags)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").is_file() and "loss" in (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(int((record / "pid1").read_text()), signal.SIGTERM)
+    code, err = _finish(proc)
+    assert code != 0
+    saves = [[json.loads(line) for line in (record / f"saves{rank}.jsonl").read_text().splitlines()]
+             for rank in range(2)]
+    step = common.load_checkpoint(run / "ckpt.pt")["step"]
+    assert saves == [[step], [step]] and 10 <= step < 10**6, saves
+    assert (record / "exit1.jsonl").read_text().split() == ["143"]
+    assert f"signal 15 received; checkpoint saved at iteration {step}" in err
+    assert len(common.load_checkpoint(run / "ckpt.pt")["rng_ranks"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2646,6 +2971,18 @@ COMPILE = {"cpu": ["--compile", "--compile-backend", "aot_eager"], "cuda": ["--c
 # learning rates so small that a run's networks stay as they were (to compare the losses of one batch)
 FROZEN = {"sid": ["--lr-g", "1e-12", "--lr-f", "1e-12"], "dmd2": ["--lr-g", "1e-12", "--lr-f", "1e-12"],
           "add": ["--lr-g", "1e-12", "--lr-d", "1e-12"]}
+
+
+def test_amp_auto_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """--amp auto: bf16 on GPUs of compute capability 8.0 and later (A100, H100), fp32 on older ones (V100 7.0,
+    T4 7.5, which emulate bf16) and on the CPU; an explicit --amp is kept. (The capability is stood in for.)"""
+    args = Namespace(amp="auto")
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert common.amp_dtype(args, cuda) is expected, capability
+        assert common.amp_dtype(Namespace(amp="fp16"), cuda) is torch.float16
+    assert common.amp_dtype(args, torch.device("cpu")) is None
 
 
 def _precision_flags(toy_teacher, tmp_path, dataset, device):
