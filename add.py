@@ -331,63 +331,85 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches
 
     # ---- 1. student G: adversarial + distillation loss; teacher, feature net and heads frozen ----
     common.requires_grad(disc, False)
-    with common.autocast(args, device):
-        x_g = nets.generator_t(x_s, sigma_s, labels).float()  # (B, *shape), carries grad to theta
-        loss_g = torch.zeros((), device=device)
-        if use_disc:
-            sigma_d = disc_sigma(B, args, device)
-            x_d = x_g + common.column(sigma_d, x_g) * torch.randn_like(x_g)
-            fake_logits = disc(teacher_features(teacher_net, x_d, sigma_d, labels), labels, c_img, d_level)
-            # L_adv^G = -E[sum_k D_k(F_k(x_g))]
-            loss_adv = hinge_g_loss(fake_logits).mean()
-            loss_g = loss_g + args.adv_weight * loss_adv
-            out["loss_adv"] = loss_adv.detach()
-        if args.distill_weight > 0:
-            # teacher level t ~ U{1..1000}: sigma_t = sigma(t) of the VP schedule, in [0.029, 14.6]
-            sigma_t = loss_sigma(B, args, device)  # (B,)
-            # x_t = x_g + sigma_t eps'
-            x_t = x_g.detach() + common.column(sigma_t, x_g) * torch.randn_like(x_g)
-            with torch.no_grad():
-                d_real = teacher(x_t, sigma_t, labels)  # D_phi(x_t): the stop-gradient target
-            # lambda L_distill, L_distill = c(sigma_t) ||x_g - sg(D_phi(x_t))||^2 / pixels
-            loss_distill = add_distill_loss(x_g, d_real, sigma_t, args.weighting).mean() / pixels
-            loss_g = loss_g + args.distill_weight * loss_distill
-            out["loss_distill"] = loss_distill.detach()
+    # the whole batch's draws before its rounds: the discriminator's sigma_d and eps, the teacher's level t ~
+    # U{1..1000} (sigma_t = sigma(t) of the VP schedule, in [0.029, 14.6]) and eps'
+    if use_disc:
+        sigma_d, eps_d = disc_sigma(B, args, device), torch.randn_like(x0)
+    if args.distill_weight > 0:
+        sigma_t, eps_t = loss_sigma(B, args, device), torch.randn_like(x0)  # (B,), (B, *shape)
+    x_gs, loss_adv, loss_distill, loss_g = [], 0.0, 0.0, 0.0
     opt_g.zero_grad()
-    opt_g.backward(loss_g)  # into theta, through the frozen heads and features and towards the teacher's target
+    for rows, share in common.rounds(B, args.batch_gpu, nets.generator_t):  # --batch-gpu rows at a time
+        labels_r, c_img_r, d_level_r = (common.pick(v, rows) for v in (labels, c_img, d_level))
+        with common.autocast(args, device):
+            x_g = nets.generator_t(x_s[rows], sigma_s[rows], labels_r).float()  # (b, *shape), grad to theta
+            loss = torch.zeros((), device=device)
+            if use_disc:
+                x_d = x_g + common.column(sigma_d[rows], x_g) * eps_d[rows]
+                fake_logits = disc(teacher_features(teacher_net, x_d, sigma_d[rows], labels_r), labels_r, c_img_r,
+                                   d_level_r)
+                # L_adv^G = -E[sum_k D_k(F_k(x_g))]
+                loss_adv_r = hinge_g_loss(fake_logits).mean()
+                loss = loss + args.adv_weight * loss_adv_r
+                loss_adv = loss_adv + share * loss_adv_r.detach()
+            if args.distill_weight > 0:
+                # x_t = x_g + sigma_t eps'
+                x_t = x_g.detach() + common.column(sigma_t[rows], x_g) * eps_t[rows]
+                with torch.no_grad():
+                    d_real = teacher(x_t, sigma_t[rows], labels_r)  # D_phi(x_t): the stop-gradient target
+                # lambda L_distill, L_distill = c(sigma_t) ||x_g - sg(D_phi(x_t))||^2 / pixels
+                loss_distill_r = add_distill_loss(x_g, d_real, sigma_t[rows], args.weighting).mean() / pixels
+                loss = loss + args.distill_weight * loss_distill_r
+                loss_distill = loss_distill + share * loss_distill_r.detach()
+        opt_g.backward(loss * share)  # into theta, through the frozen heads and features, towards the teacher
+        x_gs, loss_g = x_gs + [x_g.detach()], loss_g + share * loss.detach()
     opt_g.step()
-    out["loss_g"] = loss_g.detach()
+    out["loss_g"] = loss_g
+    if use_disc:
+        out["loss_adv"] = loss_adv
+    if args.distill_weight > 0:
+        out["loss_distill"] = loss_distill
     if not use_disc:
         return out
 
     # ---- 2. discriminator heads: hinge loss on noised real x0 vs noised x_g, + gamma/2 R1 on the real features ----
     common.requires_grad(disc, True)
-    with common.autocast(args, device):
-        x_both = torch.cat([x0, x_g.detach()])  # (2B, *shape): real first, then generated
-        sigma_d = disc_sigma(2 * B, args, device)
-        x_d = x_both + common.column(sigma_d, x_both) * torch.randn_like(x_both)
-        with torch.no_grad():
-            feats = teacher_features(teacher_net, x_d, sigma_d, _twice(labels))  # frozen F, no gradient
-        # the real halves become leaves that require grad, so R1 can differentiate the logits w.r.t. them
-        feats_real = [f[:B].detach().requires_grad_(True) for f in feats]
-        feats_both = [torch.cat([r, f[B:]]) for r, f in zip(feats_real, feats)]
-        logits = nets.disc_t(feats_both, _twice(labels), _twice(c_img), _twice(d_level))  # list of (2B, N_k)
-        real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
-        # L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))]
-        loss_d = hinge_d_loss(real_logits, fake_logits).mean()
-        loss_disc = loss_d
-        if args.r1_weight > 0:
-            # + gamma/2 E[R1],  R1 = ||grad_F D(F(x0))||^2,  D = sum_k mean_locations D_k (the hinge's scalar)
-            r1 = r1_penalty(real_logits, feats_real).mean()
-            loss_disc = loss_disc + args.r1_weight / 2 * r1
-            out["r1"] = r1.detach()
+    x_g = torch.cat(x_gs)  # (B, *shape): the student's samples of step 1, detached
+    # real and generated both noised: x + sigma_d eps, drawn for the whole batch, (2, B): real, then generated
+    sigma_d, eps_d = disc_sigma(2 * B, args, device).view(2, B), torch.randn((2, *x0.shape), device=device)
+    loss_d, r1, logit_real, logit_fake = 0.0, 0.0, 0.0, 0.0
     opt_d.zero_grad()
-    opt_d.backward(loss_disc)  # into the heads (R1's part through the second derivative)
+    for rows, share in common.rounds(B, args.batch_gpu, nets.disc_t):  # --batch-gpu rows at a time
+        labels_r, c_img_r, d_level_r = (_twice(common.pick(v, rows)) for v in (labels, c_img, d_level))
+        b = rows.stop - rows.start
+        with common.autocast(args, device):
+            x_both = torch.cat([x0[rows], x_g[rows]])  # (2b, *shape): real first, then generated
+            sigma = sigma_d[:, rows].flatten()  # (2b,)
+            x_d = x_both + common.column(sigma, x_both) * eps_d[:, rows].flatten(0, 1)
+            with torch.no_grad():
+                feats = teacher_features(teacher_net, x_d, sigma, labels_r)  # frozen F, no gradient
+            # the real halves become leaves that require grad, so R1 can differentiate the logits w.r.t. them
+            feats_real = [f[:b].detach().requires_grad_(True) for f in feats]
+            feats_both = [torch.cat([r, f[b:]]) for r, f in zip(feats_real, feats)]
+            logits = nets.disc_t(feats_both, labels_r, c_img_r, d_level_r)  # list of (2b, N_k)
+            real_logits, fake_logits = [l[:b] for l in logits], [l[b:] for l in logits]
+            # L_D = E[sum_k max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_g)))]
+            loss_d_r = hinge_d_loss(real_logits, fake_logits).mean()
+            loss = loss_d_r
+            if args.r1_weight > 0:
+                # + gamma/2 E[R1],  R1 = ||grad_F D(F(x0))||^2,  D = sum_k mean_locations D_k (the hinge's scalar)
+                r1_r = r1_penalty(real_logits, feats_real).mean()
+                loss = loss + args.r1_weight / 2 * r1_r
+                r1 = r1 + share * r1_r.detach()
+        opt_d.backward(loss * share)  # into the heads (R1's part through the second derivative)
+        loss_d = loss_d + share * loss_d_r.detach()
+        # mean logits D(F) on real and generated samples: how far apart the discriminator holds them
+        logit_real = logit_real + share * _per_sample(real_logits).mean().detach()
+        logit_fake = logit_fake + share * _per_sample(fake_logits).mean().detach()
     opt_d.step()
-    out["loss_d"] = loss_d.detach()
-    # mean logits D(F) on real and generated samples: how far apart the discriminator holds them
-    out["logit_real"] = _per_sample(real_logits).mean().detach()
-    out["logit_fake"] = _per_sample(fake_logits).mean().detach()
+    out["loss_d"], out["logit_real"], out["logit_fake"] = loss_d, logit_real, logit_fake
+    if args.r1_weight > 0:
+        out["r1"] = r1
     return out
 
 

@@ -318,12 +318,17 @@ def grid_sigma(n, device, lo=0, hi=GRID - 1):
     return karras_sigma(i.float() / (GRID - 1))
 
 
+def edm_sigma(n, device, P_mean=-1.2, P_std=1.2):
+    """EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2). (n,)"""
+    return (torch.randn(n, device=device) * P_std + P_mean).exp()
+
+
 def fake_sigma(args, n, device, loss_sigma):
-    """The noise levels of the fake score's EDM loss (SiD, DMD2), --fake-sigma: None for 'lognormal' (edm_loss draws
-    EDM's ln sigma ~ N(-1.2, 1.2^2)), the whole 1000-point grid for 'grid', the method's own generator-loss sampler
-    loss_sigma(n, args, device) for 'loss'. (n,) or None"""
+    """The noise levels of the fake score's EDM loss (SiD, DMD2), --fake-sigma: EDM's ln sigma ~ N(-1.2, 1.2^2) for
+    'lognormal' (edm_sigma), the whole 1000-point grid for 'grid', the method's own generator-loss sampler
+    loss_sigma(n, args, device) for 'loss'. (n,)"""
     if args.fake_sigma == "lognormal":
-        return None
+        return edm_sigma(n, device)
     if args.fake_sigma == "grid":
         return grid_sigma(n, device)
     return loss_sigma(n, args, device)
@@ -340,9 +345,8 @@ def edm_loss(denoiser, x0, labels=None, sigma=None, noise=None, P_mean=-1.2, P_s
         ln sigma ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2,
         L = lambda(sigma) * || D(x0 + sigma eps; sigma, c) - x0 ||^2.
     `sigma` (B,) overrides the log-normal draw (DMD2 draws it on the Karras grid); `noise` fixes eps."""
-    B = x0.shape[0]
     if sigma is None:
-        sigma = (torch.randn(B, device=x0.device) * P_std + P_mean).exp()
+        sigma = edm_sigma(x0.shape[0], x0.device, P_mean, P_std)
     sigma, s = _as_column(sigma, x0)
     if noise is None:
         noise = torch.randn_like(x0)
@@ -752,14 +756,19 @@ def train_teacher(args, info, dist, folder):
             opt.set_lr(learning_rate(args.teacher_lr, step, args.teacher_iters, "none",
                                      max(args.teacher_rampup * 1000, 1e-8), nimg))
             x0, labels = next(data)
-            with autocast(args, dist.device):
-                # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
-                loss = edm_loss(net_t, x0, labels if info.cond else None).mean()
+            labels = labels if info.cond else None
+            sigma, eps = edm_sigma(len(x0), dist.device), torch.randn_like(x0)  # the whole batch's draws
+            loss = 0.0
             opt.zero_grad()
-            opt.backward(loss)
+            for rows, share in rounds(len(x0), args.batch_gpu, net_t):  # --batch-gpu rows at a time
+                with autocast(args, dist.device):
+                    # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
+                    loss_r = edm_loss(net_t, x0[rows], pick(labels, rows), sigma[rows], eps[rows]).mean() * share
+                opt.backward(loss_r)
+                loss = loss + loss_r.detach()
             opt.step()
             ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
-            book.end_iteration(step, {"loss": loss.detach()})
+            book.end_iteration(step, {"loss": loss})
     problem = ruined({"teacher": ema}) or (opt.skipped and f"its last {opt.skipped} steps had a non-finite loss")
     if problem:  # never cached: a later run would reuse it without training again
         raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the data in "
@@ -840,6 +849,29 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def rounds(batch, batch_gpu, *trained):
+    """Gradient accumulation (--batch-gpu): this rank's `batch` rows in rounds of at most batch_gpu rows (None: one
+    round). Yields (rows, share): the round's slice of the batch and its share rows / batch, by which a batch-mean
+    loss is scaled so that the rounds' backward passes sum to the whole batch's gradient. Every round but the last
+    runs inside DDP's no_sync() of the `trained` wrappers (forward and backward), so the gradients are all-reduced
+    once, in the last round's backward, as the SiD authors' loop does (sid_training_loop.py, `batch_gpu` rounds)."""
+    size = batch_gpu or batch
+    for start in range(0, batch, size):
+        rows = slice(start, min(start + size, batch))
+        with contextlib.ExitStack() as stack:
+            if rows.stop < batch:
+                for net in trained:
+                    net = getattr(net, "_orig_mod", net)  # DDP under torch.compile
+                    if isinstance(net, nn.parallel.DistributedDataParallel):
+                        stack.enter_context(net.no_sync())
+            yield rows, (rows.stop - rows.start) / batch
+
+
+def pick(v, rows):
+    """v[rows], or None for None (the labels of an unconditional model)."""
+    return None if v is None else v[rows]
+
+
 class AmpOptimizer:
     """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
     three calls of one update, as each training iteration writes them:
@@ -864,11 +896,15 @@ class AmpOptimizer:
 
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
+        self.skip_this = False
 
     def backward(self, loss):
         """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
         loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
-        --max-skips). Returns whether it back-propagated."""
+        --max-skips). Called once per round of --batch-gpu: after one non-finite round the later rounds of the
+        step back-propagate nothing either. Returns whether it back-propagated."""
+        if self.skip_this:  # an earlier round of this step (on some rank) was non-finite
+            return False
         finite = torch.isfinite(loss).all()
         if torch.distributed.is_initialized():
             # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
@@ -878,9 +914,7 @@ class AmpOptimizer:
             finite = finite > 0
         self.skip_this = not bool(finite)
         if self.skip_this:
-            self.skipped += 1
             return False
-        self.skipped = 0
         self.scaler.scale(loss).backward()
         return True
 
@@ -889,7 +923,9 @@ class AmpOptimizer:
         Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
         lr = self.lrs.pop(0) if len(self.lrs) > 1 else self.lrs[0]  # a skipped step uses up its rate too
         if self.skip_this:
+            self.skipped += 1
             return False
+        self.skipped = 0
         self.scaler.unscale_(self.opt)
         for p in self.params:
             if p.grad is not None:
@@ -2213,6 +2249,11 @@ def base_parser(description, method):
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch (per rank: seed + rank)")
     g.add_argument("--iters", type=int, default=None, help="training iterations of this method")
     g.add_argument("--batch", type=int, default=None, help="global batch size")
+    g.add_argument("--batch-gpu", type=int, default=None,
+                   help="most samples per forward/backward pass on one device: each update (and the teacher's) "
+                        "accumulates gradients over rounds of this many rows of the rank's share of --batch, with "
+                        "DDP's all-reduce in the last round only (default: the whole share, one round; see the "
+                        "README for what fits 80 GB)")
     g.add_argument("--lr-decay", default=None, choices=("none", "cosine"),
                    help="learning-rate schedule of the method's optimizers over --iters: constant, or cosine "
                         "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2); the fake score (sid.py, dmd2.py) and the "
@@ -2359,6 +2400,8 @@ def parse_args(parser, method_defaults=None, argv=None):
     for name in ("teacher_ema", "teacher_rampup", "workers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.batch_gpu is not None and args.batch_gpu < 1:
+        parser.error(f"--batch-gpu must be >= 1 (got {args.batch_gpu})")
     for name in ("seed", "teacher_seed"):
         if not 0 <= getattr(args, name) < 2 ** 31:
             parser.error(f"--{name.replace('_', '-')} must be in 0 .. 2^31 - 1 (got {getattr(args, name)})")

@@ -240,34 +240,43 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
             else:  # the outputs of randomly chosen steps, as the generator is trained on (a mixture over steps)
                 x_in, sigma_in = backward_simulation(nets.generator, z, labels, sigmas)
                 x_g = nets.generator(x_in, sigma_in, labels).float()  # (B, *shape), no gradient
-        with common.autocast(args, device):
-            # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma per --fake-sigma (default: sigma =
-            # grid[i], i ~ U{0..999}, the authors'; None: EDM's log-normal)
-            sigma_f = common.fake_sigma(args, batch, device, loss_sigma)
-            loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=sigma_f).mean() / pixels
-            loss_f = loss_fake
-            if gan:
-                x0, real_labels = next(batches)  # real data: the only place DMD2 uses it
-                x_both = torch.cat([x0, x_g])  # (2B, *shape): real first, then generated
-                labels_both = torch.cat([real_labels, labels]) if info.cond else None
-                # diffusion GAN: both noised, x + sigma eps with sigma = grid[i], i ~ U{0..999}
-                sigma = common.grid_sigma(2 * batch, device)
-                x_t = x_both + common.column(sigma, x_both) * torch.randn_like(x_both)
-                # the encoder of D_psi alone (its decoder plays no part in the GAN), as the authors' return_bottleneck
-                features = common.unwrap(nets.fake_t).features(x_t, sigma, labels_both)
-                logits = nets.head_t(features[-1])  # (2B,) from D_psi's encoder output
-                # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
-                loss_d = gan_d_loss(logits[:batch], logits[batch:]).mean()
-                loss_f = loss_f + args.gan_weight * args.gan_weight_f * loss_d
+        # this update's draws for the whole batch before its rounds: sigma per --fake-sigma (default: sigma =
+        # grid[i], i ~ U{0..999}, the authors'), eps; for the GAN, real data and both halves' sigma and eps
+        sigma_f, eps_f = common.fake_sigma(args, batch, device, loss_sigma), torch.randn_like(x_g)
+        if gan:
+            x0, real_labels = next(batches)  # real data: the only place DMD2 uses it
+            # diffusion GAN: real and generated both noised, x + sigma eps with sigma = grid[i], i ~ U{0..999}
+            sigma_d = common.grid_sigma(2 * batch, device).view(2, batch)  # (2, B): real, generated
+            eps_d = torch.randn((2, *shape), device=device)
+        loss_fake, loss_d, logits = 0.0, 0.0, []
         opt_f.zero_grad()
-        opt_f.backward(loss_f)
+        for rows, share in common.rounds(batch, args.batch_gpu, nets.fake_t, nets.head_t):  # --batch-gpu rows
+            labels_r = common.pick(labels, rows)
+            with common.autocast(args, device):
+                # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2
+                loss = common.edm_loss(nets.fake_t, x_g[rows], labels_r, sigma_f[rows], eps_f[rows]).mean() / pixels
+                loss_fake = loss_fake + share * loss.detach()
+                if gan:
+                    x_both = torch.cat([x0[rows], x_g[rows]])  # (2b, *shape): real first, then generated
+                    labels_both = torch.cat([real_labels[rows], labels_r]) if info.cond else None
+                    sigma = sigma_d[:, rows].flatten()  # (2b,)
+                    x_t = x_both + common.column(sigma, x_both) * eps_d[:, rows].flatten(0, 1)
+                    # the encoder of D_psi alone (its decoder plays no part in the GAN), as the authors'
+                    # return_bottleneck
+                    features = common.unwrap(nets.fake_t).features(x_t, sigma, labels_both)
+                    logits_r = nets.head_t(features[-1]).view(2, -1)  # (2, b) from D_psi's encoder output
+                    # L_D = softplus(-D(x_real,t)) + softplus(D(x_fake,t))
+                    loss_d_r = gan_d_loss(logits_r[0], logits_r[1]).mean()
+                    loss = loss + args.gan_weight * args.gan_weight_f * loss_d_r
+                    loss_d, logits = loss_d + share * loss_d_r.detach(), logits + [logits_r.detach()]
+            opt_f.backward(loss * share)
         opt_f.step()
-    out["loss_fake"] = loss_fake.detach()
+    out["loss_fake"] = loss_fake
     if gan:
-        out["loss_d"] = loss_d.detach()
+        out["loss_d"] = loss_d
         # the classifier's accuracy-like read-out: mean sigmoid on real and on generated samples
-        out["p_real"] = torch.sigmoid(logits[:batch].detach()).mean()
-        out["p_fake"] = torch.sigmoid(logits[batch:].detach()).mean()
+        p = torch.sigmoid(torch.cat(logits, 1)).mean(1)
+        out["p_real"], out["p_fake"] = p[0], p[1]
 
     # ---- 2. Generator G: DMD gradient (+ GAN); teacher, fake and classifier frozen, gradients flow through x_t ----
     for net in (nets.fake, nets.head) if gan else (nets.fake,):
@@ -276,33 +285,40 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
     labels = common.sample_labels(info, batch, device)
     with torch.no_grad(), common.autocast(args, device):
         x_in, sigma_in = backward_simulation(nets.generator, z, labels, sigmas)  # step k's input, k ~ U{0..K-1}
-    nets.generator.train()
-    with common.autocast(args, device):
-        x_g = nets.generator_t(x_in, sigma_in, labels).float()  # (B, *shape), carries grad to theta
-        # x_t = x_g + sigma eps, sigma = grid[i], i ~ U{LO..HI} of --dmd-range (the authors' 20..980: ~0.003 .. ~72)
-        sigma = loss_sigma(batch, args, device)
-        x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
-        with torch.no_grad():
-            d_real = teacher(x_t, sigma, labels)  # D_phi(x_t)
-            d_fake = common.unwrap(nets.fake)(x_t, sigma, labels)  # D_psi(x_t)
-        # dL/dx_g = g = (D_psi(x_t) - D_phi(x_t)) / mean_CHW |x_g - D_phi(x_t)|
-        weight = sigma ** 2 if args.loss_weight == "sigma2" else None  # None: the authors' mean |x_g - D_phi|
-        loss_dmd = dmd_loss(x_g, d_real, d_fake, weight).mean() / pixels
-        loss_g = loss_dmd
-        if gan:
-            sigma = common.grid_sigma(batch, device)
-            x_t = x_g + common.column(sigma, x_g) * torch.randn_like(x_g)
-            features = common.unwrap(nets.fake).features(x_t, sigma, labels)  # D_psi's encoder, parameters frozen
-            # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
-            loss_adv = gan_g_loss(common.unwrap(nets.head)(features[-1])).mean()
-            loss_g = loss_g + args.gan_weight * args.gan_weight_g * loss_adv
-    opt_g.zero_grad()
-    opt_g.backward(loss_g)  # through x_g into theta (the DMD gradient g, and the GAN through the frozen classifier)
-    opt_g.step()
-    out["loss_dmd"] = loss_dmd.detach()
+    # the whole batch's draws before its rounds: x_t = x_g + sigma eps, sigma = grid[i], i ~ U{LO..HI} of
+    # --dmd-range (the authors' 20..980: ~0.003 .. ~72); the GAN's sigma = grid[i], i ~ U{0..999}, and its eps
+    sigma, eps = loss_sigma(batch, args, device), torch.randn(shape, device=device)
     if gan:
-        out["loss_adv"] = loss_adv.detach()
-    out["loss_g"] = loss_g.detach()
+        sigma_adv, eps_adv = common.grid_sigma(batch, device), torch.randn(shape, device=device)
+    nets.generator.train()
+    loss_dmd, loss_adv, loss_g = 0.0, 0.0, 0.0
+    opt_g.zero_grad()
+    for rows, share in common.rounds(batch, args.batch_gpu, nets.generator_t):  # --batch-gpu rows at a time
+        labels_r, sigma_r = common.pick(labels, rows), sigma[rows]
+        with common.autocast(args, device):
+            x_g = nets.generator_t(x_in[rows], sigma_in[rows], labels_r).float()  # (b, *shape), carries grad to theta
+            x_t = x_g + common.column(sigma_r, x_g) * eps[rows]
+            with torch.no_grad():
+                d_real = teacher(x_t, sigma_r, labels_r)  # D_phi(x_t)
+                d_fake = common.unwrap(nets.fake)(x_t, sigma_r, labels_r)  # D_psi(x_t)
+            # dL/dx_g = g = (D_psi(x_t) - D_phi(x_t)) / mean_CHW |x_g - D_phi(x_t)|
+            weight = sigma_r ** 2 if args.loss_weight == "sigma2" else None  # None: the authors' mean |x_g - D_phi|
+            loss = dmd_loss(x_g, d_real, d_fake, weight).mean() / pixels
+            loss_dmd = loss_dmd + share * loss.detach()
+            if gan:
+                x_t = x_g + common.column(sigma_adv[rows], x_g) * eps_adv[rows]
+                features = common.unwrap(nets.fake).features(x_t, sigma_adv[rows], labels_r)  # psi frozen
+                # L_G = softplus(-D(x_fake,t)), the non-saturating generator loss
+                loss_adv_r = gan_g_loss(common.unwrap(nets.head)(features[-1])).mean()
+                loss = loss + args.gan_weight * args.gan_weight_g * loss_adv_r
+                loss_adv = loss_adv + share * loss_adv_r.detach()
+        opt_g.backward(loss * share)  # through x_g into theta (the DMD gradient g, and the GAN through the classifier)
+        loss_g = loss_g + share * loss.detach()
+    opt_g.step()
+    out["loss_dmd"] = loss_dmd
+    if gan:
+        out["loss_adv"] = loss_adv
+    out["loss_g"] = loss_g
     return out
 
 

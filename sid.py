@@ -31,7 +31,7 @@ Paper -> code
 
 Deliberate deviations (files of mingyuanzhou/SiD; "loop" is its training/sid_training_loop.py)
     - Labels are drawn uniformly (common.sample_labels); SiD reads them off the data (loop:314,340).
-    - ImageNet-64: batch 256 at the paper's lr 4e-6, not 8192 (run_sid.sh:67); no gradient accumulation here.
+    - ImageNet-64: batch 256 at the paper's lr 4e-6, not 8192 (run_sid.sh:67); --batch-gpu accumulates in rounds, as the loop's.
     - Periodic evaluations are FID-10k ("fid10k"); the paper's numbers are FID-50k (--resume --fid-samples 50000).
     - AMP: bf16 autocast on CUDA; the authors' ImageNet-64 run is fp16 (run_sid.sh:79; --amp fp16 gets a GradScaler).
     - No x100 generator-loss scale (sid_train.py:98, loop:348): Adam ignores a constant factor.
@@ -90,12 +90,18 @@ def sid_generator_loss(x_g, d_real, d_fake, alpha=1.2, weight=None):
 
 def finite_rows(*tensors):
     """(B,) bool: the samples whose entries are finite in every given (B, ...) tensor. SiD drops the samples with
-    a NaN in x_g, d_real or d_fake *before* forming the loss, so that backward sends exact zeros to the dropped
-    rows (masking the per-sample loss instead would send 0 * NaN = NaN back through them)."""
+    a NaN in x_g, d_real or d_fake *before* forming the loss (zero_rows), so that backward sends exact zeros to the
+    dropped rows (masking the per-sample loss alone would send 0 * NaN = NaN back through them)."""
     keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
         keep &= torch.isfinite(t).flatten(1).all(1)
     return keep
+
+
+def zero_rows(keep, *tensors):
+    """The (B, ...) tensors with the rows that `keep` (B,) bool leaves out replaced by zeros. torch.where, not a
+    product: backward then sends those rows exact zeros (0 * NaN would be NaN), and no row count leaves the device."""
+    return [torch.where(keep.view(-1, *[1] * (t.ndim - 1)), t, 0.0) for t in tensors]
 
 
 # ================================================================================================================
@@ -136,7 +142,9 @@ def build_networks(args, info, teacher_net, device):
 def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches=None):
     """Algorithm 1 of the paper: one fake-score update, then one generator update. `nets` holds the networks of
     build_networks and their (DDP / compiled) wrappers generator_t / fake_t, used where that network's own
-    parameters are trained. SiD is data-free: `batches` is None. Returns the losses to log."""
+    parameters are trained. SiD is data-free: `batches` is None. Each update draws its noise for this rank's whole
+    batch, then runs forward and backward in rounds of --batch-gpu rows (common.rounds) and steps once; with one
+    round (the default) the result is that of the whole batch at once. Returns the losses to log."""
     device, batch = dist.device, args.batch // dist.world  # this rank's share of the batch
     shape = (batch, *info.shape)
 
@@ -147,14 +155,21 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
     labels = common.sample_labels(info, batch, device)  # data-free: labels only
     with torch.no_grad(), common.autocast(args, device):
         x_g = common.generate(nets.generator, z, labels, student_sigmas(args)).float()  # (B, *shape)
-    keep_f = finite_rows(x_g)  # drop non-finite generator samples (an empty batch gives NaN: the step is skipped)
-    x_g, labels = x_g[keep_f], None if labels is None else labels[keep_f]
-    with common.autocast(args, device):
-        # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, sigma per --fake-sigma (None: EDM's log-normal)
-        sigma_f = common.fake_sigma(args, len(x_g), device, loss_sigma)
-        loss_fake = common.edm_loss(nets.fake_t, x_g, labels, sigma=sigma_f).mean()
+    # drop non-finite generator samples: zeroed here, left out of the mean below (none left: NaN, the step skipped)
+    keep_f = finite_rows(x_g)  # (B,) bool
+    x_g, = zero_rows(keep_f, x_g)
+    kept_f = keep_f.sum()
+    # sigma per --fake-sigma (EDM's log-normal by default) and eps, drawn for the whole batch before its rounds
+    sigma_f, eps_f = common.fake_sigma(args, batch, device, loss_sigma), torch.randn_like(x_g)
+    loss_fake = 0.0
     opt_f.zero_grad()
-    opt_f.backward(loss_fake)
+    for rows, share in common.rounds(batch, args.batch_gpu, nets.fake_t):  # --batch-gpu rows at a time
+        with common.autocast(args, device):
+            # lambda(sigma) || D_psi(x_g + sigma eps; sigma) - x_g ||^2, averaged over the kept samples
+            loss = common.edm_loss(nets.fake_t, x_g[rows], common.pick(labels, rows), sigma_f[rows], eps_f[rows])
+            loss = (loss * keep_f[rows]).mean() * (batch / kept_f) * share
+        opt_f.backward(loss)
+        loss_fake = loss_fake + loss.detach()
     opt_f.step()
 
     # ---- 2. Generator G: SiD loss through x_t; teacher and fake frozen, gradients flow through their inputs ----
@@ -164,27 +179,32 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
     labels = common.sample_labels(info, batch, device)
     eps = torch.randn(shape, device=device)
     sigma = loss_sigma(batch, args, device)  # (B,) in [0.002, ~24.4]
-    with common.autocast(args, device):
-        # x_g = G(z) = D_G(sigma_init z; sigma_init, c): carries the gradient to theta
-        x_g = common.generate(nets.generator_t, z, labels, student_sigmas(args)).float()  # (B, *shape)
-        x_t = x_g + common.column(sigma, x_g) * eps
-        d_real = teacher(x_t, sigma, labels)  # D_phi(x_t): parameters frozen
-        d_fake = common.unwrap(nets.fake)(x_t, sigma, labels)  # D_psi(x_t): plain module, parameters frozen
-    # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), sum the
-    # loss over them and divide by the whole batch, as the authors' code does (a dropped sample contributes 0). A NaN
-    # that backward still carries into shared weights (one raised inside a network) is cleaned by AmpOptimizer's
-    # nan_to_num; a batch with no sample left gets a NaN loss, so that AmpOptimizer skips the step and counts it.
-    keep = finite_rows(x_g, d_real, d_fake)  # (B,) bool
-    # 1/B sum_b sigma_b^2 (L2 - alpha L1)_b / w_b over the kept samples b  (SiD sums over pixels, as its authors)
-    weight = sigma[keep] ** 2 if args.loss_weight == "sigma2" else None  # None: SiD's mean |x_g - D_phi|
-    loss_g = sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep], args.alpha, weight).sum() / batch
-    if not keep.any():
-        loss_g = torch.full_like(loss_g, float("nan"))
+    loss_g, dropped = 0.0, batch - kept_f
     opt_g.zero_grad()
-    opt_g.backward(loss_g)  # through x_t, the teacher and the fake score into theta
+    for rows, share in common.rounds(batch, args.batch_gpu, nets.generator_t):  # --batch-gpu rows at a time
+        labels_r, sigma_r = common.pick(labels, rows), sigma[rows]
+        with common.autocast(args, device):
+            # x_g = G(z) = D_G(sigma_init z; sigma_init, c): carries the gradient to theta
+            x_g = common.generate(nets.generator_t, z[rows], labels_r, student_sigmas(args)).float()  # (b, *shape)
+            x_t = x_g + common.column(sigma_r, x_g) * eps[rows]
+            d_real = teacher(x_t, sigma_r, labels_r)  # D_phi(x_t): parameters frozen
+            d_fake = common.unwrap(nets.fake)(x_t, sigma_r, labels_r)  # D_psi(x_t): plain module, parameters frozen
+        # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), sum
+        # the loss over them and divide by the whole batch, as the authors' code does (a dropped sample contributes
+        # 0). The dropped rows' inputs are replaced (torch.where) before the loss is formed, so that backward sends
+        # them exact zeros. A NaN that backward still carries into shared weights (one raised inside a network) is
+        # cleaned by AmpOptimizer's nan_to_num; a round with no sample left gets a NaN loss, so that AmpOptimizer
+        # skips the step and counts it.
+        keep = finite_rows(x_g, d_real, d_fake)  # (b,) bool
+        x_g, d_real, d_fake = zero_rows(keep, x_g, d_real, d_fake)
+        # 1/B sum_b sigma_b^2 (L2 - alpha L1)_b / w_b over the kept samples b  (SiD sums over pixels, as its authors)
+        weight = sigma_r ** 2 if args.loss_weight == "sigma2" else None  # None: SiD's mean |x_g - D_phi|
+        loss = sid_generator_loss(x_g, d_real, d_fake, args.alpha, weight) * keep
+        loss = torch.where(keep.any(), loss.sum() / batch, float("nan"))
+        opt_g.backward(loss)  # through x_t, the teacher and the fake score into theta
+        loss_g, dropped = loss_g + loss.detach(), dropped + (~keep).sum()
     opt_g.step()
-    dropped = int((~keep_f).sum()) + int((~keep).sum())
-    return {"loss_fake": loss_fake.detach(), "loss_g": loss_g.detach(), "nan_samples": dropped}
+    return {"loss_fake": loss_fake, "loss_g": loss_g, "nan_samples": dropped}
 
 
 # ================================================================================================================

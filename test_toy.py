@@ -1729,7 +1729,7 @@ def test_noise_level_and_weight_flags_reach_the_losses(method, argv, monkeypatch
     torch.manual_seed(0)
     nets = mod.build_networks(args, info, common.build_denoiser(args, info), dist.device)
     nets.fake = _SigmaRecorder(nets.fake)
-    nets.generator_t, nets.fake_t = nets.generator, nets.fake
+    nets.generator_t, nets.fake_t, nets.head_t = nets.generator, nets.fake, None  # as main() sets them
     teacher = _SigmaRecorder(common.AnalyticDenoiser(info.mixture, info.shape))
     opt_g, opt_f = (common.AmpOptimizer(torch.optim.Adam(n.parameters(), lr=1e-4), args, dist.device)
                     for n in (nets.generator, nets.fake))
@@ -2952,6 +2952,76 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
     assert (record / "exit1.jsonl").read_text().split() == ["143"]
     assert f"signal 15 received; checkpoint saved at iteration {step}" in err
     assert len(common.load_checkpoint(run / "ckpt.pt")["rng_ranks"]) == 2
+
+
+_ACCUMULATION_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import common, sid, dmd2, add
+DIST = []
+
+def one_update(mod, argv):
+    # one train_iteration from the same seeds, with SGD(lr 0.1), so that each parameter moves by -0.1 x its gradient
+    args = mod.parse_args(["--dataset", "synthetic", "--resolution", "8", "--preset", "tiny", "--device", "cpu"]
+                          + argv)
+    if not DIST:
+        DIST.append(common.init_distributed(args))  # one process group for all the runs
+    dist = DIST[0]
+    info = common.dataset_info(args)
+    torch.manual_seed(0)  # the same networks on every rank
+    nets = mod.build_networks(args, info, common.build_denoiser(args, info).eval().requires_grad_(False), dist.device)
+    second = nets.disc if mod is add else nets.fake
+    extra = [nets.head] if getattr(nets, "head", None) is not None else []
+    trained = [nets.generator, second] + extra
+    opt_g = common.AmpOptimizer(torch.optim.SGD(nets.generator.parameters(), lr=0.1), args, dist.device)
+    opt_2 = common.AmpOptimizer(torch.optim.SGD([p for n in [second] + extra for p in n.parameters()], lr=0.1), args,
+                                dist.device)
+    nets.generator_t = common.wrap(nets.generator, args, dist)
+    if mod is add:
+        nets.disc_t = common.wrap(nets.disc, args, dist)
+    else:
+        nets.fake_t = common.wrap(nets.fake, args, dist)
+        nets.head_t = common.wrap(nets.head, args, dist) if extra else None
+    torch.manual_seed(1 + dist.rank)  # the iteration's draws
+    batches = common.real_batches(args, info, dist) if mod is not sid else None
+    out = mod.train_iteration(args, info, dist, nets.generator, nets, opt_g, opt_2, 0, batches)
+    return [p.detach().clone() for n in trained for p in n.parameters()], {k: float(v) for k, v in out.items()}
+
+result = {}
+for mod in (sid, dmd2, add):
+    flags = sys.argv[3:] + (["--fake-updates", "1"] if mod is dmd2 else [])
+    (whole, w_out), (rounds, r_out) = one_update(mod, flags), one_update(mod, flags + ["--batch-gpu", sys.argv[2]])
+    result[mod.METHOD] = {"param": max(float((a - b).abs().max()) for a, b in zip(whole, rounds)),
+                          "scale": max(float(a.abs().max()) for a in whole),
+                          "loss": max(abs(w_out[k] - r_out[k]) / max(abs(w_out[k]), 1e-3) for k in w_out),
+                          "rank_sum": float(sum(p.double().sum() for p in rounds))}
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_batch_gpu_accumulation_matches_the_whole_batch(tmp_path, processes):
+    """--batch-gpu: one update of each method (SiD, DMD2 with its GAN, ADD with R1) over this rank's batch of 8 in
+    4 rounds of 2 (common.rounds, DDP's no_sync on all but the last) moves every parameter as the same update over
+    the whole batch at once, from the same draws, to float tolerance: in one process and under torchrun with 2 gloo
+    ranks (global batch 16), where both ranks also end with the same parameters."""
+    import subprocess
+    import sys
+    (tmp_path / "driver.py").write_text(_ACCUMULATION_DRIVER)
+    launch = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    r = subprocess.run(launch + [str(tmp_path / "driver.py"), str(REPO), "2", "--batch", str(8 * processes)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in r.stdout.splitlines() if "RESULT " in line]
+    assert len(ranks) == processes
+    for method, res in ranks[0].items():
+        # SGD(0.1) moves each parameter by 0.1 x its gradient; the rounds sum the same terms in another order
+        assert res["param"] <= 1e-5 * max(res["scale"], 1.0), (method, res)
+        assert res["loss"] < 1e-5, (method, res)
+        assert all(other[method]["rank_sum"] == res["rank_sum"] for other in ranks), method
 
 
 # --------------------------------------------------------------------------------------------------------------
