@@ -43,6 +43,7 @@ import copy
 import gc
 import collections
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -1273,9 +1274,9 @@ def imagenet64_npy(data_dir, cache_dir=None):
 def _read_rows(array, rows, out):
     """out[j] = array[rows[j]] for a memory-mapped .npy `array` and sorted `rows`, read from its file with os.preadv,
     each run of consecutive rows in one call, straight into `out` (C-contiguous). Gathering through the map instead
-    (np.take) maps whole page-cache folios around each row into the process (80 MB for a batch of 64, measured in
-    assets/results.md), which then count in its resident set; a read maps nothing. Where os.preadv is missing
-    (Windows), through the map."""
+    (np.take) maps whole page-cache folios around each row into the process, where they stay and count in its
+    resident set (measured: +26 MB a batch of 64, 2.6 GB after 100 batches of a 2.9 GB file; assets/results.md); a
+    read maps nothing. Where os.preadv is missing (Windows), through the map."""
     if not hasattr(os, "preadv"):
         return np.take(array, rows, axis=0, out=out)
     row = array.strides[0]
@@ -2161,10 +2162,13 @@ def wrap(net, args, dist, compile=True):
     compile=False, for networks whose losses need a double backward, which torch.compile does not support).
     Keep the plain module for EMA, checkpoints and frozen (no-grad-to-parameters) uses."""
     if dist.world > 1:
-        # broadcast_buffers=False, as SiD's authors (training/sid_training_loop.py): the networks' buffers (fixed
-        # resampling filters) are equal on every rank from the start, so rank 0's need not be sent before every forward
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        # Buffers not sent before every forward (SiD's authors: broadcast_buffers=False, training/sid_training_loop.py):
+        # the networks' only buffers are fixed resampling filters, equal on every rank. torch >= 2.14 calls the flag
+        # forward_sync_buffers.
+        ddp = nn.parallel.DistributedDataParallel
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+            "broadcast_buffers"
+        net = ddp(net, device_ids=[dist.device] if dist.device.type == "cuda" else None, **{flag: False})
     if args.compile and compile:
         net = torch.compile(net, backend=args.compile_backend)
     return net

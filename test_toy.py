@@ -15,6 +15,7 @@ skipped (with the reason) otherwise.
 """
 
 
+import contextlib
 import fcntl
 import json
 import math
@@ -2617,7 +2618,7 @@ def logged_resume(self, objects):
 
 def checked_wrap(net, args, dist, compile=True):
     out = wrap(net, args, dist, compile)
-    assert out.broadcast_buffers is False
+    assert getattr(out, "forward_sync_buffers", getattr(out, "broadcast_buffers", None)) is False
     return out
 
 common.Run.save, common.Run.resume, common.wrap = logged_save, logged_resume, checked_wrap
@@ -2642,14 +2643,24 @@ def _torchrun(tmp_path, record, flags):
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _finish(proc, timeout=120):
-    """(return code, stderr) of a _torchrun process; the whole session is killed if it outlives the timeout."""
+def _kill_all(proc, record):
+    """SIGKILL a _torchrun process and its workers (each in a session of its own, their pids in `record`)."""
     import signal
+    for pid in record.glob("pid*"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _finish(proc, record, timeout=120):
+    """(return code, stderr) of a _torchrun process. One that outlives the timeout (ranks that wait on each other
+    forever) is killed with its workers and fails the test."""
     import subprocess
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc, record)
         _, err = proc.communicate()
         pytest.fail(f"torchrun did not end within {timeout} s: {err[-3000:]}")
     return proc.returncode, err
@@ -2666,9 +2677,10 @@ def test_torchrun_resume_restores_every_ranks_rng(toy_teacher, tmp_path):
     states each held when it saved), so a resumed multi-process run draws what the uninterrupted one would have."""
     record = tmp_path / "record"
     flags = _tiny_method_flags(toy_teacher, tmp_path / "run", 4)
-    code, err = _finish(_torchrun(tmp_path, record, flags))
+    code, err = _finish(_torchrun(tmp_path, record, flags), record)
     assert code == 0, err[-3000:]
-    code, err = _finish(_torchrun(tmp_path, record, _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]))
+    code, err = _finish(_torchrun(tmp_path, record, _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]),
+                        record)
     assert code == 0, err[-3000:]
     saved = [torch.load(record / f"saved{rank}-4.pt", weights_only=True) for rank in range(2)]
     resumed = [torch.load(record / f"resumed{rank}-4.pt", weights_only=True) for rank in range(2)]
@@ -2686,12 +2698,16 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
     record, run = tmp_path / "record", tmp_path / "run"
     flags = _tiny_method_flags(toy_teacher, run, 10**6) + ["--ckpt-every", str(10**6), "--log-every", "10"]
     proc = _torchrun(tmp_path, record, flags)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").is_file() and "loss" in (run / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.kill(int((record / "pid1").read_text()), signal.SIGTERM)
-    code, err = _finish(proc)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and "loss" in (run / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, "no training logged"
+            time.sleep(0.05)
+        os.kill(int((record / "pid1").read_text()), signal.SIGTERM)
+    except BaseException:
+        _kill_all(proc, record)
+        raise
+    code, err = _finish(proc, record)
     assert code != 0
     saves = [[json.loads(line) for line in (record / f"saves{rank}.jsonl").read_text().splitlines()]
              for rank in range(2)]
