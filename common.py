@@ -28,12 +28,15 @@ Sections, in file order (search for the banner):
     DATA FILES              imagenet64_npy (the npz files converted once into one .npy), _read_rows, _mapped_batches
     NVIDIA'S PRETRAINED EDM NETWORKS
                             read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
-    CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
+    CHECKPOINTS             save_checkpoint (atomic, every rank's RNG states), load_checkpoint (weights_only), restore
+    THE TEACHER'S REFERENCE, CACHED
+                            teacher_reference_cache, load_teacher_reference, save_teacher_reference
     RUN FOLDER              Run (never overwritten, one live process), hold_folder
     ARGUMENTS               base_parser, parse_args (per-dataset defaults, validation)
-    DISTRIBUTED             init_distributed, wrap / unwrap (DDP, torch.compile)
+    DISTRIBUTED             Dist (rank 0's object to all, a gather, agreement on a maximum), init_distributed,
+                            wrap / unwrap (DDP, torch.compile)
     PICTURES                save_picture, side_by_side
-    FID                     fid, fid_reference, fid_detector, downloads with checksums
+    FID                     fid, fid_reference (--fid-ref edm / data / PATH), fid_detector, downloads with checksums
     BENCHMARK               bench (--bench), bench_compare
     MAIN                    python common.py: the teacher alone
 """
@@ -921,10 +924,10 @@ class Bookkeeping:
 
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
     the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
-    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that the `optimizers` (AmpOptimizers) skipped for
-    a non-finite loss, keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
-    --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
-    progress bar counts the iterations."""
+    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
+    the `optimizers` (AmpOptimizers) skipped for a non-finite loss, keeping the last good checkpoint. A finished run
+    that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains no further.
+    `metrics` holds the latest evaluation; the progress bar counts the iterations."""
 
     def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
         self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
@@ -2741,7 +2744,7 @@ def main(argv=None):
     metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist,
                           tag=f"teacher-{nfe}nfe")
     result = {"teacher": metrics, "nfe": nfe, "params": unet.count_params(teacher_net),
-              "wall_s": round(time.time() - t0, 1)}
+              "wall_s": round(time.time() - t0, 1), **fid_ref_record(args, metrics)}
     if info.mixture is not None:
         exact, x_exact = evaluate(args, info, teacher_sampler(AnalyticDenoiser(info.mixture, info.shape, info.cond),
                                                               args.teacher_steps), dist, tag="analytic")

@@ -2320,8 +2320,10 @@ def test_teacher_reference_is_sampled_once_then_read_from_beside_the_teacher(tmp
     det = _standin_detector(tmp_path / "det.pt")
     calls = []
     sampler = common.teacher_sampler
-    monkeypatch.setattr(common, "teacher_sampler", lambda teacher, steps: calls.append(steps) or sampler(teacher, steps))
-    fid = ["--fid-samples", "64", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"), "--teacher-steps", "4"]
+    monkeypatch.setattr(common, "teacher_sampler",
+                        lambda teacher, steps: calls.append(steps) or sampler(teacher, steps))
+    fid = ["--fid-samples", "64", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"),
+           "--teacher-steps", "4"]
 
     def run(name, iters, extra=()):
         return sid.main(_synthetic_flags(tmp_path / "teachers", tmp_path / name, iters) + fid + list(extra))
@@ -2679,8 +2681,8 @@ def test_torchrun_resume_restores_every_ranks_rng(toy_teacher, tmp_path):
     flags = _tiny_method_flags(toy_teacher, tmp_path / "run", 4)
     code, err = _finish(_torchrun(tmp_path, record, flags), record)
     assert code == 0, err[-3000:]
-    code, err = _finish(_torchrun(tmp_path, record, _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]),
-                        record)
+    resume = _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]
+    code, err = _finish(_torchrun(tmp_path, record, resume), record)
     assert code == 0, err[-3000:]
     saved = [torch.load(record / f"saved{rank}-4.pt", weights_only=True) for rank in range(2)]
     resumed = [torch.load(record / f"resumed{rank}-4.pt", weights_only=True) for rank in range(2)]
