@@ -881,14 +881,14 @@ def test_imagenet64_npz_and_folder(tmp_path):
         common.real_batches(args, common.dataset_info(args), common.Dist())
 
 
-def _fake_imagenet64(folder, files, rows):
+def _fake_imagenet64(folder, files, rows, save=np.savez):
     """`files` npz batches of `rows` fake 64x64 images in the official layout: image i has every value
     (i % 1000) % 256 and label i % 1000 + 1, so a batch shows whether images and labels stayed paired."""
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(files):
         i = np.arange(k * rows, (k + 1) * rows)
         data = np.repeat((i % 1000 % 256).astype(np.uint8)[:, None], 12288, axis=1)
-        np.savez(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
+        save(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
     return folder
 
 
@@ -908,7 +908,7 @@ def test_imagenet64_converted_once_and_again_when_a_source_changes(tmp_path):
     stamp = (cache / "imagenet64-images.npy").stat().st_mtime_ns
     common.load_imagenet64_npz(data, cache)
     assert (cache / "imagenet64-images.npy").stat().st_mtime_ns == stamp  # read, not converted again
-    _fake_imagenet64(data, 1, 70)  # train_data_batch_1.npz rewritten with 70 rows
+    _fake_imagenet64(data, 1, 70, np.savez_compressed)  # train_data_batch_1.npz rewritten: 70 rows, compressed
     images, labels = common.load_imagenet64_npz(data, cache)
     assert images.shape == (170, 3, 64, 64) and labels.tolist() == list(range(70)) + list(range(50, 150))
     assert not list(cache.glob("*.part"))
