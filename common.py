@@ -54,10 +54,12 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1182,7 +1184,6 @@ def _npz_rows(member, f):
 
 def _open_data(f):
     """The `data` member of an npz file, as a stream (np.savez or np.savez_compressed)."""
-    import zipfile
     try:
         archive = zipfile.ZipFile(f)
         return archive, archive.open("data.npy")
@@ -1203,7 +1204,6 @@ def convert_imagenet64(sources, cache, manifest):
         with archive, member:
             counts.append(_npz_rows(member, f))
     n = sum(counts)
-    import shutil
     if shutil.disk_usage(cache).free < n * ROW_BYTES * 1.01:
         raise UserError(f"converting ImageNet-64 needs {n * ROW_BYTES / 1e9:.1f} GB in {cache}, which has "
                         f"{shutil.disk_usage(cache).free / 1e9:.1f} GB free; pass --data-cache DIR")
@@ -1211,7 +1211,8 @@ def convert_imagenet64(sources, cache, manifest):
     labels = []
     try:
         with open(tmp[images_path], "wb") as out:
-            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)})
+            header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)}
+            np.lib.format.write_array_header_1_0(out, header)
             bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
             for f, count in zip(sources, counts):
                 archive, member = _open_data(f)
