@@ -32,12 +32,15 @@ Sections, in file order (search for the banner):
     DATA FILES              imagenet64_npy (the npz files converted once into one .npy), _read_rows, _mapped_batches
     NVIDIA'S PRETRAINED EDM NETWORKS
                             read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
-    CHECKPOINTS             save_checkpoint (atomic), load_checkpoint (weights_only), restore
+    CHECKPOINTS             save_checkpoint (atomic, every rank's RNG states), load_checkpoint (weights_only), restore
+    THE TEACHER'S REFERENCE, CACHED
+                            teacher_reference_cache, load_teacher_reference, save_teacher_reference
     RUN FOLDER              Run (never overwritten, one live process), hold_folder
     ARGUMENTS               base_parser, parse_args (per-dataset defaults, validation)
-    DISTRIBUTED             init_distributed, wrap / unwrap (DDP, torch.compile)
+    DISTRIBUTED             Dist (rank 0's object to all, a gather, agreement on a maximum), init_distributed,
+                            wrap / unwrap (DDP, torch.compile)
     PICTURES                save_picture, side_by_side
-    FID                     fid, fid_reference, fid_detector, downloads with checksums
+    FID                     fid, fid_reference (--fid-ref edm / data / PATH), fid_detector, downloads with checksums
     EXPORT                  seed_noise (image i from seed i), export_samples (--export: PNGs, .npz),
                             legacy_generator_meta (generator files saved before they described themselves)
     BENCHMARK               bench (--bench), bench_compare
@@ -50,6 +53,7 @@ import gc
 import collections
 import hashlib
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -1341,7 +1345,6 @@ def _npz_rows(member, f):
 
 def _open_data(f):
     """The `data` member of an npz file, as a stream (np.savez or np.savez_compressed)."""
-    import zipfile
     try:
         archive = zipfile.ZipFile(f)
         return archive, archive.open("data.npy")
@@ -1378,7 +1381,6 @@ def convert_imagenet64(sources, cache, manifest):
     images_path, labels_path, manifest_path = (cache / name for name in IMAGENET64_FILES)
     counts = checked_row_counts(sources)  # the output's header, which holds the row count, comes before its rows
     n = sum(counts)
-    import shutil
     if shutil.disk_usage(cache).free < n * ROW_BYTES * 1.01:
         raise UserError(f"converting ImageNet-64 needs {n * ROW_BYTES / 1e9:.1f} GB in {cache}, which has "
                         f"{shutil.disk_usage(cache).free / 1e9:.1f} GB free; pass --data-cache DIR")
@@ -1386,7 +1388,8 @@ def convert_imagenet64(sources, cache, manifest):
     labels = []
     try:
         with open(tmp[images_path], "wb") as out:
-            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)})
+            header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)}
+            np.lib.format.write_array_header_1_0(out, header)
             bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
             for f, count in zip(sources, counts):
                 archive, member = _open_data(f)
@@ -1451,9 +1454,9 @@ def imagenet64_npy(data_dir, cache_dir=None):
 def _read_rows(array, rows, out):
     """out[j] = array[rows[j]] for a memory-mapped .npy `array` and sorted `rows`, read from its file with os.preadv,
     each run of consecutive rows in one call, straight into `out` (C-contiguous). Gathering through the map instead
-    (np.take) maps whole page-cache folios around each row into the process (80 MB for a batch of 64, measured in
-    assets/results.md), which then count in its resident set; a read maps nothing. Where os.preadv is missing
-    (Windows), through the map."""
+    (np.take) maps whole page-cache folios around each row into the process, where they stay and count in its
+    resident set (measured: +26 MB a batch of 64, 2.6 GB after 100 batches of a 2.9 GB file; assets/results.md); a
+    read maps nothing. Where os.preadv is missing (Windows), through the map."""
     if not hasattr(os, "preadv"):
         return np.take(array, rows, axis=0, out=out)
     row = array.strides[0]
@@ -2548,10 +2551,13 @@ def wrap(net, args, dist, compile=True):
     compile=False, for networks whose losses need a double backward, which torch.compile does not support).
     Keep the plain module for EMA, checkpoints and frozen (no-grad-to-parameters) uses."""
     if dist.world > 1:
-        # broadcast_buffers=False, as SiD's authors (training/sid_training_loop.py): the networks' buffers (fixed
-        # resampling filters) are equal on every rank from the start, so rank 0's need not be sent before every forward
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        # Buffers not sent before every forward (SiD's authors: broadcast_buffers=False, training/sid_training_loop.py):
+        # the networks' only buffers are fixed resampling filters, equal on every rank. torch >= 2.14 calls the flag
+        # forward_sync_buffers.
+        ddp = nn.parallel.DistributedDataParallel
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+            "broadcast_buffers"
+        net = ddp(net, device_ids=[dist.device] if dist.device.type == "cuda" else None, **{flag: False})
     if args.compile and compile:
         net = torch.compile(net, backend=args.compile_backend)
     return net
@@ -3278,7 +3284,7 @@ def main(argv=None):
     metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist,
                           tag=f"teacher-{nfe}nfe")
     result = {"teacher": metrics, "nfe": nfe, "params": unet.count_params(teacher_net),
-              "wall_s": round(time.time() - t0, 1)}
+              "wall_s": round(time.time() - t0, 1), **fid_ref_record(args, metrics)}
     if info.mixture is not None:
         exact, x_exact = evaluate(args, info, teacher_sampler(AnalyticDenoiser(info.mixture, info.shape, info.cond),
                                                               args.teacher_steps), dist, tag="analytic")

@@ -16,6 +16,7 @@ skipped (with the reason) otherwise.
 """
 
 
+import contextlib
 import fcntl
 import json
 import math
@@ -881,14 +882,14 @@ def test_imagenet64_npz_and_folder(tmp_path):
         common.real_batches(args, common.dataset_info(args), common.Dist())
 
 
-def _fake_imagenet64(folder, files, rows):
+def _fake_imagenet64(folder, files, rows, save=np.savez):
     """`files` npz batches of `rows` fake 64x64 images in the official layout: image i has every value
     (i % 1000) % 256 and label i % 1000 + 1, so a batch shows whether images and labels stayed paired."""
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(files):
         i = np.arange(k * rows, (k + 1) * rows)
         data = np.repeat((i % 1000 % 256).astype(np.uint8)[:, None], 12288, axis=1)
-        np.savez(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
+        save(folder / f"train_data_batch_{k + 1}.npz", data=data, labels=i % 1000 + 1)
     return folder
 
 
@@ -908,7 +909,7 @@ def test_imagenet64_converted_once_and_again_when_a_source_changes(tmp_path):
     stamp = (cache / "imagenet64-images.npy").stat().st_mtime_ns
     common.load_imagenet64_npz(data, cache)
     assert (cache / "imagenet64-images.npy").stat().st_mtime_ns == stamp  # read, not converted again
-    _fake_imagenet64(data, 1, 70)  # train_data_batch_1.npz rewritten with 70 rows
+    _fake_imagenet64(data, 1, 70, np.savez_compressed)  # train_data_batch_1.npz rewritten: 70 rows, compressed
     images, labels = common.load_imagenet64_npz(data, cache)
     assert images.shape == (170, 3, 64, 64) and labels.tolist() == list(range(70)) + list(range(50, 150))
     assert not list(cache.glob("*.part"))
@@ -2325,8 +2326,10 @@ def test_teacher_reference_is_sampled_once_then_read_from_beside_the_teacher(tmp
     det = _standin_detector(tmp_path / "det.pt")
     calls = []
     sampler = common.teacher_sampler
-    monkeypatch.setattr(common, "teacher_sampler", lambda teacher, steps: calls.append(steps) or sampler(teacher, steps))
-    fid = ["--fid-samples", "64", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"), "--teacher-steps", "4"]
+    monkeypatch.setattr(common, "teacher_sampler",
+                        lambda teacher, steps: calls.append(steps) or sampler(teacher, steps))
+    fid = ["--fid-samples", "64", "--fid-detector", str(det), "--fid-dir", str(tmp_path / "fid"),
+           "--teacher-steps", "4"]
 
     def run(name, iters, extra=()):
         return sid.main(_synthetic_flags(tmp_path / "teachers", tmp_path / name, iters) + fid + list(extra))
@@ -2869,7 +2872,7 @@ def logged_resume(self, objects):
 
 def checked_wrap(net, args, dist, compile=True):
     out = wrap(net, args, dist, compile)
-    assert out.broadcast_buffers is False
+    assert getattr(out, "forward_sync_buffers", getattr(out, "broadcast_buffers", None)) is False
     return out
 
 common.Run.save, common.Run.resume, common.wrap = logged_save, logged_resume, checked_wrap
@@ -2894,14 +2897,24 @@ def _torchrun(tmp_path, record, flags):
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _finish(proc, timeout=120):
-    """(return code, stderr) of a _torchrun process; the whole session is killed if it outlives the timeout."""
+def _kill_all(proc, record):
+    """SIGKILL a _torchrun process and its workers (each in a session of its own, their pids in `record`)."""
     import signal
+    for pid in record.glob("pid*"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _finish(proc, record, timeout=120):
+    """(return code, stderr) of a _torchrun process. One that outlives the timeout (ranks that wait on each other
+    forever) is killed with its workers and fails the test."""
     import subprocess
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc, record)
         _, err = proc.communicate()
         pytest.fail(f"torchrun did not end within {timeout} s: {err[-3000:]}")
     return proc.returncode, err
@@ -2918,9 +2931,10 @@ def test_torchrun_resume_restores_every_ranks_rng(toy_teacher, tmp_path):
     states each held when it saved), so a resumed multi-process run draws what the uninterrupted one would have."""
     record = tmp_path / "record"
     flags = _tiny_method_flags(toy_teacher, tmp_path / "run", 4)
-    code, err = _finish(_torchrun(tmp_path, record, flags))
+    code, err = _finish(_torchrun(tmp_path, record, flags), record)
     assert code == 0, err[-3000:]
-    code, err = _finish(_torchrun(tmp_path, record, _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]))
+    resume = _tiny_method_flags(toy_teacher, tmp_path / "run", 6) + ["--resume"]
+    code, err = _finish(_torchrun(tmp_path, record, resume), record)
     assert code == 0, err[-3000:]
     saved = [torch.load(record / f"saved{rank}-4.pt", weights_only=True) for rank in range(2)]
     resumed = [torch.load(record / f"resumed{rank}-4.pt", weights_only=True) for rank in range(2)]
@@ -2938,12 +2952,16 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
     record, run = tmp_path / "record", tmp_path / "run"
     flags = _tiny_method_flags(toy_teacher, run, 10**6) + ["--ckpt-every", str(10**6), "--log-every", "10"]
     proc = _torchrun(tmp_path, record, flags)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").is_file() and "loss" in (run / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.kill(int((record / "pid1").read_text()), signal.SIGTERM)
-    code, err = _finish(proc)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and "loss" in (run / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, "no training logged"
+            time.sleep(0.05)
+        os.kill(int((record / "pid1").read_text()), signal.SIGTERM)
+    except BaseException:
+        _kill_all(proc, record)
+        raise
+    code, err = _finish(proc, record)
     assert code != 0
     saves = [[json.loads(line) for line in (record / f"saves{rank}.jsonl").read_text().splitlines()]
              for rank in range(2)]
