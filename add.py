@@ -81,6 +81,7 @@ Commands
 
 import argparse
 import copy
+import functools
 import math
 import time
 from types import SimpleNamespace
@@ -177,6 +178,12 @@ def student_levels():
     s = torch.stack([table[t - 1] for t in STUDENT_T])
     s[0] = common.SIGMA_MAX
     return s
+
+
+@functools.lru_cache(maxsize=None)
+def levels_on(device):
+    """student_levels() as float32 on `device`, made once per device (not copied from the host every iteration)."""
+    return student_levels().to(device=device, dtype=torch.float32)
 
 
 def sampling_levels(steps, num_levels=len(STUDENT_T)):
@@ -312,7 +319,7 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches
     x0, labels = next(batches)  # (B, *shape) real data in [-1, 1]
     labels = labels if info.cond else None
     B = x0.shape[0]
-    sigmas = student_levels().to(device=device, dtype=torch.float32)
+    sigmas = levels_on(device)  # (4,) float32
     use_disc = args.adv_weight > 0
     disc, teacher_net = common.unwrap(nets.disc), nets.feature_net
     out = {}
@@ -499,10 +506,10 @@ def main(argv=None):
     # The method's networks and optimizers: the student G (a copy of the teacher) and the discriminator heads.
     nets = build_networks(args, info, teacher_net, device)
     common.init_generator(args, nets.generator, nets.ema)  # --init-generator: a saved generator instead
-    opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.99)),
-                                args, device)
-    opt_d = common.AmpOptimizer(torch.optim.Adam(nets.disc.parameters(), lr=args.lr_d, betas=(0.0, 0.99)),
-                                args, device)
+    opt_g = common.AmpOptimizer(common.adam(nets.generator.parameters(), device, lr=args.lr_g,
+                                            betas=(0.0, 0.99)), args, device)
+    opt_d = common.AmpOptimizer(common.adam(nets.disc.parameters(), device, lr=args.lr_d,
+                                            betas=(0.0, 0.99)), args, device)
     # R1's double backward fails under torch.compile ("aot_autograd does not currently support double backward"),
     # so the (small) heads get DDP only, never --compile.
     nets.generator_t, nets.disc_t = common.wrap(nets.generator, args, dist), common.wrap(nets.disc, args, dist,
@@ -514,8 +521,9 @@ def main(argv=None):
     def sampler(steps=None):  # the EMA student's samples
         return common.student_sampler(nets.ema, student_sigmas(args, steps), args, device)
 
+    teacher_t = common.frozen(teacher, args)  # its passes in an iteration, compiled with --compile
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher, nets, opt_g,
+        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher_t, nets, opt_g,
                             opt_d, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
@@ -534,7 +542,7 @@ def main(argv=None):
             lr_g, lr_d = learning_rates(args, step)
             opt_g.set_lr(lr_g)
             opt_d.set_lr(lr_d)
-            losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches)
+            losses = train_iteration(args, info, dist, teacher_t, nets, opt_g, opt_d, step, batches)
             common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips

@@ -75,6 +75,7 @@ import numpy as np
 import scipy.linalg
 import scipy.stats
 import torch
+import torch.utils._python_dispatch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -256,7 +257,10 @@ def column(v, x):
 
 def _as_column(sigma, x):
     """sigma as a float32 (B,) tensor, and viewed as (B, 1, ..., 1) to broadcast against x."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+    else:  # a number (a sampler's level): filled on the device, not copied from the host (a sync per call on CUDA)
+        sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
     return sigma, sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -554,6 +558,8 @@ def sample_labels(info, n, device, generator=None):
     """Uniform random class labels (n,) for conditional models, None otherwise (data-free label sampling)."""
     if not info.cond:
         return None
+    if generator is None:  # drawn on the device: no host-to-device copy
+        return torch.randint(info.num_classes, (n,), device=device)
     return torch.randint(info.num_classes, (n,), device="cpu", generator=generator).to(device)
 
 
@@ -561,7 +567,7 @@ def balanced_labels(info, n, device, offset=0):
     """Class-balanced labels for evaluation: offset, offset+1, ... mod K; None for unconditional models."""
     if not info.cond:
         return None
-    return (torch.arange(offset, offset + n) % info.num_classes).to(device)
+    return torch.arange(offset, offset + n, device=device) % info.num_classes
 
 
 def _mixture_batches(mixture, info, batch, device):
@@ -732,11 +738,11 @@ def build_denoiser(args, info):
 
 def train_teacher(args, info, dist, folder):
     """EDM training (Karras et al. 2022, Sec. 5): Adam(0.9, 0.999), lr warm-up over --teacher-rampup kimg,
-    EMA with --teacher-ema half-life, nan_to_num on gradients, AMP per --amp. Resumable: an interrupted run
+    EMA with --teacher-ema half-life, non-finite steps skipped, AMP per --amp. Resumable: an interrupted run
     continues from folder/ckpt.pt the next time the teacher is asked for. Writes folder/teacher.pt (EMA)."""
     net = build_denoiser(args, info).to(dist.device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = AmpOptimizer(torch.optim.Adam(net.parameters(), lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8),
+    opt = AmpOptimizer(adam(net.parameters(), dist.device, lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8),
                        args, dist.device)
     net_t = wrap(net, args, dist)
     targs = copy.copy(args)
@@ -853,6 +859,33 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def adam(params, device, adamw=False, **kw):
+    """torch.optim.Adam (AdamW with adamw=True) updating all tensors at once: fused kernels on CUDA, foreach on the
+    CPU (one call per group of tensors instead of a Python loop over them)."""
+    # the CPU's foreach Adam is bit-identical to torch's loop over tensors (its fused kernel differs by ~1e-7), so
+    # the CPU's measured trajectories stay those of the plain loop; on CUDA, fused skips a step on the device
+    mode = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return (torch.optim.AdamW if adamw else torch.optim.Adam)(params, **kw, **mode)
+
+
+# Activation memory saved for backward per sample (MiB, fp32; bf16 needs less), measured on the CPU for the presets
+# the papers' runs use, and the networks' graphs the largest update of each method holds at once (SiD's generator
+# step: generator, teacher, fake score). --batch-gpu's default on CUDA is sized from these.
+ACTIVATION_MIB = {"cifar10": 43.7, "edm-cifar10": 129.0, "edm-imagenet64": 771.0}
+GRAPHS = {"sid": 3, "dmd2": 2, "add": 2, "teacher": 1}
+
+
+def fitting_batch_gpu(args, device, world):
+    """--batch-gpu's default: on CUDA, the most rows per round whose graphs fit in 7/8 of the GPU's memory (70 GiB of
+    an 80 GB card), from ACTIVATION_MIB and GRAPHS; None (the rank's whole share in one round) when the share fits,
+    on the CPU, or for a preset without a measurement."""
+    if device.type != "cuda" or args.preset not in ACTIVATION_MIB:
+        return None
+    budget_mib = torch.cuda.get_device_properties(device).total_memory / 2 ** 20 * 7 / 8
+    rows = int(budget_mib / (ACTIVATION_MIB[args.preset] * GRAPHS.get(args.method, 3)))
+    return max(rows, 1) if rows < args.batch // world else None
+
+
 def rounds(batch, batch_gpu, *trained):
     """Gradient accumulation (--batch-gpu): this rank's `batch` rows in rounds of at most batch_gpu rows (None: one
     round). Yields (rows, share): the round's slice of the batch and its share rows / batch, by which a batch-mean
@@ -877,19 +910,26 @@ def pick(v, rows):
 
 
 class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the gradient hygiene every update needs. The
-    three calls of one update, as each training iteration writes them:
+    """An optimizer with its own GradScaler (active for fp16 only) and the check every update needs. The three calls
+    of one update, as each training iteration writes them:
         opt.zero_grad()
-        opt.backward(loss)   # loss.backward(), the loss scaled under fp16; a non-finite loss is not back-propagated
-        opt.step()           # unscale -> nan_to_num -> clip -> optimizer step; skipped after a non-finite loss
-    Under torchrun every rank skips together (a non-finite loss on any rank)."""
+        opt.backward(loss)   # loss.backward(), the loss scaled under fp16 (once per round of --batch-gpu)
+        opt.step()           # skipped when the loss or a gradient was non-finite; then clip and step
+    A step whose loss or gradients hold a NaN or an infinity is skipped (parameters and optimizer state untouched)
+    and counted toward --max-skips; under torchrun every rank skips together. The decision stays on the device: with
+    a fused optimizer (common.adam on CUDA) the optimizer kernel reads it, so an update makes no host-device sync.
+    Other optimizers (the CPU's foreach Adam, bit-identical to the loop) and fp16 read it on the host."""
 
     def __init__(self, optimizer, args, device, clip=None):
         self.opt, self.clip = optimizer, clip
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
-        self.skipped = 0  # consecutive steps skipped for a non-finite loss
-        self.skip_this = False  # the current update's loss was non-finite
+        # fused kernels take a found_inf tensor and skip the step themselves (torch's GradScaler protocol)
+        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not self.scaler.is_enabled()
+        self.found = torch.zeros((), device=device)  # 1 once this step's loss or a gradient is non-finite
+        self.one = torch.ones((), device=device)
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
+        self.longest = torch.zeros((), device=device)  # the longest streak since Bookkeeping last looked
         self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
         self.lrs = [optimizer.param_groups[0]["lr"]]  # the learning rates set_lr last asked for
 
@@ -900,48 +940,54 @@ class AmpOptimizer:
 
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
-        self.skip_this = False
+        self.found.zero_()
 
     def backward(self, loss):
-        """loss.backward() into this optimizer's parameters (loss scaled by the GradScaler under fp16), unless the
-        loss is non-finite: then nothing is back-propagated and the coming step() is skipped (counted toward
-        --max-skips). Called once per round of --batch-gpu: after one non-finite round the later rounds of the
-        step back-propagate nothing either. Returns whether it back-propagated."""
-        if self.skip_this:  # an earlier round of this step (on some rank) was non-finite
-            return False
-        finite = torch.isfinite(loss).all()
-        if torch.distributed.is_initialized():
-            # every rank skips together: a rank that skipped backward alone would leave the others waiting in DDP's
-            # gradient all-reduce forever
-            finite = finite.float()
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            finite = finite > 0
-        self.skip_this = not bool(finite)
-        if self.skip_this:
-            return False
+        """loss.backward() into this optimizer's parameters (scaled by the GradScaler under fp16); a non-finite loss
+        marks the coming step() to be skipped. Called once per round of --batch-gpu."""
+        self.found.add_(~torch.isfinite(loss.detach()).all())  # on the device: no sync
         self.scaler.scale(loss).backward()
-        return True
 
     def step(self):
-        """Unscale, clean (nan_to_num) and clip the gradients, then step; nothing after a skipped backward.
-        Returns whether it stepped (the GradScaler may still skip an fp16 step whose gradients overflowed)."""
+        """Skip the step if its loss or gradients were non-finite, else clip the gradients (--grad-clip) and step."""
         lr = self.lrs.pop(0) if len(self.lrs) > 1 else self.lrs[0]  # a skipped step uses up its rate too
-        if self.skip_this:
-            self.skipped += 1
-            return False
-        self.skipped = 0
-        self.scaler.unscale_(self.opt)
-        for p in self.params:
-            if p.grad is not None:
-                # EDM's and SiD's gradient hygiene: NaN -> 0, +-inf -> +-1e5 (then the clip, if any, bounds the norm)
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return True
+        if self.scaler.is_enabled():  # fp16: gradients divided by the loss scale (overflow is the scaler's to skip)
+            self.scaler.unscale_(self.opt)
+        else:  # one multi-tensor kernel over all gradients: found = 1 if any is non-finite (each multiplied by 1)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
+        if torch.distributed.is_initialized():  # every rank skips together (a collective on the device, no sync)
+            torch.distributed.all_reduce(self.found, op=torch.distributed.ReduceOp.MAX)
+        self.found.clamp_(max=1)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)  # foreach norms, no sync
+        if self.on_device:  # the fused kernel skips the update and leaves its state when found_inf = 1
+            self.opt.found_inf = self.found
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        elif not bool(self.found):  # a host read: free on the CPU, one sync under fp16 on a GPU
+            self.scaler.step(self.opt)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.streak.add_(1).mul_(self.found)  # +1 if skipped, else back to 0
+        torch.maximum(self.longest, self.streak, out=self.longest)
+
+    @property
+    def skipped(self):
+        """Consecutive steps skipped so far (reading it is a host sync on a GPU)."""
+        return int(self.streak)
+
+    def longest_streak(self):
+        """The longest run of consecutive skipped steps since the last call (one host read); Bookkeeping asks this
+        every --log-every iterations, so that no run of skips between two looks goes unseen."""
+        longest = int(self.longest)
+        self.longest.copy_(self.streak)
+        return longest
 
     def state_dict(self):
         scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
@@ -956,7 +1002,8 @@ class AmpOptimizer:
             self.idle_scaler_state = dict(state["scaler"])
         elif state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.skipped = int(state.get("skipped", 0))  # a resumed run keeps counting toward --max-skips
+        self.streak.fill_(int(state.get("skipped", 0)))  # a resumed run keeps counting toward --max-skips
+        self.longest.copy_(self.streak)
 
 
 @torch.no_grad()
@@ -967,10 +1014,11 @@ def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
     if rampup_ratio is not None and nimg is not None:
         halflife = min(halflife, nimg * rampup_ratio)
     beta = 0.5 ** (batch / max(halflife, 1e-8))
-    for p_ema, p in zip(ema.parameters(), unwrap(net).parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), unwrap(net).buffers()):
-        b_ema.copy_(b)
+    # ema <- ema + (1 - beta) (net - ema), all tensors in one foreach call (one launch per group, not per tensor)
+    torch._foreach_lerp_(list(ema.parameters()), list(unwrap(net).parameters()), 1 - beta)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(unwrap(net).buffers()))
 
 
 def set_dropout(net, p):
@@ -1065,10 +1113,10 @@ class Bookkeeping:
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
     the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
     exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
-    the `optimizers` (AmpOptimizers) skipped for a non-finite loss, or when a checkpoint would hold a ruined model,
-    keeping the last good checkpoint. A finished run that is resumed (start >= total, e.g. with
-    --fid-samples 50000) is evaluated on entry and trains no further. `metrics` holds the latest evaluation; the
-    progress bar counts the iterations."""
+    the `optimizers` (AmpOptimizers) skipped for a non-finite loss (looked at when it logs or checkpoints: the count
+    lives on the device), or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A
+    finished run that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains
+    no further. `metrics` holds the latest evaluation; the progress bar counts the iterations."""
 
     def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
         self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
@@ -1108,20 +1156,21 @@ class Bookkeeping:
         signals."""
         args, run, desc, done = self.args, self.run, self.desc, step + 1
         self.bar.update(1)
-        bad = max((o.skipped for o in self.optimizers), default=0)
+        signum = run.dist.max(self.stop.raised or 0)  # the ranks agree on the largest signal received (0: none)
+        log, save = done % args.log_every == 0 or done == self.total, done % args.ckpt_every == 0 or signum
+        # the skip streaks live on the device: read (a host sync) only when logging, saving or at the end
+        bad = max((o.longest_streak() for o in self.optimizers), default=0) if log or save else 0
         if bad >= args.max_skips:
             raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
                             f"stopped without saving. {run.last_good()}")
-        if done % args.log_every == 0 or done == self.total:
+        if log:
             record = {k: float(v) for k, v in losses.items()}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
             run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
         if (args.eval_every and done % args.eval_every == 0) or done == self.total:
             self._evaluate_and_log(done)
-        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
-        # largest signal number received, 0 for none: one all_reduce of one number on the host)
-        signum = run.dist.max(self.stop.raised or 0)
-        if done % args.ckpt_every == 0 or done == self.total or signum:
+        # a signal to any rank stops every rank here, at this iteration, with one checkpoint
+        if save or done == self.total:
             problem = ruined(self.objects)
             if problem:  # the checkpoint before stays: a ruined model never replaces a good one
                 raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
@@ -2255,8 +2304,8 @@ def base_parser(description, method):
     g.add_argument("--batch-gpu", type=int, default=None,
                    help="most samples per forward/backward pass on one device: each update (and the teacher's) "
                         "accumulates gradients over rounds of this many rows of the rank's share of --batch, with "
-                        "DDP's all-reduce in the last round only (default: the whole share, one round; see the "
-                        "README for what fits 80 GB)")
+                        "DDP's all-reduce in the last round only (default: on CUDA, what fits the GPU's memory by "
+                        "the README's estimate for the cifar10 / edm-* presets; else the whole share, one round)")
     g.add_argument("--lr-decay", default=None, choices=("none", "cosine"),
                    help="learning-rate schedule of the method's optimizers over --iters: constant, or cosine "
                         "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2); the fake score (sid.py, dmd2.py) and the "
@@ -2543,6 +2592,10 @@ def init_distributed(args):
     if args.batch % world or args.teacher_batch % world:
         raise UserError(f"--batch {args.batch} / --teacher-batch {args.teacher_batch} must divide by the "
                         f"{world} processes")
+    if args.batch_gpu is None:  # the default, now that the device is known (config.json records the value)
+        args.batch_gpu = fitting_batch_gpu(args, device, world)
+        if args.batch_gpu and rank == 0:
+            print(f"--batch-gpu {args.batch_gpu}: the rows per round that fit this GPU's memory (estimate)")
     return Dist(rank=rank, world=world, device=device, group=group)
 
 
@@ -2561,6 +2614,12 @@ def wrap(net, args, dist, compile=True):
     if args.compile and compile:
         net = torch.compile(net, backend=args.compile_backend)
     return net
+
+
+def frozen(net, args):
+    """A frozen network for its passes inside a training iteration (no gradient to its parameters; gradients may
+    flow to its inputs): compiled with --compile like the trained networks (no DDP: nothing to synchronise)."""
+    return torch.compile(net, backend=args.compile_backend) if args.compile and isinstance(net, nn.Module) else net
 
 
 def unwrap(net):
@@ -3113,6 +3172,44 @@ def _seconds_per_call(fn, calls, device):
     return (time.perf_counter() - t0) / calls
 
 
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operator calls (aten ops, forward and backward) dispatched while it is active, and among them the
+    host reads: calls that read a tensor's values on the host (.item(), bool(), nonzero, masked_select) or make a
+    tensor from host data (torch.tensor of Python numbers). On CUDA each host read of a device tensor is a sync."""
+    HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh",
+                  "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.host_reads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        self.host_reads += str(func).startswith(self.HOST_READS)
+        return func(*args, **(kwargs or {}))
+
+
+def _dispatch_counts(fn, device):
+    """ops_per_iter: the operator calls of one call of fn (each a kernel launch on a GPU, unless compiled or a mere
+    view); host_reads_per_iter: those that read values on the host (see _OpCounter; on the CPU they include foreach
+    Adam's reads of its step counters, which are host tensors: CUDA's fused Adam has none); on CUDA also
+    syncs_per_iter: the host-device synchronisations of one more call, from torch's sync debug mode."""
+    with _OpCounter() as counter:
+        fn()
+    out = {"ops_per_iter": counter.calls, "host_reads_per_iter": counter.host_reads}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out["syncs_per_iter"] = sum("synchroniz" in str(w.message) for w in caught)
+    return out
+
+
 def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=None, student_nfe=1):
     """Time --bench-iters training iterations step_fn(step) after --bench-warmup untimed ones, one EDM teacher
     training step at the same batch (the unit of cost: how many teacher steps one iteration costs), and the student
@@ -3140,10 +3237,11 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=Non
             step_fn(i)
         s = _seconds_per_call(lambda i: step_fn(args.bench_warmup + i), args.bench_iters, device)
         out.update(ms_per_iter=1e3 * s, images_per_s=args.batch / s, peak_mem_mb=_peak_memory_mb(device))
+        out.update(_dispatch_counts(lambda: step_fn(args.bench_warmup + args.bench_iters), device))
 
     # One EDM teacher training step (Adam, same AMP and --compile) on random images: the cost unit.
     net = copy.deepcopy(teacher_net).train().requires_grad_(True)
-    opt = AmpOptimizer(torch.optim.Adam(net.parameters(), lr=1e-4), args, device)
+    opt = AmpOptimizer(adam(net.parameters(), device, lr=1e-4), args, device)
     net_t = wrap(net, args, dist)
 
     def teacher_step(i):

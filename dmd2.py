@@ -437,8 +437,8 @@ def main(argv=None):
 
     def adamw(params, lr):
         # AdamW(0.9, 0.999, weight decay 0.01), gradient norm clipped at --grad-clip (10): the paper's settings
-        return common.AmpOptimizer(torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01),
-                                   args, device, clip=args.grad_clip)
+        return common.AmpOptimizer(common.adam(params, device, adamw=True, lr=lr, betas=(0.9, 0.999),
+                                               weight_decay=0.01), args, device, clip=args.grad_clip)
 
     opt_g = adamw(nets.generator.parameters(), args.lr_g)
     opt_f = adamw(list(nets.fake.parameters()) + (list(nets.head.parameters()) if gan else []), args.lr_f)
@@ -451,8 +451,9 @@ def main(argv=None):
     def sampler(steps=None):  # the EMA generator's samples
         return common.student_sampler(nets.ema, student_sigmas(args, steps), args, device)
 
+    teacher_t = common.frozen(teacher, args)  # its passes in an iteration, compiled with --compile
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher, nets, opt_g,
+        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher_t, nets, opt_g,
                             opt_f, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
@@ -470,7 +471,7 @@ def main(argv=None):
             lr_g, lr_f = learning_rates(args, step)
             opt_g.set_lr(lr_g)
             opt_f.set_lr(lr_f)
-            losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches)
+            losses = train_iteration(args, info, dist, teacher_t, nets, opt_g, opt_f, step, batches)
             common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips

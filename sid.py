@@ -31,7 +31,7 @@ Paper -> code
 
 Deliberate deviations (files of mingyuanzhou/SiD; "loop" is its training/sid_training_loop.py)
     - Labels are drawn uniformly (common.sample_labels); SiD reads them off the data (loop:314,340).
-    - ImageNet-64: batch 256 at the paper's lr 4e-6, not 8192 (run_sid.sh:67); --batch-gpu accumulates in rounds, as the loop's.
+    - ImageNet-64: batch 256 at the paper's lr 4e-6, not 8192 (run_sid.sh:67); --batch-gpu: rounds, as loop's.
     - Periodic evaluations are FID-10k ("fid10k"); the paper's numbers are FID-50k (--resume --fid-samples 50000).
     - AMP: bf16 autocast on CUDA; the authors' ImageNet-64 run is fp16 (run_sid.sh:79; --amp fp16 gets a GradScaler).
     - No x100 generator-loss scale (sid_train.py:98, loop:348): Adam ignores a constant factor.
@@ -39,6 +39,7 @@ Deliberate deviations (files of mingyuanzhou/SiD; "loop" is its training/sid_tra
     - The fake-score loss is averaged over the kept (finite) rows; the authors', over the whole batch (loop:322).
     - EMA ramp-up: half-life <= 0.05 x images after this step, (step+1) batch; the authors', before it (loop:364,371).
     - scaled_dot_product_attention for EDM's AttentionOp (NVlabs/edm training/networks.py:113): within ~4e-7 relative.
+    - A non-finite gradient skips the step (common.AmpOptimizer); the authors' nan_to_num zeroes it (loop:331,357).
     - toy2d: alpha 0.5, 3000 iterations, only the generator's lr decayed (assets/results.md#sid-toy-defaults).
 
 Pitfalls (from SiD's issue tracker)
@@ -192,9 +193,8 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches
         # NaN masking (SiD): keep the samples with finite x_g, d_real and d_fake (fp16 overflow shows up here), sum
         # the loss over them and divide by the whole batch, as the authors' code does (a dropped sample contributes
         # 0). The dropped rows' inputs are replaced (torch.where) before the loss is formed, so that backward sends
-        # them exact zeros. A NaN that backward still carries into shared weights (one raised inside a network) is
-        # cleaned by AmpOptimizer's nan_to_num; a round with no sample left gets a NaN loss, so that AmpOptimizer
-        # skips the step and counts it.
+        # them exact zeros. A NaN that backward still carries into shared weights (one raised inside a network), or
+        # a round with no sample left (its loss is NaN), makes AmpOptimizer skip the step and count it.
         keep = finite_rows(x_g, d_real, d_fake)  # (b,) bool
         x_g, d_real, d_fake = zero_rows(keep, x_g, d_real, d_fake)
         # 1/B sum_b sigma_b^2 (L2 - alpha L1)_b / w_b over the kept samples b  (SiD sums over pixels, as its authors)
@@ -284,10 +284,10 @@ def main(argv=None):
     # The method's networks and optimizers: generator G and fake score D_psi, both copies of the teacher.
     nets = build_networks(args, info, teacher_net, device)
     common.init_generator(args, nets.generator, nets.ema)  # --init-generator: a saved generator instead
-    opt_g = common.AmpOptimizer(torch.optim.Adam(nets.generator.parameters(), lr=args.lr_g, betas=(0.0, 0.999)),
-                                args, device)
-    opt_f = common.AmpOptimizer(torch.optim.Adam(nets.fake.parameters(), lr=args.lr_f, betas=(0.0, 0.999)),
-                                args, device)
+    opt_g = common.AmpOptimizer(common.adam(nets.generator.parameters(), device, lr=args.lr_g,
+                                            betas=(0.0, 0.999)), args, device)
+    opt_f = common.AmpOptimizer(common.adam(nets.fake.parameters(), device, lr=args.lr_f,
+                                            betas=(0.0, 0.999)), args, device)
     nets.generator_t, nets.fake_t = common.wrap(nets.generator, args, dist), common.wrap(nets.fake, args, dist)
     trained = {"generator": nets.generator, "fake": nets.fake}
     objects = {**trained, "ema": nets.ema, "opt_g": opt_g, "opt_f": opt_f}  # what a checkpoint holds
@@ -296,8 +296,9 @@ def main(argv=None):
     def sampler(steps=None):  # the EMA generator's samples
         return common.student_sampler(nets.ema, student_sigmas(args, steps), args, device)
 
+    teacher_t = common.frozen(teacher, args)  # its passes in an iteration, compiled with --compile
     if args.bench:  # time iterations and samplers, print one JSON line, write nothing
-        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher, nets, opt_g,
+        return common.bench(args, info, dist, lambda step: train_iteration(args, info, dist, teacher_t, nets, opt_g,
                             opt_f, step, batches), sampler(), teacher, teacher_net, trained, nets.ema,
                             student_nfe=len(student_sigmas(args)))
     start = run.resume(objects)
@@ -315,7 +316,7 @@ def main(argv=None):
             lr_g, lr_f = learning_rates(args, step)
             opt_g.set_lr(lr_g)
             opt_f.set_lr(lr_f)
-            losses = train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, step, batches)
+            losses = train_iteration(args, info, dist, teacher_t, nets, opt_g, opt_f, step, batches)
             common.ema_update(nets.ema, nets.generator, args.ema, args.batch, nimg=(step + 1) * args.batch,
                               rampup_ratio=0.05)  # --ema 0: a plain copy of the generator
             book.end_iteration(step, losses)  # log, evaluate, checkpoint, SIGINT / SIGTERM, --max-skips

@@ -211,7 +211,8 @@ def _one_hot(labels, num_classes):
     """Class indices (B,) -> one-hot float (B, K): the class vectors EDM's label embedding takes."""
     if labels is None:
         raise ValueError("this network is class-conditional: pass labels")
-    return F.one_hot(labels.long(), num_classes).float()
+    # F.one_hot would check the labels' range on the host (a sync per call on CUDA); a comparison does not
+    return (labels.long()[:, None] == torch.arange(num_classes, device=labels.device)).float()
 
 
 class _UNetBase(nn.Module):
