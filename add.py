@@ -181,9 +181,10 @@ def student_levels():
 
 
 @functools.lru_cache(maxsize=None)
-def levels_on(device):
-    """student_levels() as float32 on `device`, made once per device (not copied from the host every iteration)."""
-    return student_levels().to(device=device, dtype=torch.float32)
+def on_device(table, device):
+    """table() (vp_sigmas, student_levels) as float32 on `device`, made once per device: a copy from the host every
+    iteration would be a sync on CUDA."""
+    return table().to(device=device, dtype=torch.float32)
 
 
 def sampling_levels(steps, num_levels=len(STUDENT_T)):
@@ -202,7 +203,7 @@ def student_sigmas(args, steps=None):
 def loss_sigma(n, args, device):
     """n noise levels of the distillation loss: the teacher's level t ~ U{1..1000} of the same VP schedule,
     sigma_t = sigma(t) in [0.029, 14.6]. (n,) float32"""
-    table = vp_sigmas().to(device=device, dtype=torch.float32)  # (1000,)
+    table = on_device(vp_sigmas, device)  # (1000,) float32, made once per device
     return table[torch.randint(len(table), (n,), device=device)]
 
 
@@ -319,7 +320,7 @@ def train_iteration(args, info, dist, teacher, nets, opt_g, opt_d, step, batches
     x0, labels = next(batches)  # (B, *shape) real data in [-1, 1]
     labels = labels if info.cond else None
     B = x0.shape[0]
-    sigmas = levels_on(device)  # (4,) float32
+    sigmas = on_device(student_levels, device)  # (4,) float32
     use_disc = args.adv_weight > 0
     disc, teacher_net = common.unwrap(nets.disc), nets.feature_net
     out = {}

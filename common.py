@@ -779,7 +779,7 @@ def train_teacher(args, info, dist, folder):
             opt.step()
             ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
             book.end_iteration(step, {"loss": loss})
-    problem = ruined({"teacher": ema}) or (opt.skipped and f"its last {opt.skipped} steps had a non-finite loss")
+    problem = ruined({"teacher": ema}) or (opt.skipped and f"its last {opt.skipped} steps were skipped (non-finite)")
     if problem:  # never cached: a later run would reuse it without training again
         raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the data in "
                         f"--data-dir corrupt?)")
@@ -953,8 +953,10 @@ class AmpOptimizer:
         lr = self.lrs.pop(0) if len(self.lrs) > 1 else self.lrs[0]  # a skipped step uses up its rate too
         for group in self.opt.param_groups:
             group["lr"] = lr
-        if self.scaler.is_enabled():  # fp16: gradients divided by the loss scale (overflow is the scaler's to skip)
+        if self.scaler.is_enabled():  # fp16: gradients divided by the loss scale, overflow found by the scaler
             self.scaler.unscale_(self.opt)
+            for found in self.scaler._per_optimizer_states[id(self.opt)]["found_inf_per_device"].values():
+                self.found.add_(found.to(self.found.device))
         else:  # one multi-tensor kernel over all gradients: found = 1 if any is non-finite (each multiplied by 1)
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
@@ -997,7 +999,11 @@ class AmpOptimizer:
         """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
         keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
         scale when the checkpoint has none."""
-        self.opt.load_state_dict(state["opt"])
+        # the checkpoint's param groups carry the saving machine's fused / foreach flags (a CPU run's foreach, a CUDA
+        # run's fused): this optimizer keeps its own, so that its state lands where its step() needs it
+        mode = {k: self.opt.defaults[k] for k in ("fused", "foreach", "capturable") if k in self.opt.defaults}
+        opt_state = dict(state["opt"], param_groups=[{**g, **mode} for g in state["opt"]["param_groups"]])
+        self.opt.load_state_dict(opt_state)
         if not self.scaler.is_enabled():
             self.idle_scaler_state = dict(state["scaler"])
         elif state["scaler"]:
@@ -1015,7 +1021,9 @@ def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
         halflife = min(halflife, nimg * rampup_ratio)
     beta = 0.5 ** (batch / max(halflife, 1e-8))
     # ema <- ema + (1 - beta) (net - ema), all tensors in one foreach call (one launch per group, not per tensor)
-    torch._foreach_lerp_(list(ema.parameters()), list(unwrap(net).parameters()), 1 - beta)
+    params = list(ema.parameters())
+    if params:
+        torch._foreach_lerp_(params, list(unwrap(net).parameters()), 1 - beta)
     buffers = list(ema.buffers())
     if buffers:
         torch._foreach_copy_(buffers, list(unwrap(net).buffers()))
@@ -1113,7 +1121,7 @@ class Bookkeeping:
     end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
     the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
     exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
-    the `optimizers` (AmpOptimizers) skipped for a non-finite loss (looked at when it logs or checkpoints: the count
+    the `optimizers` (AmpOptimizers) skipped as non-finite (looked at when it logs or checkpoints: the count
     lives on the device), or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A
     finished run that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains
     no further. `metrics` holds the latest evaluation; the progress bar counts the iterations."""
@@ -1151,26 +1159,33 @@ class Bookkeeping:
                 tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                            + fid_note(self.args, metrics))
 
+    def _check_skips(self, done):
+        """Stop after --max-skips consecutive skipped steps (the streaks live on the device: one host read, made only
+        when logging or saving, over the longest streak since the last look)."""
+        bad = max((o.longest_streak() for o in self.optimizers), default=0)
+        if bad >= self.args.max_skips:
+            raise UserError(f"{self.desc}: {bad} consecutive steps were skipped for a non-finite loss or gradient "
+                            f"(seen at iteration {done}); stopped without saving. {self.run.last_good()}")
+
     def end_iteration(self, step, losses):
-        """The bookkeeping after iteration `step` (0-based) with its losses: skip-stop, log, evaluate, checkpoint,
-        signals."""
+        """The bookkeeping after iteration `step` (0-based) with its losses: log, evaluate, signals, skip-stop,
+        checkpoint."""
         args, run, desc, done = self.args, self.run, self.desc, step + 1
         self.bar.update(1)
-        signum = run.dist.max(self.stop.raised or 0)  # the ranks agree on the largest signal received (0: none)
-        log, save = done % args.log_every == 0 or done == self.total, done % args.ckpt_every == 0 or signum
-        # the skip streaks live on the device: read (a host sync) only when logging, saving or at the end
-        bad = max((o.longest_streak() for o in self.optimizers), default=0) if log or save else 0
-        if bad >= args.max_skips:
-            raise UserError(f"{desc}: {bad} consecutive steps had a non-finite loss at iteration {done}; "
-                            f"stopped without saving. {run.last_good()}")
+        log = done % args.log_every == 0 or done == self.total
         if log:
+            self._check_skips(done)
             record = {k: float(v) for k, v in losses.items()}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
             run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
         if (args.eval_every and done % args.eval_every == 0) or done == self.total:
             self._evaluate_and_log(done)
-        # a signal to any rank stops every rank here, at this iteration, with one checkpoint
-        if save or done == self.total:
+        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
+        # largest signal number received, 0 for none: one all_reduce of one number on the host)
+        signum = run.dist.max(self.stop.raised or 0)
+        if done % args.ckpt_every == 0 or done == self.total or signum:
+            if not log:
+                self._check_skips(done)
             problem = ruined(self.objects)
             if problem:  # the checkpoint before stays: a ruined model never replaces a good one
                 raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
@@ -2317,7 +2332,8 @@ def base_parser(description, method):
     g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations (and at the end)")
     g.add_argument("--log-every", type=int, default=50, help="log losses every N iterations")
     g.add_argument("--max-skips", type=int, default=20,
-                   help="stop when this many consecutive steps had a non-finite loss (the last checkpoint is kept)")
+                   help="stop when this many consecutive steps were skipped for a non-finite loss or gradient "
+                        "(the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="start again in an existing --out-dir (removes only the files a run writes there)")
@@ -3174,8 +3190,9 @@ def _seconds_per_call(fn, calls, device):
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the operator calls (aten ops, forward and backward) dispatched while it is active, and among them the
-    host reads: calls that read a tensor's values on the host (.item(), bool(), nonzero, masked_select) or make a
-    tensor from host data (torch.tensor of Python numbers). On CUDA each host read of a device tensor is a sync."""
+    host reads: calls that read a tensor's values on the host (.item(), bool(), nonzero, masked_select, indexing with
+    a boolean mask) or make a tensor from host data (torch.tensor of Python numbers). On CUDA each host read of a
+    device tensor is a sync; a blocking copy between host and device is one too, and is not seen here."""
     HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh",
                   "aten.is_nonzero")
 
@@ -3185,7 +3202,10 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
-        self.host_reads += str(func).startswith(self.HOST_READS)
+        name = str(func)
+        self.host_reads += name.startswith(self.HOST_READS) or (  # x[mask], x[mask] = y: a nonzero on the host
+            name.startswith(("aten.index.", "aten.index_put")) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]))
         return func(*args, **(kwargs or {}))
 
 

@@ -148,10 +148,11 @@ def backward_simulation(generator, z, labels, sigmas):
     if len(sigmas) == 1:
         return x_in, sigma_in
     k = torch.randint(len(sigmas), (B,), device=z.device)
-    for j in range(1, int(k.max()) + 1):
+    for j in range(1, len(sigmas)):  # all K - 1 steps: stopping at max(k) would read k on the host (a sync)
         x = generator(x, sigmas[j - 1], labels) + sigmas[j] * torch.randn_like(x)
-        pick = k == j
-        x_in[pick], sigma_in[pick] = x[pick], float(sigmas[j])
+        pick = k == j  # (B,) the samples whose input is x_j; torch.where, not masked indexing (a sync on CUDA)
+        x_in = torch.where(pick.reshape(-1, *([1] * (x.ndim - 1))), x, x_in)
+        sigma_in = torch.where(pick, sigmas[j], sigma_in)
     return x_in, sigma_in
 
 
