@@ -3056,7 +3056,7 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
 
 
 _ACCUMULATION_DRIVER = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import common, sid, dmd2, add
@@ -3097,7 +3097,8 @@ for mod in (sid, dmd2, add):
                           "scale": max(float(a.abs().max()) for a in whole),
                           "loss": max(abs(w_out[k] - r_out[k]) / max(abs(w_out[k]), 1e-3) for k in w_out),
                           "rank_sum": float(sum(p.double().sum() for p in rounds))}
-print("RESULT " + json.dumps(result))
+# one file per rank: two ranks printing to one pipe can interleave their lines
+open(f"result{os.environ.get('RANK', '0')}.json", "w").write(json.dumps(result))
 """
 
 
@@ -3136,7 +3137,7 @@ def test_batch_gpu_accumulation_matches_the_whole_batch(tmp_path, processes):
                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in r.stdout.splitlines() if "RESULT " in line]
+    ranks = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(processes)]
     assert len(ranks) == processes
     for method, res in ranks[0].items():
         # SGD(0.1) moves each parameter by 0.1 x its gradient; the rounds sum the same terms in another order
