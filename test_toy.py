@@ -1707,7 +1707,7 @@ def test_methods_run_from_an_edm_pickle(tmp_path):
 
 def test_sid_iteration_survives_nan_teacher_samples():
     """One train_iteration where the teacher returns NaN for a quarter of the samples: the generator and the fake
-    score still take a finite step (masking + nan_to_num), and the NaN samples are counted."""
+    score still take a finite step (the NaN rows masked out, no step skipped), and the NaN samples are counted."""
     args = sid.parse_args(["--dataset", "toy2d", "--batch", "64"])
     info = common.dataset_info(args)
     dist = common.Dist()
