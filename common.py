@@ -1,56 +1,39 @@
-"""Everything the three distillation scripts share, maths first: exact Gaussian-mixture denoisers, EDM
-(preconditioning, loss, sigma grids, the Heun sampler and the students' sampler), the metrics, the data, the teacher
-(trained once, cached, reused by sid.py, dmd2.py and add.py), AMP / optimisers / EMA, the training loop's
-bookkeeping, evaluation, saving and loading a generator; then, below the PLUMBING banner, what a reader can skip:
-ImageNet-64's data files, the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments,
-processes, pictures, FID, --export, --bench.
+"""Everything the three distillation scripts share. Above the PLUMBING banner, what a reader of the
+methods needs: exact Gaussian-mixture denoisers, EDM (preconditioning, loss, sigma grids, the Heun
+sampler, the students' sampler), the metrics, the teacher's training, and the training loop's pieces
+(one update: minimize; the EMA; the learning rate). Below it, what keeps runs safe, resumable and
+fast: a reader of the methods can stop at the banner.
 
-Notation as in README.md, "The maths, checked" (EDM / variance-exploding form, Karras et al. 2022, arXiv:2206.00364):
-    x_t = x0 + sigma * eps,     D(x; sigma, c) ~ E[x0 | x_t = x],     grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2.
+Notation as in README.md, "The maths, checked" (EDM's variance-exploding form, Karras et al. 2022):
+    x_t = x0 + sigma eps,   D(x; sigma, c) ~ E[x0 | x_t = x],   score (D(x; sigma) - x) / sigma^2.
 
-Run it on its own to train (or load) the teacher and evaluate it with the 35-NFE Heun sampler:
+Run on its own, it trains (or loads) the teacher and evaluates its 35-NFE Heun sampler:
     python common.py --dataset toy2d                 # ~1 minute on 2 CPU cores
     python common.py --dataset synthetic --resolution 16
     python common.py --dataset cifar10 --data-dir data   # GPU; downloads CIFAR-10 on first use
     torchrun --nproc_per_node=8 common.py --dataset imagenet64 --data-dir data/imagenet64
-and to write a saved generator's samples for other evaluators (PNGs as EDM's generate.py writes them, the ADM .npz):
-    python common.py --generator runs/cifar10-sid/generator.pt --export 50000 --export-dir samples --export-npz s.npz
+and writes a saved generator's samples for other evaluators (EDM's PNG folders, the ADM .npz):
+    python common.py --generator runs/cifar10-sid/generator.pt --export 50000 --export-dir samples
 
 Sections, in file order (search for the banner):
-    GAUSSIAN MIXTURES       GaussianMixture (exact denoiser, score, density), toy2d_mixture, synthetic_mixture
-    EDM                     EDMDenoiser, AnalyticDenoiser, karras_sigma, grid_sigma, fake_sigma, edm_loss,
-                            heun_sample, generate (students)
-    METRICS                 frechet_distance, sliced_w2, mixture_metrics
-    DATA                    DatasetInfo, sample_labels, real_batches (mixtures, CIFAR-10, ImageNet-64)
-    TEACHER                 build_denoiser, train_teacher, load_or_train_teacher
-    AMP, OPTIMISERS, EMA    autocast, AmpOptimizer (zero_grad / backward / step), ema_update, set_dropout
-    TRAINING LOOP           learning_rate (a step's lr), Bookkeeping (log, evaluate, checkpoint, signals, skips)
-    EVALUATION              sample_many, evaluate
-    THE FRAME OF A METHOD   start_method, teacher_reference, describe, generator_meta, save_generator /
-                            load_generator (a self-describing generator.pt: net, meta)
-    ## PLUMBING ##          not needed to learn the methods; everything below it keeps runs safe, resumable, fast
-    DATA FILES              imagenet64_npy (the npz files converted once into one .npy), _read_rows, _mapped_batches
-    NVIDIA'S PRETRAINED EDM NETWORKS
-                            read_edm_pickle (restricted unpickler), load_edm_pickle (--teacher edm)
-    CHECKPOINTS             save_checkpoint (atomic, every rank's RNG states), load_checkpoint (weights_only), restore
-    THE TEACHER'S REFERENCE, CACHED
-                            teacher_reference_cache, load_teacher_reference, save_teacher_reference
-    RUN FOLDER              Run (never overwritten, one live process), hold_folder
-    ARGUMENTS               base_parser, parse_args (per-dataset defaults, validation)
-    DISTRIBUTED             Dist (rank 0's object to all, a gather, agreement on a maximum), init_distributed,
-                            wrap / unwrap (DDP, torch.compile)
-    PICTURES                save_picture, side_by_side
-    FID                     fid, fid_reference (--fid-ref edm / data / PATH), fid_detector, downloads with checksums
-    EXPORT                  seed_noise (image i from seed i), export_samples (--export: PNGs, .npz),
-                            legacy_generator_meta (generator files saved before they described themselves)
-    BENCHMARK               bench (--bench), bench_compare
-    MAIN                    python common.py: the teacher alone, or --generator G --export N
+    GAUSSIAN MIXTURES   GaussianMixture (exact denoiser, score, density), toy2d / synthetic mixtures
+    EDM                 EDMDenoiser, AnalyticDenoiser, karras_sigma, grid_sigma, edm_sigma,
+                        fake_sigma, edm_loss, heun_sample, generate (the students' sampler)
+    METRICS             frechet_distance, sliced_w2, mixture_metrics
+    DATA                DatasetInfo, sample_labels
+    THE TEACHER         build_denoiser, train_teacher
+    THE TRAINING LOOP   optimizer, minimize (one update), ema_update, learning_rate
+    ## PLUMBING ##      errors, data loaders and files, the teacher's cache, NVIDIA's EDM
+                        pickles, AMP and the optimizer (AmpOptimizer), bookkeeping, evaluation,
+                        the frame of a method script, checkpoints, the run folder, arguments,
+                        DDP, pictures, FID, --export, --bench, main
 """
 import argparse
+import collections
 import contextlib
 import copy
+import functools
 import gc
-import collections
 import hashlib
 import importlib
 import inspect
@@ -61,6 +44,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -75,63 +59,32 @@ import numpy as np
 import scipy.linalg
 import scipy.stats
 import torch
-import torch.utils._python_dispatch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from tqdm import tqdm
 
 import unet
 
 DATASETS = ("toy2d", "synthetic", "cifar10", "imagenet64")
-SIGMA_DATA = 0.5  # EDM's sigma_data for data in [-1, 1]; also used for the 2-D toy (its std is ~0.55)
+SIGMA_DATA = 0.5  # EDM's sigma_data for data in [-1, 1]; also the 2-D toy's (its std is ~0.55)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's sampling range and Karras grid exponent
+F64 = torch.float64
 
 
-class UserError(Exception):
-    """A problem with the user's input (flags, files, data). Printed as one line; exit code 2."""
-
-
-def _reason(e, limit=160):
-    """An exception as a short clause for a one-line error: its type and the first sentence of its message."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    text = text.split(". ")[0].rstrip(".")
-    return f"{type(e).__name__}: {text[:limit]}"
-
-
-def run_main(main, argv=None):
-    """Call main(argv); turn a UserError into one clear line on stderr and exit code 2 (no traceback soup). After a
-    --bench on CUDA, also measure the fp32 / bf16 / compiled variants in this process (bench_compare)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        result = main(argv)
-        if isinstance(result, dict) and result.get("device_type") == "cuda" and "bench" in result:
-            bench_compare(main, argv, result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"error: out of memory ({_reason(e)}); lower --batch, --eval-samples or --fid-samples", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # the disk filled up, a file vanished, a device failed: the message says which file
-        print(f"error: {_reason(e)}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
-        sys.exit(2)
-
-
-# ================================================================================================================
+# ==================================================================================================
 # GAUSSIAN MIXTURES (exact denoisers)
-# ================================================================================================================
+# ==================================================================================================
 
 class GaussianMixture:
-    """p(x0) = sum_k w_k N(x0; mu_k, diag(v_k)) in any dimension D; v_k is a scalar (isotropic) or a D-vector.
-
-    Noising by sigma keeps it a mixture: p_sigma(x) = sum_k w_k N(x; mu_k, diag(v_k + sigma^2)). So everything is
-    closed-form:
+    """p(x0) = sum_k w_k N(x0; mu_k, diag(v_k)) in any dimension D; v_k a scalar (isotropic) or a
+    D-vector. Noising by sigma keeps it a mixture, p_sigma(x) = sum_k w_k N(x; mu_k, v_k + sigma^2),
+    so everything is closed-form:
         responsibilities  r_k(x) = w_k N(x; mu_k, v_k + s^2) / sum_j w_j N(x; mu_j, v_j + s^2)
         denoiser          D(x; s) = E[x0 | x] = sum_k r_k(x) [mu_k + v_k / (v_k + s^2) (x - mu_k)]
-        score             grad log p_s(x) = (D(x; s) - x) / s^2                          (Tweedie)
-    With `labels`, the class-conditional versions use component `labels[b]` alone (r = one-hot).
-    Inputs are flat (B, D); sigma is a float or a (B,) tensor; computations run in x's dtype and device.
-    """
+        score             grad log p_s(x) = (D(x; s) - x) / s^2                      (Tweedie)
+    With `labels`, the class-conditional versions use component labels[b] alone (r one-hot). Inputs
+    are flat (B, D); sigma a float or a (B,) tensor; computed in x's dtype, on x's device."""
 
     def __init__(self, weights, means, variances):
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
@@ -213,13 +166,13 @@ class GaussianMixture:
 
 
 def toy2d_mixture():
-    """Eight modes on a ring of radius 0.8 with unequal weights (8:7:...:1) and some elongated (diagonal) modes."""
+    """Eight modes on a ring of radius 0.8, weights 8:7:...:1, some elongated (diagonal)."""
     k = torch.arange(8, dtype=torch.float64)
     angle = 2 * math.pi * k / 8
     means = 0.8 * torch.stack([angle.cos(), angle.sin()], dim=1)
     weights = 8.0 - k
     std = torch.tensor([[0.06, 0.06], [0.09, 0.04], [0.05, 0.05], [0.04, 0.09],
-                        [0.07, 0.07], [0.09, 0.05], [0.06, 0.06], [0.05, 0.08]], dtype=torch.float64)
+                        [0.07, 0.07], [0.09, 0.05], [0.06, 0.06], [0.05, 0.08]], dtype=F64)
     return GaussianMixture(weights, means, std ** 2)
 
 
@@ -227,8 +180,8 @@ SYNTHETIC_NOISE_STD = 0.1
 
 
 def synthetic_templates(resolution, num_classes=10, channels=3):
-    """Ten smooth, visually distinct template images in [-0.8, 0.8], identical at every resolution: random
-    low-frequency patterns (5x5 coefficients, bicubic upsampling) on a per-class base colour. Fixed seed."""
+    """Ten smooth, distinct template images in [-0.8, 0.8], the same at every resolution: random
+    low-frequency patterns (5x5 coefficients, bicubic upsampling) on a per-class base colour."""
     g = torch.Generator().manual_seed(20240501)
     coarse = torch.randn(num_classes, channels, 5, 5, generator=g, dtype=torch.float64)
     colour = torch.rand(num_classes, channels, 1, 1, generator=g, dtype=torch.float64) * 2 - 1
@@ -240,17 +193,18 @@ def synthetic_templates(resolution, num_classes=10, channels=3):
 
 
 def synthetic_mixture(resolution):
-    """A miniature class-conditional CIFAR-10: x0 = template_c + N(0, 0.1^2 I), ten equally likely classes."""
+    """A miniature conditional CIFAR-10: x0 = template_c + N(0, 0.1^2 I), ten equally likely c."""
     t = synthetic_templates(resolution)
-    return GaussianMixture(torch.ones(len(t)), t.flatten(1), torch.full((len(t),), SYNTHETIC_NOISE_STD ** 2))
+    variances = torch.full((len(t),), SYNTHETIC_NOISE_STD ** 2)
+    return GaussianMixture(torch.ones(len(t)), t.flatten(1), variances)
 
 
-# ================================================================================================================
-# EDM: preconditioning, loss, sigma grids, sampler
-# ================================================================================================================
+# ==================================================================================================
+# EDM: preconditioning, loss, sigma grids, samplers
+# ==================================================================================================
 
 def column(v, x):
-    """A scalar or per-sample (B,) value viewed as (B, 1, ..., 1) (or (1, ..., 1)) to broadcast against x, in x's
+    """A scalar or per-sample (B,) value viewed as (B, 1, ..., 1) to broadcast against x, in x's
     dtype: the shape every per-sample sigma or weight takes in the losses."""
     return torch.as_tensor(v, device=x.device).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -259,16 +213,17 @@ def _as_column(sigma, x):
     """sigma as a float32 (B,) tensor, and viewed as (B, 1, ..., 1) to broadcast against x."""
     if isinstance(sigma, torch.Tensor):
         sigma = sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
-    else:  # a number (a sampler's level): filled on the device, not copied from the host (a sync per call on CUDA)
+    else:  # a number (a sampler's level): filled on the device, not copied from the host (a sync)
         sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
     return sigma, sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class EDMDenoiser(nn.Module):
-    """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) with (sd = sigma_data)
-        c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2),  c_noise = ln(s)/4.
-    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the network's feature maps];
-    features(x, sigma, labels=None) -> the same feature maps alone (for the UNet, from its encoder half only)."""
+    """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c), with sd = sigma_data and
+        c_skip = sd^2 / (s^2 + sd^2),   c_out = s sd / sqrt(s^2 + sd^2),
+        c_in = 1 / sqrt(s^2 + sd^2),    c_noise = ln(s) / 4.
+    forward(x, sigma, labels=None, return_features=False) -> D (float32) [, the feature maps];
+    features(x, sigma, labels=None) -> the feature maps alone (the UNet's encoder half only)."""
 
     def __init__(self, net, sigma_data=SIGMA_DATA):
         super().__init__()
@@ -277,7 +232,8 @@ class EDMDenoiser(nn.Module):
     def features(self, x, sigma, labels=None):
         sigma, s = _as_column(sigma, x)
         c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
-        return self.net.features(c_in * x, sigma.log() / 4, labels if self.net.num_classes else None)
+        labels = labels if self.net.num_classes else None
+        return self.net.features(c_in * x, sigma.log() / 4, labels)
 
     def forward(self, x, sigma, labels=None, return_features=False):
         sigma, s = _as_column(sigma, x)
@@ -286,15 +242,16 @@ class EDMDenoiser(nn.Module):
         c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
         c_in = 1 / (s ** 2 + sd ** 2).sqrt()
         c_noise = sigma.log() / 4
-        out = self.net(c_in * x, c_noise, labels if self.net.num_classes else None, return_features=return_features)
+        labels = labels if self.net.num_classes else None
+        out = self.net(c_in * x, c_noise, labels, return_features=return_features)
         F_x, features = out if return_features else (out, None)
         D = c_skip * x + c_out * F_x.float()
         return (D, features) if return_features else D
 
 
 class AnalyticDenoiser(nn.Module):
-    """The exact posterior mean of a GaussianMixture with the EDMDenoiser call signature: a perfect teacher.
-    Unconditional (ignores labels) unless cond=True. Always computed in float32 outside autocast."""
+    """The exact posterior mean of a GaussianMixture with EDMDenoiser's call signature: a perfect
+    teacher. Unconditional (ignores labels) unless cond=True. Float32, never autocast."""
 
     def __init__(self, mixture, shape, cond=False):
         super().__init__()
@@ -310,31 +267,28 @@ class AnalyticDenoiser(nn.Module):
 
 
 def karras_sigma(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
-    """The Karras grid as a function of u in [0, 1]: sigma(u) = (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho;
-    u = 0 -> sigma_min, u = 1 -> sigma_max. SiD draws u ~ U(0, t_max); DMD2 draws u = i / 999 on a 1000-point grid."""
+    """The Karras grid at u in [0, 1]: (smin^(1/rho) + u (smax^(1/rho) - smin^(1/rho)))^rho."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + u * (hi - lo)) ** rho
 
 
-GRID = 1000  # the 1000-point Karras grid that DMD2 draws its noise levels from (index i -> karras_sigma(i / 999))
+GRID = 1000  # DMD2's 1000-point Karras grid: index i -> karras_sigma(i / 999)
 
 
 def grid_sigma(n, device, lo=0, hi=GRID - 1):
-    """n noise levels drawn by index i ~ U{lo, ..., hi} of the 1000-point Karras grid: sigma = karras_sigma(i / 999).
-    (n,)"""
+    """n noise levels (n,): index i ~ U{lo..hi} of the 1000-point grid, karras_sigma(i / 999)."""
     i = torch.randint(lo, hi + 1, (n,), device=device)
     return karras_sigma(i.float() / (GRID - 1))
 
 
 def edm_sigma(n, device, P_mean=-1.2, P_std=1.2):
-    """EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2). (n,)"""
+    """EDM's training noise levels (n,): ln sigma ~ N(P_mean, P_std^2)."""
     return (torch.randn(n, device=device) * P_std + P_mean).exp()
 
 
-def fake_sigma(args, n, device, loss_sigma):
-    """The noise levels of the fake score's EDM loss (SiD, DMD2), --fake-sigma: EDM's ln sigma ~ N(-1.2, 1.2^2) for
-    'lognormal' (edm_sigma), the whole 1000-point grid for 'grid', the method's own generator-loss sampler
-    loss_sigma(n, args, device) for 'loss'. (n,)"""
+def fake_sigma(n, args, device, loss_sigma):
+    """n noise levels of the fake score's EDM loss (n,), per --fake-sigma: EDM's log-normal, the
+    1000-point grid, or the method's own loss_sigma(n, args, device)."""
     if args.fake_sigma == "lognormal":
         return edm_sigma(n, device)
     if args.fake_sigma == "grid":
@@ -343,37 +297,32 @@ def fake_sigma(args, n, device, loss_sigma):
 
 
 def sampling_sigmas(steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu"):
-    """EDM's sampling schedule t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0: (steps + 1,) float64."""
-    u = torch.linspace(1, 0, steps, dtype=torch.float64) if steps > 1 else torch.ones(1, dtype=torch.float64)
-    return torch.cat([karras_sigma(u, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]).to(device)
+    """EDM's sampling schedule t_0 = sigma_max > ... > t_N-1 = sigma_min, t_N = 0 (float64)."""
+    u = torch.linspace(1, 0, steps, dtype=torch.float64) if steps > 1 else torch.ones(1, dtype=F64)
+    t = torch.cat([karras_sigma(u, sigma_min, sigma_max, rho), torch.zeros(1, dtype=F64)])
+    return t.to(device)
 
 
-def edm_loss(denoiser, x0, labels=None, sigma=None, noise=None, P_mean=-1.2, P_std=1.2, sigma_data=SIGMA_DATA):
-    """EDM loss per sample, summed over non-batch dimensions (B,):
-        ln sigma ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2,
-        L = lambda(sigma) * || D(x0 + sigma eps; sigma, c) - x0 ||^2.
-    `sigma` (B,) overrides the log-normal draw (DMD2 draws it on the Karras grid); `noise` fixes eps."""
-    if sigma is None:
-        sigma = edm_sigma(x0.shape[0], x0.device, P_mean, P_std)
-    sigma, s = _as_column(sigma, x0)
-    if noise is None:
-        noise = torch.randn_like(x0)
+def edm_loss(denoiser, x0, labels, sigma, eps, sigma_data=SIGMA_DATA):
+    """EDM's denoising loss per sample (B,), summed over pixels, at the caller's draws sigma, eps:
+        lambda(sigma) ||D(x0 + sigma eps; sigma, c) - x0||^2,  lambda = (s^2 + sd^2) / (s sd)^2."""
+    s = column(sigma, x0)
     weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
-    D = denoiser(x0 + s * noise, sigma, labels)
-    return (weight * (D - x0) ** 2).flatten(1).sum(1)
+    return (weight * (denoiser(x0 + s * eps, sigma, labels) - x0) ** 2).flatten(1).sum(1)
 
 
 def heun_nfe(steps):
-    """Network evaluations of the Heun sampler: 2 per step, minus the skipped correction at the last step."""
+    """Network evaluations of the Heun sampler: 2 per step, but 1 at the last step."""
     return 2 * steps - 1
 
 
 @torch.no_grad()
-def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, churn=0.0):
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; with churn > 0, Algorithm 2's
-    stochastic 'churn' with S_noise = 1 over all sigmas). z ~ N(0, I) of the data's shape; x_0 = sigma_max z.
-        d_i = (x_i - D(x_i; t_i)) / t_i,   x_{i+1} = x_i + (t_{i+1} - t_i) d_i,
-        if t_{i+1} > 0:  d' = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1},  x_{i+1} = x_i + (t_{i+1} - t_i)(d_i + d')/2."""
+def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                rho=RHO, churn=0.0):
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; with churn > 0,
+    Algorithm 2's stochastic churn, S_noise = 1, over all sigmas). z ~ N(0, I); x_0 = sigma_max z.
+        d_i = (x_i - D(x_i; t_i)) / t_i,   x_i+1 = x_i + (t_i+1 - t_i) d_i,   and if t_i+1 > 0:
+        d' = (x_i+1 - D(x_i+1; t_i+1)) / t_i+1,   x_i+1 = x_i + (t_i+1 - t_i) (d_i + d') / 2."""
     t = sampling_sigmas(steps, sigma_min, sigma_max, rho, z.device)
     x = z.double() * t[0]
     for i in range(steps):
@@ -393,11 +342,9 @@ def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_m
 
 
 def generate(generator, z, labels, sigmas, noise_generator=None, eps=None):
-    """The few-step sampler of every student (SiD, DMD2, ADD): x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c),
-    then x = x0 + sigma_{k+1} eps for the next level; the last x0 is the sample (one network evaluation per level).
-    With one level it is the one-step generator x_g = G(sigma_0 z; sigma_0, c). The re-noising eps is drawn with
-    `noise_generator` (a torch.Generator, for reproducibility), or given: `eps`, one tensor of z's shape per level
-    after the first (export draws each image's from its own seed). Gradients flow unless the caller turns them off."""
+    """Every student's few-step sampler: x = sigma_0 z; at each level k, x0 = G(x; sigma_k, c), then
+    x = x0 + sigma_k+1 eps; the last x0 is the sample. One level: x_g = G(sigma_0 z; sigma_0, c).
+    eps: drawn with `noise_generator`, or given (one tensor per level after the first)."""
     x = sigmas[0] * z
     for k, sigma in enumerate(sigmas):
         x0 = generator(x, sigma, labels)  # (B, *shape)
@@ -409,10 +356,10 @@ def generate(generator, z, labels, sigmas, noise_generator=None, eps=None):
 
 
 def student_sampler(net, sigmas, args, device):
-    """fn(z, labels, eps=None) -> samples of `net` (the EMA generator) with generate(), for evaluation: no gradient,
-    --amp autocast, and re-noising drawn from its own generator seeded from --seed, so that every evaluation sees the
-    same noise and the training RNG streams are left alone (a resumed run reproduces an uninterrupted one), unless
-    `eps` gives it (fn.levels - 1 tensors: fid and --export draw each image's from its seed)."""
+    """fn(z, labels, eps=None) -> samples of `net` (the EMA generator) by generate(), to
+    evaluate: no gradient, --amp's autocast, re-noising from its own generator seeded from --seed
+    (every evaluation sees the same noise; the training RNG streams are left alone) unless `eps`
+    gives it (fid and --export draw each image's from its seed)."""
     noise_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     @torch.no_grad()
@@ -423,22 +370,23 @@ def student_sampler(net, sigmas, args, device):
     return sample
 
 
-# ================================================================================================================
+# ==================================================================================================
 # METRICS on the built-in datasets (their exact densities) and the Frechet distance
-# ================================================================================================================
+# ==================================================================================================
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet (2-Wasserstein) distance of two Gaussians.
-    float64, scipy.linalg.sqrtm, with a small ridge when the product is near-singular (as the FID code does)."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet (2-Wasserstein) distance of two
+    Gaussians. float64, scipy.linalg.sqrtm, a small ridge when the product is near-singular (as the
+    FID code does); NaN for non-finite statistics."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
-        raise ValueError(f"frechet_distance: shapes do not match (mu {mu1.shape} / {mu2.shape}, cov {cov1.shape} / "
-                         f"{cov2.shape})")
+        raise ValueError(f"frechet_distance: shapes do not match (mu {mu1.shape} / {mu2.shape}, "
+                         f"cov {cov1.shape} / {cov2.shape})")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, cov1, cov2)):
-        # sqrtm of a matrix with a NaN can run for ever; a NaN statistic (too few samples, a diverged model) is NaN
-        warnings.warn("frechet_distance: non-finite mean or covariance (too few samples or non-finite samples); "
-                      "returning NaN")
+        # sqrtm of a matrix with a NaN can run for ever; NaN statistics (a diverged model) give NaN
+        warnings.warn("frechet_distance: non-finite mean or covariance (too few samples or "
+                      "non-finite samples); returning NaN")
         return float("nan")
     covmean = scipy.linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
@@ -449,8 +397,8 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 
 
 def sliced_w2(x, y, projections=256, seed=0):
-    """Sliced 2-Wasserstein distance between two equal-size point sets (n, D): the root mean square, over random
-    unit directions, of the 1-D W2 distance (sorted projections)."""
+    """Sliced 2-Wasserstein distance between two equal-size point sets (n, D): the root mean square,
+    over random unit directions, of the 1-D W2 distance (sorted projections)."""
     n = min(len(x), len(y))
     x, y = x[:n].double(), y[:n].double()
     g = torch.Generator().manual_seed(seed)
@@ -462,24 +410,23 @@ def sliced_w2(x, y, projections=256, seed=0):
 
 
 def mixture_metrics(x, mixture, labels=None, seed=0):
-    """Sample quality against the exact mixture. x (n, ...) is flattened to (n, D). Each sample is assigned to the
-    component of highest likelihood N(x; mu_k, v_k) ("nearest component").
-        sw2        sliced W2 to fresh true samples (0 = perfect; compare with two true sets of the same size)
-        mode_tv    total variation between assigned shares and the true weights, 0.5 sum_k |share_k - w_k|
+    """Sample quality against the exact mixture; x (n, ...) flattened to (n, D). Each sample is
+    assigned to the component of highest likelihood N(x; mu_k, v_k) ("nearest component").
+        sw2        sliced W2 to fresh true samples (0 = perfect; compare two true sets of the size)
+        mode_tv    total variation of the assigned shares and the weights, 0.5 sum_k |share_k - w_k|
         modes      components holding at least a quarter of their true share
         precision  share of samples inside their component's 99.9% ellipsoid (chi^2_D quantile)
-        mode_w2    (D = 2) the shape of each mode: Gaussian W2 distance (sqrt of the Frechet distance) between the
-                   samples assigned to a component and fresh true samples assigned to it, averaged with the true
-                   weights over the components holding >= 10 samples of each. sw2, mode_tv and precision can look
-                   fine while every mode has shrunk to a spike or smeared along a filament; this does not.
-        fd         (D > 2) Frechet distance of the samples' mean/covariance to the mixture's exact ones
+        mode_w2    (D = 2) each mode's shape: the Gaussian W2 distance (the Frechet distance's root)
+                   of the samples assigned to a component and fresh true samples assigned to it,
+                   averaged with the weights over components holding >= 10 of each. sw2, mode_tv
+                   and precision can look fine while every mode shrank to a spike; this cannot.
+        fd         (D > 2) Frechet distance of the samples' mean / covariance to the exact ones
         class_acc  (with labels) share of samples assigned to the component of their label
-        class_bias (D > 2, with labels) where the fd comes from, part 1: the squared distance between the mean of
-                   the samples of each label and that component's mean, averaged over the labels with >= 2 samples
-                   (true samples: D v / n_k, sampling noise alone, e.g. 0.077 for 100 per class of synthetic 16)
-        spread     (D > 2, with labels) part 2: the samples' variance around their own label's mean, summed over
-                   dimensions and averaged over the labels, divided by the true within-component variance (1 =
-                   right; below 1, samples too alike within a class, e.g. pulled towards the class's mode)."""
+        class_bias (D > 2, labels) where fd comes from, 1: the squared distance of each label's
+                   sample mean to its component's mean, averaged over labels with >= 2 samples
+                   (true samples: D v / n_k, e.g. 0.077 for 100 per class of synthetic 16)
+        spread     (D > 2, labels) 2: the samples' variance around their label's mean over the true
+                   within-component variance (1 right; below 1, samples too alike in a class)."""
     x = x.detach().flatten(1).double().cpu()
     n, D = x.shape
     comp = mixture.component_log_prob(x, 0.0)  # (n, K)
@@ -490,7 +437,7 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
     v = mixture.variances[:, None].expand(-1, D) if mixture.isotropic else mixture.variances
     lognorm = -0.5 * torch.log(2 * math.pi * v).sum(1)
     maha2 = -2 * (comp.gather(1, assign[:, None])[:, 0] - lognorm[assign])
-    true_x, _ = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    true_x, _ = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
     out = {
         "sw2": sliced_w2(x, true_x, seed=seed),
         "mode_tv": float(0.5 * (share - w).abs().sum()),
@@ -507,7 +454,8 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
                 total, weight = total + float(w[k]) * math.sqrt(max(fd, 0.0)), weight + float(w[k])
         out["mode_w2"] = total / weight if weight else float("nan")
     if D > 2:
-        out["fd"] = frechet_distance(x.mean(0), torch.cov(x.T), mixture.mean(), mixture.covariance())
+        out["fd"] = frechet_distance(x.mean(0), torch.cov(x.T), mixture.mean(),
+                                     mixture.covariance())
     if labels is not None:
         labels = labels.cpu().long()
         out["class_acc"] = float((assign == labels).double().mean())
@@ -525,9 +473,9 @@ def mixture_metrics(x, mixture, labels=None, seed=0):
     return out
 
 
-# ================================================================================================================
-# DATA
-# ================================================================================================================
+# ==================================================================================================
+# DATA: what a dataset is, and the labels drawn for it (the loaders: real_batches, below the banner)
+# ==================================================================================================
 
 @dataclass
 class DatasetInfo:
@@ -554,21 +502,196 @@ def dataset_info(args):
     return DatasetInfo("imagenet64", (3, 64, 64), 1000, bool(args.cond))
 
 
-def sample_labels(info, n, device, generator=None):
-    """Uniform random class labels (n,) for conditional models, None otherwise (data-free label sampling)."""
-    if not info.cond:
-        return None
-    if generator is None:  # drawn on the device: no host-to-device copy
-        return torch.randint(info.num_classes, (n,), device=device)
-    return torch.randint(info.num_classes, (n,), device="cpu", generator=generator).to(device)
+def sample_labels(info, n, device):
+    """n uniform class labels (n,) on the device for a conditional model, None otherwise."""
+    return torch.randint(info.num_classes, (n,), device=device) if info.cond else None
 
 
 def balanced_labels(info, n, device, offset=0):
-    """Class-balanced labels for evaluation: offset, offset+1, ... mod K; None for unconditional models."""
+    """Class-balanced labels to evaluate: offset, offset+1, ... mod K; None if unconditional."""
     if not info.cond:
         return None
     return torch.arange(offset, offset + n, device=device) % info.num_classes
 
+
+# ==================================================================================================
+# THE TEACHER: EDM's training
+# ==================================================================================================
+
+def build_denoiser(args, info):
+    """A fresh EDM denoiser with the preset's network: the teacher's architecture."""
+    return EDMDenoiser(unet.build_network(args.preset, info.shape, info.label_dim))
+
+
+def train_teacher(args, info, dist, folder):
+    """EDM's training (Karras et al. 2022, Sec. 5): Adam(0.9, 0.999), lr warm-up over
+    --teacher-rampup kimg, EMA with --teacher-ema half-life, non-finite steps skipped, --amp.
+    Resumable: an interrupted run continues from folder/ckpt.pt the next time the teacher is asked
+    for. Writes folder/teacher.pt (the EMA)."""
+    net = build_denoiser(args, info).to(dist.device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = optimizer([net], args, dist, lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8)
+    targs = copy.copy(args)
+    targs.out_dir, targs.batch, targs.eval_every = str(folder), args.teacher_batch, 0
+    targs.method, targs.lr_decay = "teacher", "none"  # the schedule is EDM's warm-up, below
+    targs.resume = (folder / "ckpt.pt").is_file()
+    targs.overwrite = not targs.resume
+    targs.allow_changed_flags = True  # the folder is named by the config's hash: a resume fits
+    data = real_batches(targs, info, dist)  # missing or unreadable data fails before the folder
+    run = Run(targs, dist)
+    objects = {"net": net, "ema": ema, "opt": opt}
+    start = run.resume(objects)
+    batch = args.teacher_batch
+
+    if dist.is_main:
+        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) in {folder}")
+    with Bookkeeping(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher",
+                     [opt]) as book:
+        for step in range(start, args.teacher_iters):
+            nimg = step * batch
+            # EDM's schedule: a linear warm-up over --teacher-rampup kimg, then constant
+            opt.set_lr(learning_rate(args.teacher_lr, step, args.teacher_iters, "none",
+                                     max(args.teacher_rampup * 1000, 1e-8), nimg))
+            x0, labels = next(data)
+            # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
+            losses = minimize(opt, edm_loss, x0=x0, labels=labels if info.cond else None,
+                              sigma=edm_sigma(len(x0), dist.device), eps=torch.randn_like(x0))
+            ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
+            book.end_iteration(step, losses)
+    problem = ruined({"teacher": ema}) or (
+        opt.skipped and f"its last {opt.skipped} steps were skipped (non-finite)")
+    if problem:  # never cached: a later run would reuse it without training again
+        raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the "
+                        f"data in --data-dir corrupt?)")
+    if dist.is_main:
+        save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
+                        {**teacher_config(args), "num_classes": info.label_dim})
+    dist.barrier()
+
+
+# ==================================================================================================
+# THE TRAINING LOOP: one update, the EMA, the learning rate, and what a method's main() relies on
+# ==================================================================================================
+# Each method's main() writes its loop out (for step in range(start, args.iters): the learning
+# rates, train_iteration, ema_update, book.end_iteration), and each train_iteration writes its
+# updates as the draws, a per-sample loss and minimize. What they call besides (bodies below):
+#   start_method(args) -> (dist, info, run, teacher, teacher_net): the processes (dist.device,
+#       dist.world), the data (info.shape, info.cond), the run folder, the frozen teacher D_phi and
+#       the network it is made of (the students' copies start from it).
+#   AmpOptimizer, made by optimizer(): zero_grad / backward / step, with fp16's loss scaling, the
+#       non-finite check (a step whose loss or gradient holds a NaN or an infinity is skipped on
+#       every rank, and counted) and --grad-clip; set_lr(lr) for the coming steps.
+#   autocast(args, device): --amp's autocast (bf16 / fp16), or nothing in fp32.
+#   real_batches(args, info, dist): this rank's real (x0, labels) batches, forever.
+#   Bookkeeping(...).end_iteration(step, losses): log, evaluate, checkpoint, signals, --max-skips.
+#   evaluate, teacher_reference, save_generator, export_samples, bench: evaluation, the teacher's
+#       reference samples, generator.pt, --export, --bench.
+
+def optimizer(nets, args, dist, adamw=False, clip=None, compile=True, **adam_args):
+    """An AmpOptimizer training `nets` (a list of modules): Adam, or AdamW with adamw=True (fused on
+    CUDA), gradient norms clipped at `clip`, the networks' training passes through their DDP /
+    compiled wrappers (compile=False: DDP only). Outside its updates its networks are frozen."""
+    nets = [net.requires_grad_(True) for net in nets]  # DDP takes the parameters that require grad
+    wrappers = [wrap(net, args, dist, compile) for net in nets]
+    params = [p for net in nets for p in net.parameters()]
+    opt = adam(params, dist.device, adamw, **adam_args)
+    return AmpOptimizer(opt, args, dist.device, clip, nets, wrappers)
+
+
+def minimize(opt, loss_fn, **draws):
+    """One update of opt's networks down the batch mean of a per-sample loss: EDM's training loop
+    (training_loop.py:123-148), written once for every update of the methods and the teacher:
+        opt.zero_grad()
+        for each round of at most --batch-gpu rows (one round by default):  # under --amp autocast
+            losses = loss_fn(*networks, **the round's rows of every draw)
+            opt.backward(losses[first].mean() * rows / batch)  # DDP syncs in the last round only
+        opt.step()                   # skipped, and counted, if the loss or a gradient is non-finite
+    loss_fn gets opt's networks (their DDP / compiled wrappers; trainable, in train mode, while
+    every other network is frozen, in eval mode), then the draws by name: (B, ...) tensors drawn for
+    the whole batch, or None. It returns per-sample losses (b,), or a dict of them whose first entry
+    is minimised. Returns each entry's batch mean (device tensors, for the log)."""
+    return opt.minimize(loss_fn, draws)
+
+
+@torch.no_grad()
+def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
+    """EMA with a half-life in images: beta = 0.5^(batch / halflife); with rampup_ratio (EDM's 0.05)
+    the half-life is capped at rampup_ratio * the images seen, so early averages forget fast."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None and nimg is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    # ema <- ema + (1 - beta) (net - ema): all tensors in one foreach call, not one launch each
+    params = list(ema.parameters())
+    if params:
+        torch._foreach_lerp_(params, list(unwrap(net).parameters()), 1 - beta)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(unwrap(net).buffers()))
+
+
+def lr_decay_factor(decay, step, total):
+    """--lr-decay's factor at iteration `step` of `total`: 1 ('none'), or a cosine from 1 to 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total)) if decay == "cosine" else 1.0
+
+
+def learning_rate(lr, step, total, decay="none", warmup=0, warmed=0):
+    """The learning rate of an update at iteration `step` of `total`, the one place it is decided:
+        lr * min(1, warmed / warmup) * lr_decay_factor(decay, step, total),
+    a linear warm-up from 0 (none when warmup is 0; `warmed` counts in the warm-up's unit: DMD2's
+    fake-score updates, the teacher's images) times --lr-decay's factor."""
+    if warmup:
+        lr = lr * min(1.0, warmed / warmup)
+    if decay != "none":
+        lr = lr * lr_decay_factor(decay, step, total)
+    return lr
+
+
+# ##################################################################################################
+# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: errors, data
+# loaders and files, the teacher's cache, NVIDIA's EDM pickles, AMP and the optimizer, bookkeeping, evaluation, the
+# frame of a method script, checkpoints, the run folder, arguments, processes (DDP), pictures, FID, --export,
+# --bench, main.
+# ##################################################################################################
+
+
+# ==================================================================================================
+# ERRORS: a user's mistake is one line and exit code 2
+# ==================================================================================================
+
+class UserError(Exception):
+    """A problem with the user's input (flags, files, data). Printed as one line; exit code 2."""
+
+
+def _reason(e, limit=160):
+    """An exception as a short clause for a one-line error: its type and the first sentence of its message."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def run_main(main, argv=None):
+    """Call main(argv); turn a UserError into one clear line on stderr and exit code 2 (no traceback soup). After a
+    --bench on CUDA, also measure the fp32 / bf16 / compiled variants in this process (bench_compare)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        result = main(argv)
+        if isinstance(result, dict) and result.get("device_type") == "cuda" and "bench" in result:
+            bench_compare(main, argv, result)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({_reason(e)}); lower --batch, --eval-samples or --fid-samples", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the disk filled up, a file vanished, a device failed: the message says which file
+        print(f"error: {_reason(e)}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ==================================================================================================
+# DATA LOADERS: the mixtures, CIFAR-10, ImageNet-64 (npz or class folders)
+# ==================================================================================================
 
 def _mixture_batches(mixture, info, batch, device):
     while True:
@@ -688,672 +811,10 @@ def real_batches(args, info, dist):
                     f"'Downsampled ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
 
 
-# ================================================================================================================
-# TEACHER
-# ================================================================================================================
-
-TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "teacher_batch", "teacher_lr",
-                "teacher_ema", "teacher_rampup", "teacher_seed")
-
-
-def teacher_config(args):
-    """What a trained teacher is made of (its cache key): data, network preset and layout, training flags."""
-    cfg = {**{k: getattr(args, k) for k in TEACHER_KEYS}, "layout": unet.layout_version(args.preset)}
-    if args.dataset == "imagenet64":
-        cfg["data"] = data_identity(args.data_dir)
-    return cfg
-
-
-def data_identity(data_dir):
-    """What identifies a user's ImageNet-64 files (part of the teacher's cache key, so that a teacher trained on other
-    data is never reused): the npz files' names and sizes and a hash of their first and last 64 KiB, or the class
-    folders' names and file counts. (CIFAR-10 needs none: torchvision checks its archive's MD5.)"""
-    root, h = Path(data_dir), hashlib.sha256()
-    files = sorted(root.glob("*.npz")) if root.is_dir() else []
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name} {size}\n".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(65536))
-            fh.seek(max(0, size - 65536))
-            h.update(fh.read(65536))
-    if not files and root.is_dir():
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
-            h.update(f"{d.name} {sum(1 for _ in d.iterdir())}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def teacher_folder(args):
-    """runs/teachers/<dataset><res>-<preset>-<cond|uncond>-<hash of the training config>/"""
-    cfg = teacher_config(args)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    res = "" if args.dataset == "toy2d" else str(args.resolution)
-    return Path(args.teacher_dir) / f"{args.dataset}{res}-{args.preset}-{'cond' if args.cond else 'uncond'}-{key}"
-
-
-def build_denoiser(args, info):
-    """A fresh EDM denoiser with the preset's network: the architecture of the teacher and all its copies."""
-    return EDMDenoiser(unet.build_network(args.preset, info.shape, info.label_dim))
-
-
-def train_teacher(args, info, dist, folder):
-    """EDM training (Karras et al. 2022, Sec. 5): Adam(0.9, 0.999), lr warm-up over --teacher-rampup kimg,
-    EMA with --teacher-ema half-life, non-finite steps skipped, AMP per --amp. Resumable: an interrupted run
-    continues from folder/ckpt.pt the next time the teacher is asked for. Writes folder/teacher.pt (EMA)."""
-    net = build_denoiser(args, info).to(dist.device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = AmpOptimizer(adam(net.parameters(), dist.device, lr=args.teacher_lr, betas=(0.9, 0.999), eps=1e-8),
-                       args, dist.device)
-    net_t = wrap(net, args, dist)
-    targs = copy.copy(args)
-    targs.out_dir, targs.batch, targs.eval_every, targs.method = str(folder), args.teacher_batch, 0, "teacher"
-    targs.lr_decay = "none"  # the teacher's schedule is EDM's warm-up, below
-    targs.resume = (folder / "ckpt.pt").is_file()
-    targs.overwrite = not targs.resume
-    targs.allow_changed_flags = True  # the folder's name is the training config's hash: an interrupted run fits
-    data = real_batches(targs, info, dist)  # missing or unreadable data fails here, before the folder exists
-    run = Run(targs, dist)
-    objects = {"net": net, "ema": ema, "opt": opt}
-    start = run.resume(objects)
-    batch = args.teacher_batch
-
-    if dist.is_main:
-        print(f"training the teacher ({unet.count_params(net) / 1e6:.2f}M parameters) into {folder}")
-    with Bookkeeping(targs, run, objects, lambda done: {}, start, args.teacher_iters, "teacher", [opt]) as book:
-        for step in range(start, args.teacher_iters):
-            nimg = step * batch
-            # EDM's schedule: a linear warm-up over --teacher-rampup kimg, then constant
-            opt.set_lr(learning_rate(args.teacher_lr, step, args.teacher_iters, "none",
-                                     max(args.teacher_rampup * 1000, 1e-8), nimg))
-            x0, labels = next(data)
-            labels = labels if info.cond else None
-            sigma, eps = edm_sigma(len(x0), dist.device), torch.randn_like(x0)  # the whole batch's draws
-            loss = 0.0
-            opt.zero_grad()
-            for rows, share in rounds(len(x0), args.batch_gpu, net_t):  # --batch-gpu rows at a time
-                with autocast(args, dist.device):
-                    # lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, ln sigma ~ N(-1.2, 1.2^2)
-                    loss_r = edm_loss(net_t, x0[rows], pick(labels, rows), sigma[rows], eps[rows]).mean() * share
-                opt.backward(loss_r)
-                loss = loss + loss_r.detach()
-            opt.step()
-            ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
-            book.end_iteration(step, {"loss": loss})
-    problem = ruined({"teacher": ema}) or (opt.skipped and f"its last {opt.skipped} steps were skipped (non-finite)")
-    if problem:  # never cached: a later run would reuse it without training again
-        raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the data in "
-                        f"--data-dir corrupt?)")
-    if dist.is_main:
-        save_checkpoint(folder / "teacher.pt", {"ema": ema}, args.teacher_iters,
-                        {**teacher_config(args), "num_classes": info.label_dim})
-    dist.barrier()
-
-
-def load_teacher_file(path, args, info):
-    """A trained teacher (EMA weights) from a teacher.pt, checked against this run's data and network flags."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    for key in ("dataset", "resolution", "preset", "cond"):
-        if key in cfg and cfg[key] != getattr(args, key):
-            raise UserError(f"teacher {path} was trained with {key}={cfg[key]!r} but this run has "
-                            f"{key}={getattr(args, key)!r}")
-    if cfg.get("layout", 1) != unet.layout_version(args.preset):
-        raise UserError(f"teacher {path} has an earlier layout of the {args.preset!r} network; train it again "
-                        f"(delete it, or pass --teacher auto)")
-    net = build_denoiser(args, info)
-    restore({"ema": net}, ckpt, path)
-    return net
-
-
-def load_or_train_teacher(args, info, dist):
-    """Returns (teacher, teacher_net):
-        teacher      the frozen D_phi the method distils from: the trained network, or with --teacher analytic
-                     the exact mixture denoiser;
-        teacher_net  the trained EDMDenoiser (frozen, eval) that the method's networks are copied from.
-    --teacher auto trains the teacher once into --teacher-dir (keyed by dataset, network and training config)
-    and loads it from there afterwards; --teacher PATH loads a given teacher.pt; --teacher edm downloads NVIDIA's
-    pretrained EDM network for the dataset into --teacher-dir (once) and --teacher PATH.pkl loads such a pickle,
-    both without running any code from it (load_edm_pickle)."""
-    if args.teacher == "edm" or is_edm_pickle(args.teacher):
-        path = fetch(edm_download_key(args), args.teacher_dir, dist) if args.teacher == "edm" else \
-            verified_file(args.teacher)
-        teacher_net = load_edm_pickle(path, args, info).to(dist.device).eval().requires_grad_(False)
-    else:
-        if args.teacher not in ("auto", "analytic"):
-            path = Path(args.teacher)
-        else:
-            folder = teacher_folder(args)
-            path = folder / "teacher.pt"
-            if not path.is_file():
-                train_teacher(args, info, dist, folder)
-        teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
-    if args.teacher == "analytic":
-        teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
-    else:
-        teacher = teacher_net
-    # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
-    seed_everything(args.seed + dist.rank)
-    return teacher, teacher_net
-
-
-# ================================================================================================================
-# AMP, OPTIMISERS, EMA
-# ================================================================================================================
-
-def amp_dtype(args, device):
-    """Resolve --amp: auto -> bf16 on GPUs that compute in bf16 natively (compute capability 8.0 and later: A100,
-    H100, RTX 30xx on), fp32 elsewhere. Older GPUs (V100, T4) run bf16 emulated, slowly, though
-    torch.cuda.is_bf16_supported() says yes; fp16 needs loss scaling and diverged in SiD's and DMD2's authors' runs,
-    so auto does not choose it there (--amp fp16 asks for it). Returns None for fp32."""
-    mode = args.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
-
-
-def autocast(args, device):
-    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
-    dtype = amp_dtype(args, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def adam(params, device, adamw=False, **kw):
-    """torch.optim.Adam (AdamW with adamw=True) updating all tensors at once: fused kernels on CUDA, foreach on the
-    CPU (one call per group of tensors instead of a Python loop over them)."""
-    # the CPU's foreach Adam is bit-identical to torch's loop over tensors (its fused kernel differs by ~1e-7), so
-    # the CPU's measured trajectories stay those of the plain loop; on CUDA, fused skips a step on the device
-    mode = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return (torch.optim.AdamW if adamw else torch.optim.Adam)(params, **kw, **mode)
-
-
-# Activation memory saved for backward per sample (MiB, fp32; bf16 needs less), measured on the CPU for the presets
-# the papers' runs use, and the networks' graphs the largest update of each method holds at once (SiD's generator
-# step: generator, teacher, fake score). --batch-gpu's default on CUDA is sized from these.
-ACTIVATION_MIB = {"cifar10": 43.7, "edm-cifar10": 129.0, "edm-imagenet64": 771.0}
-GRAPHS = {"sid": 3, "dmd2": 2, "add": 2, "teacher": 1}
-
-
-def fitting_batch_gpu(args, device, world):
-    """--batch-gpu's default: on CUDA, the most rows per round whose graphs fit in 7/8 of the GPU's memory (70 GiB of
-    an 80 GB card), from ACTIVATION_MIB and GRAPHS; None (the rank's whole share in one round) when the share fits,
-    on the CPU, or for a preset without a measurement."""
-    if device.type != "cuda" or args.preset not in ACTIVATION_MIB:
-        return None
-    budget_mib = torch.cuda.get_device_properties(device).total_memory / 2 ** 20 * 7 / 8
-    rows = int(budget_mib / (ACTIVATION_MIB[args.preset] * GRAPHS.get(args.method, 3)))
-    return max(rows, 1) if rows < args.batch // world else None
-
-
-def rounds(batch, batch_gpu, *trained):
-    """Gradient accumulation (--batch-gpu): this rank's `batch` rows in rounds of at most batch_gpu rows (None: one
-    round). Yields (rows, share): the round's slice of the batch and its share rows / batch, by which a batch-mean
-    loss is scaled so that the rounds' backward passes sum to the whole batch's gradient. Every round but the last
-    runs inside DDP's no_sync() of the `trained` wrappers (forward and backward), so the gradients are all-reduced
-    once, in the last round's backward, as the SiD authors' loop does (sid_training_loop.py, `batch_gpu` rounds)."""
-    size = batch_gpu or batch
-    for start in range(0, batch, size):
-        rows = slice(start, min(start + size, batch))
-        with contextlib.ExitStack() as stack:
-            if rows.stop < batch:
-                for net in trained:
-                    net = getattr(net, "_orig_mod", net)  # DDP under torch.compile
-                    if isinstance(net, nn.parallel.DistributedDataParallel):
-                        stack.enter_context(net.no_sync())
-            yield rows, (rows.stop - rows.start) / batch
-
-
-def pick(v, rows):
-    """v[rows], or None for None (the labels of an unconditional model)."""
-    return None if v is None else v[rows]
-
-
-class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the check every update needs. The three calls
-    of one update, as each training iteration writes them:
-        opt.zero_grad()
-        opt.backward(loss)   # loss.backward(), the loss scaled under fp16 (once per round of --batch-gpu)
-        opt.step()           # skipped when the loss or a gradient was non-finite; then clip and step
-    A step whose loss or gradients hold a NaN or an infinity is skipped (parameters and optimizer state untouched)
-    and counted toward --max-skips; under torchrun every rank skips together. The decision stays on the device: with
-    a fused optimizer (common.adam on CUDA) the optimizer kernel reads it, so an update makes no host-device sync.
-    Other optimizers (the CPU's foreach Adam, bit-identical to the loop) and fp16 read it on the host."""
-
-    def __init__(self, optimizer, args, device, clip=None):
-        self.opt, self.clip = optimizer, clip
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
-        # fused kernels take a found_inf tensor and skip the step themselves (torch's GradScaler protocol)
-        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not self.scaler.is_enabled()
-        self.found = torch.zeros((), device=device)  # 1 once this step's loss or a gradient is non-finite
-        self.one = torch.ones((), device=device)
-        self.streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
-        self.longest = torch.zeros((), device=device)  # the longest streak since Bookkeeping last looked
-        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
-        self.lrs = [optimizer.param_groups[0]["lr"]]  # the learning rates set_lr last asked for
-
-    def set_lr(self, lr):
-        """The learning rate of the coming steps, as the loop's schedule decides it (learning_rate). A list gives one
-        rate per step() in turn, the last one kept (DMD2's fake-score updates, each with its own warm-up rate)."""
-        self.lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
-
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
-        self.found.zero_()
-
-    def backward(self, loss):
-        """loss.backward() into this optimizer's parameters (scaled by the GradScaler under fp16); a non-finite loss
-        marks the coming step() to be skipped. Called once per round of --batch-gpu."""
-        self.found.add_(~torch.isfinite(loss.detach()).all())  # on the device: no sync
-        self.scaler.scale(loss).backward()
-
-    def step(self):
-        """Skip the step if its loss or gradients were non-finite, else clip the gradients (--grad-clip) and step."""
-        lr = self.lrs.pop(0) if len(self.lrs) > 1 else self.lrs[0]  # a skipped step uses up its rate too
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.scaler.is_enabled():  # fp16: gradients divided by the loss scale, overflow found by the scaler
-            self.scaler.unscale_(self.opt)
-            for found in self.scaler._per_optimizer_states[id(self.opt)]["found_inf_per_device"].values():
-                self.found.add_(found.to(self.found.device))
-        else:  # one multi-tensor kernel over all gradients: found = 1 if any is non-finite (each multiplied by 1)
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
-        if torch.distributed.is_initialized():  # every rank skips together (a collective on the device, no sync)
-            torch.distributed.all_reduce(self.found, op=torch.distributed.ReduceOp.MAX)
-        self.found.clamp_(max=1)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)  # foreach norms, no sync
-        if self.on_device:  # the fused kernel skips the update and leaves its state when found_inf = 1
-            self.opt.found_inf = self.found
-            try:
-                self.opt.step()
-            finally:
-                del self.opt.found_inf
-        elif not bool(self.found):  # a host read: free on the CPU, one sync under fp16 on a GPU
-            self.scaler.step(self.opt)
-        if self.scaler.is_enabled():
-            self.scaler.update()
-        self.streak.add_(1).mul_(self.found)  # +1 if skipped, else back to 0
-        torch.maximum(self.longest, self.streak, out=self.longest)
-
-    @property
-    def skipped(self):
-        """Consecutive steps skipped so far (reading it is a host sync on a GPU)."""
-        return int(self.streak)
-
-    def longest_streak(self):
-        """The longest run of consecutive skipped steps since the last call (one host read); Bookkeeping asks this
-        every --log-every iterations, so that no run of skips between two looks goes unseen."""
-        longest = int(self.longest)
-        self.longest.copy_(self.streak)
-        return longest
-
-    def state_dict(self):
-        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
-        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
-
-    def load_state_dict(self, state):
-        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
-        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
-        scale when the checkpoint has none."""
-        # the checkpoint's param groups carry the saving machine's fused / foreach flags (a CPU run's foreach, a CUDA
-        # run's fused): this optimizer keeps its own, so that its state lands where its step() needs it
-        mode = {k: self.opt.defaults[k] for k in ("fused", "foreach", "capturable") if k in self.opt.defaults}
-        opt_state = dict(state["opt"], param_groups=[{**g, **mode} for g in state["opt"]["param_groups"]])
-        self.opt.load_state_dict(opt_state)
-        if not self.scaler.is_enabled():
-            self.idle_scaler_state = dict(state["scaler"])
-        elif state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.streak.fill_(int(state.get("skipped", 0)))  # a resumed run keeps counting toward --max-skips
-        self.longest.copy_(self.streak)
-
-
-@torch.no_grad()
-def ema_update(ema, net, halflife_kimg, batch, nimg=None, rampup_ratio=None):
-    """EMA with a half-life in images: beta = 0.5^(batch / halflife_img); with rampup_ratio (EDM: 0.05), the
-    half-life is capped at rampup_ratio * images seen so far, so early averages forget the initialisation fast."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None and nimg is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    beta = 0.5 ** (batch / max(halflife, 1e-8))
-    # ema <- ema + (1 - beta) (net - ema), all tensors in one foreach call (one launch per group, not per tensor)
-    params = list(ema.parameters())
-    if params:
-        torch._foreach_lerp_(params, list(unwrap(net).parameters()), 1 - beta)
-    buffers = list(ema.buffers())
-    if buffers:
-        torch._foreach_copy_(buffers, list(unwrap(net).buffers()))
-
-
-def set_dropout(net, p):
-    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
-    the teacher's dropout). Returns the network."""
-    for m in unwrap(net).modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-    return net
-
-
-def requires_grad(net, flag):
-    """Freeze / unfreeze a network's parameters (gradients still flow through its inputs when frozen)."""
-    for p in unwrap(net).parameters():
-        p.requires_grad_(flag)
-    return net
-
-
-# ================================================================================================================
-# TRAINING LOOP
-# ================================================================================================================
-
-class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
-
-    def __init__(self):
-        self.raised = None
-        self.old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.raised = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-# A parameter this large means a ruined model, not a trained one (the networks here work with weights of order 1):
-# such a model is never saved over a good checkpoint.
-RUINED = 1e6
-
-
-def ruined(objects):
-    """Why the networks in `objects` must not be checkpointed (a non-finite parameter, or one above RUINED), or
-    None. One host sync per network."""
-    for name, obj in objects.items():
-        if isinstance(obj, nn.Module):
-            params = [p.detach() for p in obj.parameters()]
-            if not params:
-                continue
-            peak = float(torch.stack([p.abs().max() for p in params]).max())
-            if not math.isfinite(peak):
-                return f"{name} has non-finite parameters"
-            if peak > RUINED:
-                return f"{name} has a parameter of size {peak:.3g}"
-    return None
-
-
-def lr_decay_factor(decay, step, total):
-    """The learning-rate factor of --lr-decay at iteration `step` of `total`: 1 ('none'), or cosine from 1 to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * step / total)) if decay == "cosine" else 1.0
-
-
-def learning_rate(lr, step, total, decay="none", warmup=0, warmed=0):
-    """The learning rate of an update at iteration `step` of `total`, the one place a step's lr is decided:
-        lr * min(1, warmed / warmup) * lr_decay_factor(decay, step, total),
-    a linear warm-up from 0 (none when warmup is 0; `warmed` counts in the warm-up's unit: DMD2's fake-score updates,
-    the teacher's images) times --lr-decay's factor."""
-    if warmup:
-        lr = lr * min(1.0, warmed / warmup)
-    if decay != "none":
-        lr = lr * lr_decay_factor(decay, step, total)
-    return lr
-
-
-class Bookkeeping:
-    """Everything around a training iteration that is not the method, for the loop each script writes out:
-
-        with common.Bookkeeping(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f]) as book:
-            for step in range(start, args.iters):
-                ...                                  # this step's learning rates, train_iteration, the EMA
-                book.end_iteration(step, losses)     # losses: a dict of scalars
-
-    end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
-    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
-    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
-    the `optimizers` (AmpOptimizers) skipped as non-finite (looked at when it logs or checkpoints: the count
-    lives on the device), or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A
-    finished run that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains
-    no further. `metrics` holds the latest evaluation; the progress bar counts the iterations."""
-
-    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
-        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
-        self.start, self.total = start, args.iters if total is None else total
-        self.desc, self.optimizers = desc, list(optimizers)
-        self.metrics = {}
-        self.stop, self.bar, self.t0 = _StopFlag(), None, time.time()
-
-    def __enter__(self):
-        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
-            if self.run.dist.is_main:
-                print(f"{self.desc}: already at iteration {self.start} of {self.total}; evaluating")
-            self._evaluate_and_log(self.start)
-            return self
-        self.stop.__enter__()
-        self.bar = tqdm(initial=self.start, total=self.total, desc=self.desc, disable=not self.run.dist.is_main,
-                        dynamic_ncols=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-            self.stop.__exit__(*exc)
-
-    def _evaluate_and_log(self, done):
-        metrics = self.evaluate(done)
-        if metrics:
-            self.metrics = dict(metrics)
-            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}, **fid_ref_record(self.args,
-                                                                                                        metrics)})
-            if self.run.dist.is_main:
-                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                           + fid_note(self.args, metrics))
-
-    def _check_skips(self, done):
-        """Stop after --max-skips consecutive skipped steps (the streaks live on the device: one host read, made only
-        when logging or saving, over the longest streak since the last look)."""
-        bad = max((o.longest_streak() for o in self.optimizers), default=0)
-        if bad >= self.args.max_skips:
-            raise UserError(f"{self.desc}: {bad} consecutive steps were skipped for a non-finite loss or gradient "
-                            f"(seen at iteration {done}); stopped without saving. {self.run.last_good()}")
-
-    def end_iteration(self, step, losses):
-        """The bookkeeping after iteration `step` (0-based) with its losses: log, evaluate, signals, skip-stop,
-        checkpoint."""
-        args, run, desc, done = self.args, self.run, self.desc, step + 1
-        self.bar.update(1)
-        log = done % args.log_every == 0 or done == self.total
-        if log:
-            self._check_skips(done)
-            record = {k: float(v) for k, v in losses.items()}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
-            run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
-        if (args.eval_every and done % args.eval_every == 0) or done == self.total:
-            self._evaluate_and_log(done)
-        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
-        # largest signal number received, 0 for none: one all_reduce of one number on the host)
-        signum = run.dist.max(self.stop.raised or 0)
-        if done % args.ckpt_every == 0 or done == self.total or signum:
-            if not log:
-                self._check_skips(done)
-            problem = ruined(self.objects)
-            if problem:  # the checkpoint before stays: a ruined model never replaces a good one
-                raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
-            run.save(self.objects, done)
-        if signum:
-            if run.dist.is_main:
-                print(f"\n{desc}: signal {signum} received; checkpoint saved at iteration {done} in "
-                      f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
-            run.dist.barrier()
-            sys.exit(128 + signum)
-
-
-# ================================================================================================================
-# EVALUATION: sample a generator on fixed latents, score it, draw it
-# ================================================================================================================
-
-@torch.no_grad()
-def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
-    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
-    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
-    g = torch.Generator().manual_seed(seed)
-    z_all = torch.randn(n, *info.shape, generator=g)
-    labels_all = balanced_labels(info, n, "cpu")
-    out = []
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
-        z = z_all[i:i + batch].to(device)
-        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
-        out.append(fn(z, labels).float().cpu())
-    return torch.cat(out), labels_all
-
-
-def teacher_sampler(teacher, steps):
-    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
-    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
-
-
-def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
-    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
-    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
-    FID (every rank must call this then). Returns (metrics, x)."""
-    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
-                         desc=f"eval {tag}")
-    metrics = {}
-    if info.mixture is not None:
-        metrics = mixture_metrics(x, info.mixture, labels)
-    if args.fid_samples:
-        metrics.update(fid(args, info, fn, dist))
-    if run is not None and run.dist.is_main:
-        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
-        save_picture(run.file(name), info, x, reference)
-    return metrics, x
-
-
-# ================================================================================================================
-# THE FRAME OF A METHOD SCRIPT: what sid.py, dmd2.py and add.py do before and after their own training
-# ================================================================================================================
-
-def start_method(args):
-    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
-    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
-    run is None and the teacher has random weights."""
-    dist = init_distributed(args)
-    info = dataset_info(args)
-    if dist.is_main:
-        print_config(args)
-    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
-        return (dist, info, None, *bench_networks(args, info, dist))
-    if args.fid_samples and not args.export:
-        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
-        if dist.is_main:
-            print(f"FID reference statistics: {fid_ref_label(args)} (--fid-ref {args.fid_ref})")
-    if args.teacher not in ("auto", "analytic", "edm"):
-        # a given teacher file is loaded (and checked against the run) before anything is written
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-        run = Run(args, dist)
-    else:
-        # the run folder is checked before a teacher is trained (hours) or downloaded
-        run = Run(args, dist)
-        teacher, teacher_net = load_or_train_teacher(args, info, dist)
-    return dist, info, run, teacher, teacher_net
-
-
-def teacher_reference(args, info, teacher, run):
-    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
-    metrics (logged as teacher/*, printed) and the left half of every picture. Sampled once per teacher, sampler and
-    evaluation settings and cached beside the teacher, so a restart or a --resume does not sample the teacher
-    again (load_teacher_reference). Returns (metrics, samples, nfe)."""
-    nfe, dist = heun_nfe(args.teacher_steps), run.dist
-    cache = teacher_reference_cache(args, info, dist)  # (file, key)
-    cached = load_teacher_reference(cache, dist)
-    if cached is None:
-        metrics, x = evaluate(args, info, teacher_sampler(teacher, args.teacher_steps), dist, run=run,
-                              tag=f"teacher-{nfe}nfe")
-        save_teacher_reference(cache, dist, metrics, x)
-    else:
-        metrics, x = cached
-        if dist.is_main:
-            save_picture(run.file(f"teacher-{nfe}nfe.png"), info, x)
-    if metrics:
-        if not any('"teacher/' in line for line in run.kept_metrics or []):  # logged once per run, not per resume
-            run.log({**{f"teacher/{k}": v for k, v in metrics.items()}, **fid_ref_record(args, metrics)})
-        if dist.is_main:
-            print(f"teacher ({nfe} NFE{', cached' if cached else ''}): "
-                  + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + fid_note(args, metrics))
-    return metrics, x, nfe
-
-
-def describe(dist, method, trained, sigmas, iters):
-    """One line at the start of training: the trained networks' sizes, the student's input sigmas, the length."""
-    if dist.is_main:
-        sizes = ", ".join(f"{k} {unet.count_params(v) / 1e6:.3g}M" for k, v in trained.items())
-        print(f"{method}: {sizes} parameters; student sigmas {[round(float(x), 4) for x in sigmas]}; {iters} iterations")
-
-
-def generator_meta(args, info, sigmas, method=None):
-    """What a generator.pt holds besides its weights, so that load_generator rebuilds and samples it with neither the
-    run's flags nor its method file: the network's class and init arguments (unet.network_spec), sigma_data, the
-    data's shape and classes, the student's input sigmas (its sampler: generate at these levels) and the method."""
-    network, kwargs = unet.network_spec(args.preset, info.shape, info.label_dim)
-    return {"network": network, "network_kwargs": kwargs, "sigma_data": SIGMA_DATA,
-            "sigmas": [float(s) for s in sigmas], "shape": list(info.shape), "num_classes": info.num_classes,
-            "cond": info.cond, "dataset": args.dataset, "method": method or args.method}
-
-
-def save_generator(args, info, run, ema, sigmas):
-    """The final (EMA) generator, alone, with generator_meta, as run.dir/generator.pt; load_generator reads it."""
-    if run.dist.is_main:
-        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args),
-                        meta=generator_meta(args, info, sigmas))
-    run.dist.barrier()
-
-
-def init_generator(args, generator, ema):
-    """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
-    checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
-    if args.init_generator and not args.resume:
-        ckpt = load_checkpoint(args.init_generator)
-        restore({"generator": generator}, ckpt, args.init_generator)
-        restore({"generator": ema}, ckpt, args.init_generator)
-
-
-def load_generator(path, device="cpu"):
-    """A saved generator.pt as (net, meta): the frozen EMA generator, rebuilt from what the file records (loaded with
-    weights_only, so nothing in it runs), and generator_meta. Sample it as its method does:
-        x = generate(net, z, labels, meta["sigmas"])      # z (B, *meta["shape"]), labels (B,) in 0..num_classes-1
-    A file saved before generators recorded their meta is read through its run's config (legacy_generator_meta)."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt.get("meta") or legacy_generator_meta(ckpt, path)
-    if meta.get("network") not in unet.NETWORKS:
-        raise UserError(f"{path}: its network {meta.get('network')!r} is not one of {sorted(unet.NETWORKS)}")
-    try:
-        net = EDMDenoiser(unet.NETWORKS[meta["network"]](**meta["network_kwargs"]), meta["sigma_data"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: its network cannot be built from the arguments it records ({_reason(e)})") from None
-    restore({"generator": net}, ckpt, path)
-    return net.to(device).eval().requires_grad_(False), meta
-
-
-# ################################################################################################################
-# PLUMBING: not needed to learn the methods. Everything below keeps runs safe, resumable and fast: ImageNet-64's data
-# files, the safe loader of NVIDIA's EDM pickles, checkpoints, the run folder, arguments, processes (DDP), pictures,
-# FID, --export, --bench, main.
-# ################################################################################################################
-
-
-# ================================================================================================================
+# ==================================================================================================
 # DATA FILES: ImageNet-64's npz batches converted once into memory-mapped .npy files
-# ================================================================================================================
+# ==================================================================================================
+
 # The downsampled ImageNet-64 train set is 1,281,167 images, 15.7 GB as uint8. npz files are zip archives, so reading
 # them means loading them: each process would hold the whole set (and twice that while concatenating), 8 ranks over
 # 120 GB. Instead the npz files are converted once, a chunk at a time, into one uint8 .npy of shape (N, 3, 64, 64)
@@ -1363,9 +824,12 @@ def load_generator(path, device="cpu"):
 # the kernel's page cache, shared by all ranks on the machine, and a process holds a few batches, whatever the data
 # size. Measured in assets/results.md (ImageNet-64 host memory); tested by
 # test_imagenet64_host_memory_does_not_grow_with_the_data.
-
 IMAGENET64_FILES = ("imagenet64-images.npy", "imagenet64-labels.npy", "imagenet64-manifest.json")
+
+
 ROW_BYTES = 3 * 64 * 64  # one image, planar RGB
+
+
 CONVERT_ROWS = 1024  # rows per read while converting (12.6 MB)
 
 
@@ -1564,9 +1028,99 @@ def _mapped_batches(images, labels, batch, device):
         yield x, y
 
 
-# ================================================================================================================
+# ==================================================================================================
+# THE TEACHER'S CACHE: trained once per data, network and settings; or loaded
+# ==================================================================================================
+
+TEACHER_KEYS = ("dataset", "resolution", "preset", "cond", "teacher_iters", "teacher_batch", "teacher_lr",
+                "teacher_ema", "teacher_rampup", "teacher_seed")
+
+
+def teacher_config(args):
+    """What a trained teacher is made of (its cache key): data, network preset and layout, training flags."""
+    cfg = {**{k: getattr(args, k) for k in TEACHER_KEYS}, "layout": unet.layout_version(args.preset)}
+    if args.dataset == "imagenet64":
+        cfg["data"] = data_identity(args.data_dir)
+    return cfg
+
+
+def data_identity(data_dir):
+    """What identifies a user's ImageNet-64 files (part of the teacher's cache key, so that a teacher trained on other
+    data is never reused): the npz files' names and sizes and a hash of their first and last 64 KiB, or the class
+    folders' names and file counts. (CIFAR-10 needs none: torchvision checks its archive's MD5.)"""
+    root, h = Path(data_dir), hashlib.sha256()
+    files = sorted(root.glob("*.npz")) if root.is_dir() else []
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name} {size}\n".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(65536))
+            fh.seek(max(0, size - 65536))
+            h.update(fh.read(65536))
+    if not files and root.is_dir():
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            h.update(f"{d.name} {sum(1 for _ in d.iterdir())}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def teacher_folder(args):
+    """runs/teachers/<dataset><res>-<preset>-<cond|uncond>-<hash of the training config>/"""
+    cfg = teacher_config(args)
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    res = "" if args.dataset == "toy2d" else str(args.resolution)
+    return Path(args.teacher_dir) / f"{args.dataset}{res}-{args.preset}-{'cond' if args.cond else 'uncond'}-{key}"
+
+
+def load_teacher_file(path, args, info):
+    """A trained teacher (EMA weights) from a teacher.pt, checked against this run's data and network flags."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    for key in ("dataset", "resolution", "preset", "cond"):
+        if key in cfg and cfg[key] != getattr(args, key):
+            raise UserError(f"teacher {path} was trained with {key}={cfg[key]!r} but this run has "
+                            f"{key}={getattr(args, key)!r}")
+    if cfg.get("layout", 1) != unet.layout_version(args.preset):
+        raise UserError(f"teacher {path} has an earlier layout of the {args.preset!r} network; train it again "
+                        f"(delete it, or pass --teacher auto)")
+    net = build_denoiser(args, info)
+    restore({"ema": net}, ckpt, path)
+    return net
+
+
+def load_or_train_teacher(args, info, dist):
+    """Returns (teacher, teacher_net):
+        teacher      the frozen D_phi the method distils from: the trained network, or with --teacher analytic
+                     the exact mixture denoiser;
+        teacher_net  the trained EDMDenoiser (frozen, eval) that the method's networks are copied from.
+    --teacher auto trains the teacher once into --teacher-dir (keyed by dataset, network and training config)
+    and loads it from there afterwards; --teacher PATH loads a given teacher.pt; --teacher edm downloads NVIDIA's
+    pretrained EDM network for the dataset into --teacher-dir (once) and --teacher PATH.pkl loads such a pickle,
+    both without running any code from it (load_edm_pickle)."""
+    if args.teacher == "edm" or is_edm_pickle(args.teacher):
+        path = fetch(edm_download_key(args), args.teacher_dir, dist) if args.teacher == "edm" else \
+            verified_file(args.teacher)
+        teacher_net = load_edm_pickle(path, args, info).to(dist.device).eval().requires_grad_(False)
+    else:
+        if args.teacher not in ("auto", "analytic"):
+            path = Path(args.teacher)
+        else:
+            folder = teacher_folder(args)
+            path = folder / "teacher.pt"
+            if not path.is_file():
+                train_teacher(args, info, dist, folder)
+        teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
+    if args.teacher == "analytic":
+        teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
+    else:
+        teacher = teacher_net
+    # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
+    seed_everything(args.seed + dist.rank)
+    return teacher, teacher_net
+
+
+# ==================================================================================================
 # NVIDIA'S PRETRAINED EDM NETWORKS (restricted unpickler)
-# ================================================================================================================
+# ==================================================================================================
 
 # NVIDIA's pretrained EDM networks, loaded safely. EDM's pickles (torch_utils.persistence) hold their classes' Python
 # source and rebuild every network object by running it; an ordinary unpickling of such a file runs whatever code it
@@ -1576,7 +1130,6 @@ def _mapped_batches(images, labels, batch, device):
 # global in the file is refused before anything runs. The weights are then copied, by name, into this project's
 # layer-for-layer copy of EDM's network (unet.SongUNet / unet.DhariwalUNet), built from the init arguments recorded in
 # the pickle and checked against the run.
-
 EDM_PRESETS = {"cifar10": "edm-cifar10", "imagenet64": "edm-imagenet64"}  # --teacher edm: dataset -> network preset
 
 
@@ -1832,9 +1385,512 @@ def load_edm_pickle(path, args, info):
     return teacher_net
 
 
-# ================================================================================================================
+# ==================================================================================================
+# AMP AND OPTIMIZERS: autocast, Adam, --batch-gpu's rounds, AmpOptimizer (the body of minimize)
+# ==================================================================================================
+
+def amp_dtype(args, device):
+    """Resolve --amp: auto -> bf16 on GPUs that compute in bf16 natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp32 elsewhere. Older GPUs (V100, T4) run bf16 emulated, slowly, though
+    torch.cuda.is_bf16_supported() says yes; fp16 needs loss scaling and diverged in SiD's and DMD2's authors' runs,
+    so auto does not choose it there (--amp fp16 asks for it). Returns None for fp32."""
+    mode = args.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+
+
+def autocast(args, device):
+    """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
+    dtype = amp_dtype(args, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def adam(params, device, adamw=False, **kw):
+    """torch.optim.Adam (AdamW with adamw=True) updating all tensors at once: fused kernels on CUDA, foreach on the
+    CPU (one call per group of tensors instead of a Python loop over them)."""
+    # the CPU's foreach Adam is bit-identical to torch's loop over tensors (its fused kernel differs by ~1e-7), so
+    # the CPU's measured trajectories stay those of the plain loop; on CUDA, fused skips a step on the device
+    mode = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return (torch.optim.AdamW if adamw else torch.optim.Adam)(params, **kw, **mode)
+
+
+# Activation memory saved for backward per sample (MiB, fp32; bf16 needs less), measured on the CPU for the presets
+# the papers' runs use, and the networks' graphs the largest update of each method holds at once (SiD's generator
+# step: generator, teacher, fake score). --batch-gpu's default on CUDA is sized from these.
+ACTIVATION_MIB = {"cifar10": 43.7, "edm-cifar10": 129.0, "edm-imagenet64": 771.0}
+
+
+GRAPHS = {"sid": 3, "dmd2": 2, "add": 2, "teacher": 1}
+
+
+def fitting_batch_gpu(args, device, world):
+    """--batch-gpu's default: on CUDA, the most rows per round whose graphs fit in 7/8 of the GPU's memory (70 GiB of
+    an 80 GB card), from ACTIVATION_MIB and GRAPHS; None (the rank's whole share in one round) when the share fits,
+    on the CPU, or for a preset without a measurement."""
+    if device.type != "cuda" or args.preset not in ACTIVATION_MIB:
+        return None
+    budget_mib = torch.cuda.get_device_properties(device).total_memory / 2 ** 20 * 7 / 8
+    rows = int(budget_mib / (ACTIVATION_MIB[args.preset] * GRAPHS.get(args.method, 3)))
+    return max(rows, 1) if rows < args.batch // world else None
+
+
+def rounds(batch, batch_gpu, *trained):
+    """Gradient accumulation (--batch-gpu): this rank's `batch` rows in rounds of at most batch_gpu rows (None: one
+    round). Yields (rows, share): the round's slice of the batch and its share rows / batch, by which a batch-mean
+    loss is scaled so that the rounds' backward passes sum to the whole batch's gradient. Every round but the last
+    runs inside DDP's no_sync() of the `trained` wrappers (forward and backward), so the gradients are all-reduced
+    once, in the last round's backward, as the SiD authors' loop does (sid_training_loop.py, `batch_gpu` rounds)."""
+    size = batch_gpu or batch
+    for start in range(0, batch, size):
+        rows = slice(start, min(start + size, batch))
+        with contextlib.ExitStack() as stack:
+            if rows.stop < batch:
+                for net in trained:
+                    net = getattr(net, "_orig_mod", net)  # DDP under torch.compile
+                    if isinstance(net, nn.parallel.DistributedDataParallel):
+                        stack.enter_context(net.no_sync())
+            yield rows, (rows.stop - rows.start) / batch
+
+
+def pick(v, rows):
+    """v[rows], or None for None (the labels of an unconditional model)."""
+    return None if v is None else v[rows]
+
+
+class AmpOptimizer:
+    """An optimizer with its own GradScaler (active for fp16 only) and the check every update needs. The three calls
+    of one update, as each training iteration writes them:
+        opt.zero_grad()
+        opt.backward(loss)   # loss.backward(), the loss scaled under fp16 (once per round of --batch-gpu)
+        opt.step()           # skipped when the loss or a gradient was non-finite; then clip and step
+    A step whose loss or gradients hold a NaN or an infinity is skipped (parameters and optimizer state untouched)
+    and counted toward --max-skips; under torchrun every rank skips together. The decision stays on the device: with
+    a fused optimizer (common.adam on CUDA) the optimizer kernel reads it, so an update makes no host-device sync.
+    Other optimizers (the CPU's foreach Adam, bit-identical to the loop) and fp16 read it on the host."""
+
+    def __init__(self, optimizer, args, device, clip=None, nets=(), wrappers=None):
+        self.opt, self.clip, self.args, self.device = optimizer, clip, args, device
+        # the networks this optimizer trains, and the modules their training passes go through (DDP / compiled)
+        self.nets, self.wrappers = list(nets), list(wrappers or nets)
+        self.training(False)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+        # fused kernels take a found_inf tensor and skip the step themselves (torch's GradScaler protocol)
+        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not self.scaler.is_enabled()
+        self.found = torch.zeros((), device=device)  # 1 once this step's loss or a gradient is non-finite
+        self.one = torch.ones((), device=device)
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
+        self.longest = torch.zeros((), device=device)  # the longest streak since Bookkeeping last looked
+        self.idle_scaler_state = {}  # an fp16 run's loss scale, kept through a resumed run that does not use it
+        self.lr = optimizer.param_groups[0]["lr"]  # the learning rate set_lr last asked for
+
+    def set_lr(self, lr):
+        """The learning rate of the coming steps, as the loop's schedule decides it (learning_rate)."""
+        self.lr = float(lr)
+
+    def training(self, flag):
+        """Its networks trainable (requires_grad, train mode: dropout) with flag, else frozen and in eval mode:
+        gradients still flow through their inputs, as another update's frozen networks need."""
+        for net in self.nets:
+            net.train(flag)
+            for p in net.parameters():
+                p.requires_grad_(flag)
+
+    def minimize(self, loss_fn, draws):
+        """The body of common.minimize (see there)."""
+        batch = next(len(v) for v in draws.values() if v is not None)
+        logged = {}
+        self.training(True)
+        self.zero_grad()
+        for rows, share in rounds(batch, self.args.batch_gpu, *self.wrappers):
+            with autocast(self.args, self.device):
+                losses = loss_fn(*self.wrappers, **{k: pick(v, rows) for k, v in draws.items()})
+            losses = losses if isinstance(losses, dict) else {"loss": losses}
+            means = {k: v.mean(dtype=torch.float32) * share for k, v in losses.items()}  # the batch mean's share
+            self.backward(next(iter(means.values())))
+            for k, v in means.items():
+                logged[k] = logged.get(k, 0.0) + v.detach()
+        self.step()
+        self.training(False)
+        return logged
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.found.zero_()
+
+    def backward(self, loss):
+        """loss.backward() into this optimizer's parameters (scaled by the GradScaler under fp16); a non-finite loss
+        marks the coming step() to be skipped. Called once per round of --batch-gpu."""
+        self.found.add_(~torch.isfinite(loss.detach()).all())  # on the device: no sync
+        self.scaler.scale(loss).backward()
+
+    def step(self):
+        """Skip the step if its loss or gradients were non-finite, else clip the gradients (--grad-clip) and step."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        if self.scaler.is_enabled():  # fp16: gradients divided by the loss scale, overflow found by the scaler
+            self.scaler.unscale_(self.opt)
+            for found in self.scaler._per_optimizer_states[id(self.opt)]["found_inf_per_device"].values():
+                self.found.add_(found.to(self.found.device))
+        else:  # one multi-tensor kernel over all gradients: found = 1 if any is non-finite (each multiplied by 1)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
+        if torch.distributed.is_initialized():  # every rank skips together (a collective on the device, no sync)
+            torch.distributed.all_reduce(self.found, op=torch.distributed.ReduceOp.MAX)
+        self.found.clamp_(max=1)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)  # foreach norms, no sync
+        if self.on_device:  # the fused kernel skips the update and leaves its state when found_inf = 1
+            self.opt.found_inf = self.found
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        elif not bool(self.found):  # a host read: free on the CPU, one sync under fp16 on a GPU
+            self.scaler.step(self.opt)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.streak.add_(1).mul_(self.found)  # +1 if skipped, else back to 0
+        torch.maximum(self.longest, self.streak, out=self.longest)
+
+    @property
+    def skipped(self):
+        """Consecutive steps skipped so far (reading it is a host sync on a GPU)."""
+        return int(self.streak)
+
+    def longest_streak(self):
+        """The longest run of consecutive skipped steps since the last call (one host read); Bookkeeping asks this
+        every --log-every iterations, so that no run of skips between two looks goes unseen."""
+        longest = int(self.longest)
+        self.longest.copy_(self.streak)
+        return longest
+
+    def state_dict(self):
+        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else self.idle_scaler_state
+        return {"opt": self.opt.state_dict(), "scaler": scaler, "skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        """Restore the optimizer, the loss scale and the skip count. A checkpoint may cross precisions: fp16 -> fp32
+        keeps the fp16 loss scale aside (saved again with this run's checkpoints), and fp32 -> fp16 starts a fresh
+        scale when the checkpoint has none."""
+        # the checkpoint's param groups carry the saving machine's fused / foreach flags (a CPU run's foreach, a CUDA
+        # run's fused): this optimizer keeps its own, so that its state lands where its step() needs it
+        mode = {k: self.opt.defaults[k] for k in ("fused", "foreach", "capturable") if k in self.opt.defaults}
+        opt_state = dict(state["opt"], param_groups=[{**g, **mode} for g in state["opt"]["param_groups"]])
+        self.opt.load_state_dict(opt_state)
+        if not self.scaler.is_enabled():
+            self.idle_scaler_state = dict(state["scaler"])
+        elif state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.streak.fill_(int(state.get("skipped", 0)))  # a resumed run keeps counting toward --max-skips
+        self.longest.copy_(self.streak)
+
+
+@functools.lru_cache(maxsize=None)
+def constant(table, device):
+    """table() (a function of no argument, e.g. ADD's noise-level tables) as float32 on `device`,
+    made once per device: a copy from the host in every iteration would be a sync on CUDA."""
+    return table().to(device=device, dtype=torch.float32)
+
+
+def set_dropout(net, p):
+    """Set the dropout rate of every nn.Dropout in a network (e.g. 0: DMD2 trains its copies of the teacher without
+    the teacher's dropout). Returns the network."""
+    for m in unwrap(net).modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return net
+
+
+# ==================================================================================================
+# BOOKKEEPING: log, evaluate, checkpoint, signals, skipped steps
+# ==================================================================================================
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
+
+    def __init__(self):
+        self.raised = None
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+# A parameter this large means a ruined model, not a trained one (the networks here work with weights of order 1):
+# such a model is never saved over a good checkpoint.
+RUINED = 1e6
+
+
+def ruined(objects):
+    """Why the networks in `objects` must not be checkpointed (a non-finite parameter, or one above RUINED), or
+    None. One host sync per network."""
+    for name, obj in objects.items():
+        if isinstance(obj, nn.Module):
+            params = [p.detach() for p in obj.parameters()]
+            if not params:
+                continue
+            peak = float(torch.stack([p.abs().max() for p in params]).max())
+            if not math.isfinite(peak):
+                return f"{name} has non-finite parameters"
+            if peak > RUINED:
+                return f"{name} has a parameter of size {peak:.3g}"
+    return None
+
+
+class Bookkeeping:
+    """Everything around a training iteration that is not the method, for the loop each script writes out:
+
+        with common.Bookkeeping(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f]) as book:
+            for step in range(start, args.iters):
+                ...                                  # this step's learning rates, train_iteration, the EMA
+                book.end_iteration(step, losses)     # losses: a dict of scalars
+
+    end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
+    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
+    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
+    the `optimizers` (AmpOptimizers) skipped as non-finite (looked at when it logs or checkpoints: the count
+    lives on the device), or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A
+    finished run that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains
+    no further. `metrics` holds the latest evaluation; the progress bar counts the iterations."""
+
+    def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
+        self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
+        self.start, self.total = start, args.iters if total is None else total
+        self.desc, self.optimizers = desc, list(optimizers)
+        self.metrics = {}
+        self.stop, self.bar, self.t0 = _StopFlag(), None, time.time()
+
+    def __enter__(self):
+        if self.start >= self.total:  # a finished run, resumed: evaluate it again, no training
+            if self.run.dist.is_main:
+                print(f"{self.desc}: already at iteration {self.start} of {self.total}; evaluating")
+            self._evaluate_and_log(self.start)
+            return self
+        self.stop.__enter__()
+        self.bar = tqdm(initial=self.start, total=self.total, desc=self.desc, disable=not self.run.dist.is_main,
+                        dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+            self.stop.__exit__(*exc)
+
+    def _evaluate_and_log(self, done):
+        metrics = self.evaluate(done)
+        if metrics:
+            self.metrics = dict(metrics)
+            self.run.log({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}, **fid_ref_record(self.args,
+                                                                                                        metrics)})
+            if self.run.dist.is_main:
+                tqdm.write(f"{self.desc} {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                           + fid_note(self.args, metrics))
+
+    def _check_skips(self, done):
+        """Stop after --max-skips consecutive skipped steps (the streaks live on the device: one host read, made only
+        when logging or saving, over the longest streak since the last look)."""
+        bad = max((o.longest_streak() for o in self.optimizers), default=0)
+        if bad >= self.args.max_skips:
+            raise UserError(f"{self.desc}: {bad} consecutive steps were skipped for a non-finite loss or gradient "
+                            f"(seen at iteration {done}); stopped without saving. {self.run.last_good()}")
+
+    def end_iteration(self, step, losses):
+        """The bookkeeping after iteration `step` (0-based) with its losses: log, evaluate, signals, skip-stop,
+        checkpoint."""
+        args, run, desc, done = self.args, self.run, self.desc, step + 1
+        self.bar.update(1)
+        log = done % args.log_every == 0 or done == self.total
+        if log:
+            self._check_skips(done)
+            record = {k: float(v) for k, v in losses.items()}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()})
+            run.log({"iter": done, "time": round(time.time() - self.t0, 2), **record})
+        if (args.eval_every and done % args.eval_every == 0) or done == self.total:
+            self._evaluate_and_log(done)
+        # a signal to any rank stops every rank here, at this iteration, with one checkpoint (the ranks agree on the
+        # largest signal number received, 0 for none: one all_reduce of one number on the host)
+        signum = run.dist.max(self.stop.raised or 0)
+        if done % args.ckpt_every == 0 or done == self.total or signum:
+            if not log:
+                self._check_skips(done)
+            problem = ruined(self.objects)
+            if problem:  # the checkpoint before stays: a ruined model never replaces a good one
+                raise UserError(f"{desc}: at iteration {done} {problem}; not saved. {run.last_good()}")
+            run.save(self.objects, done)
+        if signum:
+            if run.dist.is_main:
+                print(f"\n{desc}: signal {signum} received; checkpoint saved at iteration {done} in "
+                      f"{run.ckpt_path}. Continue with --resume.", file=sys.stderr)
+            run.dist.barrier()
+            sys.exit(128 + signum)
+
+
+# ==================================================================================================
+# EVALUATION: sample a generator on fixed latents, score it, draw it
+# ==================================================================================================
+
+@torch.no_grad()
+def sample_many(fn, info, n, batch, device, seed, desc="sampling"):
+    """Run a sampler fn(z, labels) -> x over n fixed latents z ~ N(0, I) (drawn on the CPU from `seed`, so every
+    device and every method sees the same z) with class-balanced labels. Returns (x (n, *shape) on CPU, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(n, *info.shape, generator=g)
+    labels_all = balanced_labels(info, n, "cpu")
+    out = []
+    for i in tqdm(range(0, n, batch), desc=desc, leave=False, disable=n <= batch):
+        z = z_all[i:i + batch].to(device)
+        labels = None if labels_all is None else labels_all[i:i + batch].to(device)
+        out.append(fn(z, labels).float().cpu())
+    return torch.cat(out), labels_all
+
+
+def teacher_sampler(teacher, steps):
+    """The teacher's reference sampler as fn(z, labels): Heun from x = sigma_max z, `steps` steps (18 -> 35 NFE)."""
+    return lambda z, labels: heun_sample(teacher, z, labels, steps=steps)
+
+
+def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference=None, batch=None):
+    """Sample args.eval_samples points with fn(z, labels), score them against the exact mixture (toy2d, synthetic)
+    and save a picture next to `reference` samples (e.g. the teacher's, from the same z); with --fid-samples, add the
+    FID (every rank must call this then). Returns (metrics, x)."""
+    x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
+                         desc=f"eval {tag}")
+    metrics = {}
+    if info.mixture is not None:
+        metrics = mixture_metrics(x, info.mixture, labels)
+    if args.fid_samples:
+        metrics.update(fid(args, info, fn, dist))
+    if run is not None and run.dist.is_main:
+        name = f"{tag}-{step:06d}.png" if step is not None else f"{tag}.png"
+        save_picture(run.file(name), info, x, reference)
+    return metrics, x
+
+
+# ==================================================================================================
+# THE FRAME OF A METHOD SCRIPT: what sid.py, dmd2.py and add.py do before and after their own training
+# ==================================================================================================
+
+def start_method(args):
+    """The start of every method's main(): processes and device, the dataset, the run folder (which refuses to
+    overwrite an existing run) and the teacher. Returns (dist, info, run, teacher, teacher_net); with --bench,
+    run is None and the teacher has random weights."""
+    dist = init_distributed(args)
+    info = dataset_info(args)
+    if dist.is_main:
+        print_config(args)
+    if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
+        return (dist, info, None, *bench_networks(args, info, dist))
+    if args.fid_samples and not args.export:
+        fid_reference(args, info, dist)  # fetch, verify and load the FID files now, not hours into training
+        if dist.is_main:
+            print(f"FID reference statistics: {fid_ref_label(args)} (--fid-ref {args.fid_ref})")
+    if args.teacher not in ("auto", "analytic", "edm"):
+        # a given teacher file is loaded (and checked against the run) before anything is written
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+        run = Run(args, dist)
+    else:
+        # the run folder is checked before a teacher is trained (hours) or downloaded
+        run = Run(args, dist)
+        teacher, teacher_net = load_or_train_teacher(args, info, dist)
+    return dist, info, run, teacher, teacher_net
+
+
+def teacher_reference(args, info, teacher, run):
+    """The teacher's Heun samples (--teacher-steps; 18 steps = 35 NFE) from the evaluation latents: the reference
+    metrics (logged as teacher/*, printed) and the left half of every picture. Sampled once per teacher, sampler and
+    evaluation settings and cached beside the teacher, so a restart or a --resume does not sample the teacher
+    again (load_teacher_reference). Returns (metrics, samples, nfe)."""
+    nfe, dist = heun_nfe(args.teacher_steps), run.dist
+    cache = teacher_reference_cache(args, info, dist)  # (file, key)
+    cached = load_teacher_reference(cache, dist)
+    if cached is None:
+        metrics, x = evaluate(args, info, teacher_sampler(unwrap(teacher), args.teacher_steps), dist, run=run,
+                              tag=f"teacher-{nfe}nfe")
+        save_teacher_reference(cache, dist, metrics, x)
+    else:
+        metrics, x = cached
+        if dist.is_main:
+            save_picture(run.file(f"teacher-{nfe}nfe.png"), info, x)
+    if metrics:
+        if not any('"teacher/' in line for line in run.kept_metrics or []):  # logged once per run, not per resume
+            run.log({**{f"teacher/{k}": v for k, v in metrics.items()}, **fid_ref_record(args, metrics)})
+        if dist.is_main:
+            print(f"teacher ({nfe} NFE{', cached' if cached else ''}): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + fid_note(args, metrics))
+    return metrics, x, nfe
+
+
+def describe(dist, method, trained, sigmas, iters):
+    """One line at the start of training: the trained networks' sizes, the student's input sigmas, the length."""
+    if dist.is_main:
+        sizes = ", ".join(f"{k} {unet.count_params(v) / 1e6:.3g}M" for k, v in trained.items())
+        print(f"{method}: {sizes} parameters; student sigmas {[round(float(x), 4) for x in sigmas]}; {iters} iterations")
+
+
+def generator_meta(args, info, sigmas, method=None):
+    """What a generator.pt holds besides its weights, so that load_generator rebuilds and samples it with neither the
+    run's flags nor its method file: the network's class and init arguments (unet.network_spec), sigma_data, the
+    data's shape and classes, the student's input sigmas (its sampler: generate at these levels) and the method."""
+    network, kwargs = unet.network_spec(args.preset, info.shape, info.label_dim)
+    return {"network": network, "network_kwargs": kwargs, "sigma_data": SIGMA_DATA,
+            "sigmas": [float(s) for s in sigmas], "shape": list(info.shape), "num_classes": info.num_classes,
+            "cond": info.cond, "dataset": args.dataset, "method": method or args.method}
+
+
+def save_generator(args, info, run, ema, sigmas):
+    """The final (EMA) generator, alone, with generator_meta, as run.dir/generator.pt; load_generator reads it."""
+    if run.dist.is_main:
+        save_checkpoint(run.dir / "generator.pt", {"generator": ema}, args.iters, vars(args),
+                        meta=generator_meta(args, info, sigmas))
+    run.dist.barrier()
+
+
+def init_generator(args, generator, ema):
+    """--init-generator: load a saved generator's weights into the student and its EMA (not on --resume, whose
+    checkpoint holds both). A generator of another preset, resolution or conditioning is a UserError."""
+    if args.init_generator and not args.resume:
+        ckpt = load_checkpoint(args.init_generator)
+        restore({"generator": generator}, ckpt, args.init_generator)
+        restore({"generator": ema}, ckpt, args.init_generator)
+
+
+def load_generator(path, device="cpu"):
+    """A saved generator.pt as (net, meta): the frozen EMA generator, rebuilt from what the file records (loaded with
+    weights_only, so nothing in it runs), and generator_meta. Sample it as its method does:
+        x = generate(net, z, labels, meta["sigmas"])      # z (B, *meta["shape"]), labels (B,) in 0..num_classes-1
+    A file saved before generators recorded their meta is read through its run's config (legacy_generator_meta)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta") or legacy_generator_meta(ckpt, path)
+    if meta.get("network") not in unet.NETWORKS:
+        raise UserError(f"{path}: its network {meta.get('network')!r} is not one of {sorted(unet.NETWORKS)}")
+    try:
+        net = EDMDenoiser(unet.NETWORKS[meta["network"]](**meta["network_kwargs"]), meta["sigma_data"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: its network cannot be built from the arguments it records ({_reason(e)})") from None
+    restore({"generator": net}, ckpt, path)
+    return net.to(device).eval().requires_grad_(False), meta
+
+
+# ==================================================================================================
 # CHECKPOINTS
-# ================================================================================================================
+# ==================================================================================================
 
 def rng_state():
     """Every RNG's state in a form torch.load(weights_only=True) accepts."""
@@ -1910,14 +1966,14 @@ def restore(objects, ckpt, path="checkpoint"):
                             f"or --cond?): {_reason(e)}") from None
 
 
-# ================================================================================================================
+# ==================================================================================================
 # THE TEACHER'S REFERENCE, CACHED
-# ================================================================================================================
+# ==================================================================================================
+
 # The teacher's reference metrics come from its 35-NFE Heun sampler over --eval-samples and --fid-samples latents:
 # for EDM's ImageNet-64 network at FID-50k about 20 minutes of an H100, at every start and every --resume. They
 # depend only on the teacher, the sampler and the evaluation settings, so teacher_reference keeps them, with the
 # samples drawn in the pictures, in a file beside the teacher, named by a hash of all of those.
-
 def teacher_file(args):
     """The file the teacher's weights were loaded from (--teacher auto / analytic: the cached teacher.pt)."""
     if args.teacher == "edm":
@@ -1987,9 +2043,9 @@ def save_teacher_reference(cache, dist, metrics, samples):
         print(f"note: the teacher's reference metrics were not cached in {path.parent} ({_reason(e)})")
 
 
-# ================================================================================================================
+# ==================================================================================================
 # RUN FOLDER
-# ================================================================================================================
+# ==================================================================================================
 
 _HELD_LOCKS = {}  # run folder -> the open file whose flock this process holds (released when the process ends)
 
@@ -2054,6 +2110,8 @@ def folder_problem(path):
 # The files a run writes into its folder (its pictures are listed in RUN_MANIFEST as they are written): --overwrite
 # removes these and nothing else.
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "generator.pt", "config.json")
+
+
 RUN_MANIFEST = ".run-files"
 
 
@@ -2218,7 +2276,11 @@ def write_atomic(path, text):
 
 # Flags whose change makes a resumed run another run: refused by --resume unless --allow-changed-flags.
 RESUME_FIXED = ("dataset", "resolution", "preset", "cond", "method")
+
+
 RESUME_CHECKED = ("batch", "teacher", "lr_decay", *TEACHER_KEYS[4:])
+
+
 METHOD_FLAGS = {}  # method -> the dests of its own argument group (parse_args fills it)
 
 
@@ -2240,9 +2302,9 @@ def check_resume_flags(old, args, folder):
         print(f"--resume with changed flags: {', '.join(changed)}")
 
 
-# ================================================================================================================
+# ==================================================================================================
 # ARGUMENTS
-# ================================================================================================================
+# ==================================================================================================
 
 # Shared per-dataset defaults. A method script passes its own per-dataset defaults on top (see parse_args).
 DATASET_DEFAULTS = {
@@ -2261,6 +2323,34 @@ DATASET_DEFAULTS = {
 }
 
 
+def checked(kind, ok, must, limit=None):
+    """An argparse type= for a number flag: parses `kind` (int or float) and refuses, as one line with exit
+    code 2, a value that fails ok(value) ("--flag must be <must> (got X)") or one above `limit` (sizes that
+    are held in memory at once)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must} (got {text})")
+        if limit is not None and value > limit:
+            raise argparse.ArgumentTypeError(f"{text} is above this project's limit of {limit} (it is held "
+                                             f"in memory at once)")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+BATCH = checked(int, lambda v: v > 0, "positive", limit=65536)
+NONNEGATIVE = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+FINITE = checked(float, math.isfinite, "a finite number")
+COUNT = checked(int, lambda v: v > 0, "positive")  # an int >= 1
+COUNT0 = checked(int, lambda v: v >= 0, ">= 0")  # an int >= 0
+SEED = checked(int, lambda v: 0 <= v < 2 ** 31, "in 0 .. 2^31 - 1")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" except for defaults of None, which parse_args fills per dataset (and says so)."""
 
@@ -2274,6 +2364,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a bad flag reported in one line and exit code 2 (not the whole usage block)."""
 
     def error(self, message):
+        message = re.sub(r"^argument (--[\w-]+)(/-\w)?: ", r"\1 ", message)  # "--flag must be ..."
         print(f"error: {message} (--help lists every flag)", file=sys.stderr)
         sys.exit(2)
 
@@ -2303,20 +2394,20 @@ def base_parser(description, method):
     g.add_argument("--teacher-dir", default="runs/teachers", help="cache folder of trained teachers")
     g.add_argument("--preset", default=None, choices=sorted(unet.PRESETS),
                    help="network preset (unet.py) of the teacher, hence of every copy of it")
-    g.add_argument("--teacher-iters", type=int, default=None, help="teacher training iterations")
-    g.add_argument("--teacher-batch", type=int, default=None, help="teacher batch size (global)")
-    g.add_argument("--teacher-lr", type=float, default=None, help="teacher Adam learning rate")
-    g.add_argument("--teacher-ema", type=float, default=None, help="teacher EMA half-life in kimg")
-    g.add_argument("--teacher-rampup", type=float, default=None, help="teacher lr warm-up in kimg")
-    g.add_argument("--teacher-seed", type=int, default=0, help="seed of teacher training (part of its cache key)")
-    g.add_argument("--teacher-steps", type=int, default=18,
+    g.add_argument("--teacher-iters", type=COUNT0, default=None, help="teacher training iterations")
+    g.add_argument("--teacher-batch", type=BATCH, default=None, help="teacher batch size (global)")
+    g.add_argument("--teacher-lr", type=POSITIVE, default=None, help="teacher Adam learning rate")
+    g.add_argument("--teacher-ema", type=NONNEGATIVE, default=None, help="teacher EMA half-life in kimg")
+    g.add_argument("--teacher-rampup", type=NONNEGATIVE, default=None, help="teacher lr warm-up in kimg")
+    g.add_argument("--teacher-seed", type=SEED, default=0, help="seed of teacher training (part of its cache key)")
+    g.add_argument("--teacher-steps", type=COUNT, default=18,
                    help="Heun steps of the teacher's reference sampler (18 steps = 35 NFE)")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=None, help="run folder (default runs/<dataset>-<method>)")
-    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch (per rank: seed + rank)")
-    g.add_argument("--iters", type=int, default=None, help="training iterations of this method")
-    g.add_argument("--batch", type=int, default=None, help="global batch size")
-    g.add_argument("--batch-gpu", type=int, default=None,
+    g.add_argument("--seed", type=SEED, default=0, help="seeds python, numpy and torch (per rank: seed + rank)")
+    g.add_argument("--iters", type=COUNT0, default=None, help="training iterations of this method")
+    g.add_argument("--batch", type=BATCH, default=None, help="global batch size")
+    g.add_argument("--batch-gpu", type=COUNT, default=None,
                    help="most samples per forward/backward pass on one device: each update (and the teacher's) "
                         "accumulates gradients over rounds of this many rows of the rank's share of --batch, with "
                         "DDP's all-reduce in the last round only (default: on CUDA, what fits the GPU's memory by "
@@ -2325,13 +2416,13 @@ def base_parser(description, method):
                    help="learning-rate schedule of the method's optimizers over --iters: constant, or cosine "
                         "decay to 0 (lr * (1 + cos(pi * step / iters)) / 2); the fake score (sid.py, dmd2.py) and the "
                         "discriminator (add.py) follow it unless --no-fake-lr-decay / --no-disc-lr-decay")
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations (0: only at the end)")
-    g.add_argument("--eval-samples", type=int, default=None,
+    g.add_argument("--eval-every", type=COUNT0, default=None, help="evaluate every N iterations (0: only at the end)")
+    g.add_argument("--eval-samples", type=COUNT, default=None,
                    help="samples per evaluation: scored against the exact density (toy2d, synthetic) and drawn in "
                         "the picture")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations (and at the end)")
-    g.add_argument("--log-every", type=int, default=50, help="log losses every N iterations")
-    g.add_argument("--max-skips", type=int, default=20,
+    g.add_argument("--ckpt-every", type=COUNT, default=1000, help="checkpoint every N iterations (and at the end)")
+    g.add_argument("--log-every", type=COUNT, default=50, help="log losses every N iterations")
+    g.add_argument("--max-skips", type=COUNT, default=20,
                    help="stop when this many consecutive steps were skipped for a non-finite loss or gradient "
                         "(the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
@@ -2347,7 +2438,7 @@ def base_parser(description, method):
                             "(a one-step map from input noise 2.5: a start for sid, and for dmd2's 1-step toy "
                             "student); the other networks start as they always do")
     g = p.add_argument_group("fid")
-    g.add_argument("--fid-samples", type=int, default=None,
+    g.add_argument("--fid-samples", type=checked(int, lambda v: v >= 0, ">= 0", limit=10 ** 6), default=None,
                    help="generated images per FID, logged as e.g. fid10k (0: no FID). Report FID-50k (50000); "
                         "smaller counts are for monitoring and read higher")
     g.add_argument("--fid-detector", default="auto",
@@ -2364,7 +2455,7 @@ def base_parser(description, method):
     if method == "teacher":
         g.add_argument("--generator", default=None, metavar="PATH",
                        help="a saved generator.pt to --export: the file describes itself, so no other flag is needed")
-    g.add_argument("--export", type=int, default=0, metavar="N",
+    g.add_argument("--export", type=checked(int, lambda v: v >= 0, ">= 0", limit=10 ** 7), default=0, metavar="N",
                    help="write the samples of seeds 0..N-1 (in batches of --batch) and exit, without training: of "
                         "--generator (common.py), or of the run's EMA generator (a method script, with --resume). "
                         "Image i comes from seed i whatever the number of processes; a re-run completes an "
@@ -2375,14 +2466,14 @@ def base_parser(description, method):
     g.add_argument("--export-npz", default=None, metavar="FILE",
                    help="the samples in one .npz, as the ADM evaluator reads them: arr_0 uint8 N x H x W x 3 "
                         "(toy2d: float32 N x 2 points), arr_1 the labels when conditional")
-    g.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+    g.add_argument("--class", dest="class_label", type=COUNT0, default=None, metavar="K",
                    help="export class K only (default: class-balanced, seed i has class i mod the number of classes)")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true",
                    help="time training iterations and samplers on a random-weight teacher, print one JSON line, "
                         "write nothing (on CUDA also fp32 vs bf16 and eager vs --compile)")
-    g.add_argument("--bench-iters", type=int, default=20, help="timed training iterations of --bench")
-    g.add_argument("--bench-warmup", type=int, default=5, help="untimed iterations before --bench times")
+    g.add_argument("--bench-iters", type=COUNT, default=20, help="timed training iterations of --bench")
+    g.add_argument("--bench-warmup", type=COUNT0, default=5, help="untimed iterations before --bench times")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -2393,7 +2484,7 @@ def base_parser(description, method):
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile: 'inductor' (generates kernels), or e.g. 'aot_eager' "
                         "(graph capture and AOT autograd without code generation: for debugging, and the tests)")
-    g.add_argument("--workers", type=int, default=4, help="data-loader workers (image folders only)")
+    g.add_argument("--workers", type=COUNT0, default=4, help="data-loader workers (image folders only)")
     return p
 
 
@@ -2450,36 +2541,12 @@ def parse_args(parser, method_defaults=None, argv=None):
         problem = folder_problem(value)
         if problem:
             parser.error(f"{flag} {value!r} {problem}")
-    for name in ("batch", "teacher_batch", "eval_samples", "ckpt_every", "log_every", "teacher_steps", "max_skips",
-                 "bench_iters"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ("iters", "teacher_iters", "eval_every", "fid_samples", "bench_warmup", "export"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    # Every numeric flag of every script, in one place: finite, then in range.
-    for name, value in vars(args).items():
-        flag = "--" + name.replace("_", "-")
-        is_lr = name == "lr" or name.startswith("lr_") or name.endswith("_lr")
-        if is_lr and isinstance(value, float) and not 0 < value < math.inf:
-            parser.error(f"{flag} must be a positive number (got {value})")
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"{flag} must be a finite number (got {value})")
-    for name in ("teacher_ema", "teacher_rampup", "workers"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    if args.batch_gpu is not None and args.batch_gpu < 1:
-        parser.error(f"--batch-gpu must be >= 1 (got {args.batch_gpu})")
-    for name in ("seed", "teacher_seed"):
-        if not 0 <= getattr(args, name) < 2 ** 31:
-            parser.error(f"--{name.replace('_', '-')} must be in 0 .. 2^31 - 1 (got {getattr(args, name)})")
-    # sizes a run allocates at once: refused with one line here rather than by the allocator hours later
-    image = args.dataset != "toy2d"
-    for name, limit in (("batch", 65536), ("teacher_batch", 65536), ("eval_samples", 100000 if image else 10 ** 6),
-                        ("fid_samples", 10 ** 6)):
-        if getattr(args, name) is not None and getattr(args, name) > limit:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is above this project's limit of "
-                         f"{limit} (it is held in memory at once)")
+    # the flags' own ranges are checked by their type= (checked); what depends on other flags, here. Samples held
+    # in memory at once are refused here with one line rather than by the allocator hours later.
+    limit = 10 ** 6 if args.dataset == "toy2d" else 100000
+    if args.eval_samples > limit:
+        parser.error(f"--eval-samples {args.eval_samples} is above this project's limit of {limit} (it is held "
+                     f"in memory at once)")
     if args.dataset in ("toy2d", "synthetic") and args.eval_samples < 16:
         parser.error(f"--eval-samples must be >= 16 on {args.dataset}: its metrics need a covariance of the "
                      f"samples (got {args.eval_samples})")
@@ -2539,9 +2606,9 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ================================================================================================================
+# ==================================================================================================
 # DISTRIBUTED
-# ================================================================================================================
+# ==================================================================================================
 
 @dataclass
 class Dist:
@@ -2644,9 +2711,9 @@ def unwrap(net):
     return getattr(net, "module", net)
 
 
-# ================================================================================================================
+# ==================================================================================================
 # PICTURES (no plotting dependency: torchvision's save_image)
-# ================================================================================================================
+# ==================================================================================================
 
 def render_scatter(points, lim=1.3, size=192, colour=(0.1, 0.3, 0.9)):
     """A 2-D point set as a (3, size, size) image: log-density histogram on [-lim, lim]^2, white background."""
@@ -2707,9 +2774,10 @@ def side_by_side(out, panels, gap=6, label_height=14):
     fig.save(out)
 
 
-# ================================================================================================================
+# ==================================================================================================
 # FID: the standard Inception detector, reference statistics; downloads with checksums
-# ================================================================================================================
+# ==================================================================================================
+
 # FID as the papers report it (StyleGAN2-ADA / EDM / SiD / DMD2 protocol): NVIDIA's TorchScript port of the 2015
 # TensorFlow Inception-v3 takes uint8 NCHW images (any size; it resizes to 299 inside) and returns 2048-d pool
 # features; mean and covariance are accumulated in float64; FID = frechet_distance(mu_gen, cov_gen, mu_ref, cov_ref).
@@ -2737,6 +2805,8 @@ DOWNLOADS = {
                             "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl",
                             "--teacher PATH.pkl"),
 }
+
+
 # SHA-256 pins of the files above. Their publishers list none next to them, and this code was written without network
 # access, so none is pinned yet: the first download records its hash in NAME.sha256 beside the file and every later
 # use checks the file against it (a changed or corrupt file is refused). Pin a hash here to also check the download.
@@ -3001,15 +3071,15 @@ def fid(args, info, fn, dist, n=None):
     return {fid_label(n): dist.broadcast_object(value)}
 
 
-# ================================================================================================================
+# ==================================================================================================
 # EXPORT: a generator's samples as files for other evaluators (EDM's fid.py, clean-fid, torch-fidelity: a folder of
 # PNGs; the ADM evaluator: an .npz)
-# ================================================================================================================
+# ==================================================================================================
+
 # Image i comes from seed i: its latent z, then (a multi-step student) the re-noising eps of each later level, drawn in
 # that order from torch.Generator().manual_seed(i), as EDM's generate.py gives each seed its own generator; its label
 # is i mod K, or --class. So the files depend neither on the batches nor on the number of processes, and fid() scores
 # the same images: `--resume --fid-samples N` and `--export N` see seeds 0..N-1 alike.
-
 def seed_noise(seeds, shape, levels=1):
     """Each seed's own noise: z (B, *shape), and a list of levels - 1 re-noising eps (B, *shape) for generate()."""
     draws = []
@@ -3146,13 +3216,13 @@ def legacy_generator_meta(ckpt, path):
                         f"flags (its config.json) rewrites generator.pt") from None
 
 
-# ================================================================================================================
+# ==================================================================================================
 # BENCHMARK (--bench)
-# ================================================================================================================
+# ==================================================================================================
+
 # Speed is measured here, not in tests. Every number of one --bench line comes from the same process, so the ratios
 # in it (iteration vs teacher step, one-step student vs 35-NFE teacher, bf16 vs fp32, compiled vs eager) hold even on
 # a noisy machine where the absolute numbers drift.
-
 def bench_networks(args, info, dist):
     """--bench's teacher: a random-weight network of the preset (speed does not depend on the weights; also for
     --teacher edm, so nothing is downloaded), or the --teacher file, or the exact denoiser with --teacher analytic.
@@ -3260,17 +3330,13 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=Non
         out.update(_dispatch_counts(lambda: step_fn(args.bench_warmup + args.bench_iters), device))
 
     # One EDM teacher training step (Adam, same AMP and --compile) on random images: the cost unit.
-    net = copy.deepcopy(teacher_net).train().requires_grad_(True)
-    opt = AmpOptimizer(adam(net.parameters(), device, lr=1e-4), args, device)
-    net_t = wrap(net, args, dist)
+    net = copy.deepcopy(teacher_net)
+    opt = optimizer([net], args, dist, lr=1e-4)
 
     def teacher_step(i):
         x0 = torch.rand(batch, *info.shape, device=device) * 2 - 1
-        with autocast(args, device):
-            loss = edm_loss(net_t, x0, sample_labels(info, batch, device)).mean()
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
+        minimize(opt, edm_loss, x0=x0, labels=sample_labels(info, batch, device), sigma=edm_sigma(batch, device),
+                 eps=torch.randn_like(x0))
 
     for i in range(args.bench_warmup):
         teacher_step(i)
@@ -3280,12 +3346,12 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=Non
         out["iter_vs_teacher_step"] = out["ms_per_iter"] / out["teacher_step_ms"]
     else:
         out["peak_mem_mb"] = _peak_memory_mb(device)
-    del net, opt, net_t
+    del net, opt
 
     # Sampling one batch: the student (student_nfe network evaluations) vs the teacher's Heun sampler.
     z = torch.randn(batch, *info.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     labels = balanced_labels(info, batch, device)
-    heun = teacher_sampler(teacher, args.teacher_steps)
+    heun = teacher_sampler(unwrap(teacher), args.teacher_steps)  # eager, as evaluations sample it
     with torch.no_grad(), autocast(args, device):
         heun(z, labels)  # warm-up
         s = _seconds_per_call(lambda i: heun(z, labels), 2, device)
@@ -3335,9 +3401,9 @@ def bench_compare(main, argv, base):
     return out
 
 
-# ================================================================================================================
+# ==================================================================================================
 # MAIN: train or load the teacher, evaluate it with the 35-NFE sampler
-# ================================================================================================================
+# ==================================================================================================
 
 def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_init=2.5, lr=1e-3, save=None):
     """What one step of the students' network can reach at all: the one-step generator G(z) = D_G(sigma_init z;
@@ -3370,14 +3436,12 @@ def regression_reference(args, info, dist, teacher, teacher_net, iters, sigma_in
 def main(argv=None):
     parser = base_parser("Train (or load) the EDM teacher and evaluate its Heun sampler.", method="teacher")
     parser.add_argument_group("reference").add_argument(
-        "--regress", type=int, default=0, metavar="ITERS",
+        "--regress", type=COUNT0, default=0, metavar="ITERS",
         help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations "
              "and evaluate it: the best one step of this network can do (regression_reference); the regressed "
              "generator is saved beside the teacher as regression-<analytic|teacher>-<ITERS>-seed<S>.pt (for "
              "--init-generator)")
     args = parse_args(parser, argv=argv)
-    if args.regress < 0:
-        parser.error(f"--regress must be >= 0 (got {args.regress})")
     dist = init_distributed(args)
     if args.generator:  # --generator PATH --export N: a saved generator's samples as files, and nothing else
         net, meta = load_generator(args.generator, dist.device)

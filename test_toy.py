@@ -245,11 +245,11 @@ def test_edm_loss_weighting_and_optimum():
     sigma = torch.full((len(x0),), 0.3)
     noise = torch.randn_like(x0)
     exact = common.AnalyticDenoiser(m, (2,))
-    loss = common.edm_loss(exact, x0, sigma=sigma, noise=noise)
+    loss = common.edm_loss(exact, x0, None, sigma, noise)
     lam = (0.3 ** 2 + 0.25) / (0.3 * 0.5) ** 2
     D = exact(x0 + 0.3 * noise, sigma)
     assert torch.allclose(loss, lam * ((D - x0) ** 2).sum(1), rtol=1e-5)
-    worse = common.edm_loss(lambda x, s, c: exact(x, s, c) * 1.05, x0, sigma=sigma, noise=noise)
+    worse = common.edm_loss(lambda x, s, c: exact(x, s, c) * 1.05, x0, None, sigma, noise)
     assert worse.mean() > loss.mean() * 1.01
 
 
@@ -449,26 +449,29 @@ def test_sid_default_weight_is_detached():
 
 
 def test_sid_nan_masking():
-    """finite_rows finds the samples with a NaN / inf in any term; the loss over the kept samples is finite and its
-    gradients are exactly those of the clean sub-batch, with exact zeros (not NaN) for the dropped sample."""
+    """finite_rows finds the samples with a NaN / inf in any term and zeroes them, so that their loss is exactly 0:
+    the batch mean is the clean sub-batch's scaled by its share (a dropped sample counts 0, as in the authors'
+    code), its gradient likewise, with exact zeros (not NaN) for the dropped rows. With no sample left nothing is
+    dropped: the loss stays non-finite, so the update is skipped and counted."""
     g = torch.Generator().manual_seed(3)
     x_g, d_real, d_fake = (torch.randn(5, 2, 3, generator=g, dtype=F64) for _ in range(3))
     d_fake[1, 0, 2] = float("nan")
     d_real[3, 1, 0] = float("inf")
-    keep = sid.finite_rows(x_g, d_real, d_fake)
-    assert keep.tolist() == [True, False, True, False, True]
     x_g.requires_grad_(True)
-    loss = sid.sid_generator_loss(x_g[keep], d_real[keep], d_fake[keep]).mean()
-    (grad,) = torch.autograd.grad(loss, x_g)
+    keep, terms = sid.finite_rows(x_g, d_real, d_fake)
+    assert keep.tolist() == [True, False, True, False, True]
+    per_sample = sid.sid_generator_loss(*terms)
+    assert (per_sample[~keep] == 0).all()
+    (grad,) = torch.autograd.grad(per_sample.mean(), x_g)
     rows = torch.tensor([0, 2, 4])
     x_sub = x_g.detach()[rows].requires_grad_(True)
     loss_sub = sid.sid_generator_loss(x_sub, d_real[rows], d_fake[rows]).mean()
     (grad_sub,) = torch.autograd.grad(loss_sub, x_sub)
-    assert torch.isfinite(loss)
-    torch.testing.assert_close(loss, loss_sub)
-    torch.testing.assert_close(grad[rows], grad_sub)
+    torch.testing.assert_close(per_sample.mean(), loss_sub * 3 / 5)
+    torch.testing.assert_close(grad[rows], grad_sub * 3 / 5)
     assert (grad[~keep] == 0).all()
-    assert not sid.finite_rows(torch.full((3, 2), float("nan"))).any()
+    keep, (left,) = sid.finite_rows(torch.full((3, 2), float("nan")))
+    assert not keep.any() and left.isnan().all()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -672,13 +675,13 @@ def test_add_distill_weightings():
 
 
 def test_add_hinge_losses_known_values():
-    """Hinge values on known logits: one head (B,) and per-location logits of several heads (mean over locations,
-    sum over heads)."""
+    """Hinge values on known logits (lists of heads): one head (B,) and per-location logits of several heads
+    (mean over locations, sum over heads)."""
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-2.0, 0.0, 0.5])
     # max(0, 1 - r) = [0, 0.5, 2];  max(0, 1 + f) = [0, 1, 1.5]
-    torch.testing.assert_close(add.hinge_d_loss(real, fake), torch.tensor([0.0, 1.5, 3.5]))
-    torch.testing.assert_close(add.hinge_g_loss(fake), torch.tensor([2.0, 0.0, -0.5]))
+    torch.testing.assert_close(add.hinge_d_loss([real], [fake]), torch.tensor([0.0, 1.5, 3.5]))
+    torch.testing.assert_close(add.hinge_g_loss([fake]), torch.tensor([2.0, 0.0, -0.5]))
     real2 = [torch.tensor([[2.0, 0.0]]), torch.tensor([[-1.0]])]  # head 1: 2 locations, head 2: 1 location
     fake2 = [torch.tensor([[0.0, -3.0]]), torch.tensor([[1.0]])]
     # head 1: mean(0, 1) + mean(1, 0) = 1;  head 2: 2 + 2 = 4
@@ -699,7 +702,7 @@ def test_add_r1_penalty_is_on_the_heads_inputs():
     x = torch.randn(4, 3, generator=g, dtype=F64)
     feats = (x @ W.T).requires_grad_(True)  # (B, 5): the head's input, a leaf as in train_iteration
     logits = feats @ a + b  # (B,)
-    r1 = add.r1_penalty(logits, feats)  # (B,)
+    r1 = add.r1_penalty([logits], [feats])  # (B,)
     torch.testing.assert_close(r1, (a.detach() ** 2).sum().expand(4))
     assert not torch.allclose(r1, (feats.detach() ** 2).sum(1) + 1)  # the parameter-gradient norm differs
     assert not torch.allclose(r1, ((W.T @ a.detach()) ** 2).sum().expand(4))  # and so does the pixel R1
@@ -707,7 +710,7 @@ def test_add_r1_penalty_is_on_the_heads_inputs():
     torch.testing.assert_close(ga, 4 * 2 * a.detach())  # d/da of B ||a||^2
     assert gb is None  # the bias does not change the slope
     with pytest.raises(RuntimeError):  # detached features: there is nothing to differentiate
-        add.r1_penalty(feats.detach() @ a.detach(), feats.detach())
+        add.r1_penalty([feats.detach() @ a.detach()], [feats.detach()])
 
 
 def test_add_r1_penalty_matches_finite_differences_on_real_heads():
@@ -1106,8 +1109,8 @@ def _tiny_run(tmp_path, iters, extra=()):
     dist = common.init_distributed(args)
     info = common.dataset_info(args)
     run = common.Run(args, dist)
-    net = common.build_denoiser(args, info)
-    opt = common.AmpOptimizer(torch.optim.Adam(net.parameters(), lr=1e-3), args, dist.device)
+    net = common.build_denoiser(args, info).to(dist.device)
+    opt = common.optimizer([net], args, dist, lr=1e-3)
     objects = {"net": net, "opt": opt}
     start = run.resume(objects)
     data = common.real_batches(args, info, dist)
@@ -1115,11 +1118,9 @@ def _tiny_run(tmp_path, iters, extra=()):
     with common.Bookkeeping(args, run, objects, lambda done: {}, start, desc="tiny", optimizers=[opt]) as book:
         for step in range(start, args.iters):
             x0, _ = next(data)
-            loss = common.edm_loss(net, x0).mean()
-            opt.zero_grad()
-            opt.backward(loss)
-            opt.step()
-            book.end_iteration(step, {"loss": loss.detach()})
+            losses = common.minimize(opt, common.edm_loss, x0=x0, labels=None,
+                                     sigma=common.edm_sigma(len(x0), dist.device), eps=torch.randn_like(x0))
+            book.end_iteration(step, losses)
     return net, run
 
 
@@ -1137,8 +1138,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_learning_rate_schedule_and_set_lr():
     """common.learning_rate, the one place a step's lr is decided: the base lr times a linear warm-up
     min(1, warmed / warmup) times --lr-decay's factor (1 + cos(pi step / total)) / 2. AmpOptimizer.step runs at the
-    rate set_lr last gave; a list gives one rate per step in turn (the last one kept), and a skipped step uses up
-    its rate too."""
+    rate set_lr last gave, skipped steps included."""
     assert common.lr_decay_factor("none", 7, 10) == 1.0
     cosine = [1, 0.8535534, 0.5, 0.1464466]
     assert [common.lr_decay_factor("cosine", s, 4) for s in range(4)] == pytest.approx(cosine)
@@ -1161,18 +1161,14 @@ def test_learning_rate_schedule_and_set_lr():
         opt.step()
         seen.append(opt.opt.param_groups[0]["lr"])
 
-    opt.set_lr([0.3, 0.2, 0.1])
-    for _ in range(4):
+    for lr in (0.3, 0.2, 0.2, 0.05):
+        opt.set_lr(lr)
         update(torch.ones(1, 2))
-    opt.set_lr(0.05)
-    update(torch.ones(1, 2))
-    assert seen == [0.3, 0.2, 0.1, 0.1, 0.05]
-    opt.set_lr([1.0, 2.0])
+    assert seen == [0.3, 0.2, 0.2, 0.05]
+    opt.set_lr(1.0)
     w = net.weight.clone()
-    update(torch.full((1, 2), float("nan")))  # skipped: parameters untouched, its rate 1.0 used up
-    assert torch.equal(net.weight, w)
-    update(torch.ones(1, 2))
-    assert seen[-1] == 2.0
+    update(torch.full((1, 2), float("nan")))  # skipped: parameters untouched
+    assert torch.equal(net.weight, w) and seen[-1] == 1.0
 
 
 def test_lr_decay_leaves_undecayed_optimizers_alone(toy_teacher, tmp_path):
@@ -1702,6 +1698,390 @@ def test_methods_run_from_an_edm_pickle(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The wiring: each script's real train_iteration, on a toy where every quantity is exact, hands its optimizers the
+# gradients of the paper's losses. The networks record what they were called with, so the test recomputes each loss
+# from the very draws the iteration made, in the paper's own form (not the code's), and compares gradients.
+# --------------------------------------------------------------------------------------------------------------
+
+# One Gaussian N(mu, v I) as the data: its denoiser, the generator's and every KL between them are closed forms.
+WIRING_MU, WIRING_V = (0.3, -0.2), 0.25
+
+
+def _wiring_data():
+    return common.GaussianMixture([1.0], [WIRING_MU], [WIRING_V])
+
+
+class _Calls(torch.nn.Module):
+    """A network that records every call (its inputs x and sigma, detached) before computing it."""
+
+    def record(self, x, sigma):
+        self.calls.append((x.detach().clone(), torch.as_tensor(sigma, dtype=x.dtype).expand(len(x)).clone()))
+
+
+class _Affine(_Calls):
+    """The simplest generator with closed forms: G(x; sigma) = m + s x / sigma, so that a student's one step
+    G(sigma_init z; sigma_init) = m + s z ~ N(m, s^2 I), a Gaussian generator with parameters theta = (m, s)."""
+
+    def __init__(self, m=(0.1, 0.2), s=0.7):
+        super().__init__()
+        self.m = torch.nn.Parameter(torch.tensor(m))
+        self.s = torch.nn.Parameter(torch.tensor(s))
+        self.calls = []
+
+    def forward(self, x, sigma, labels=None):
+        self.record(x, sigma)
+        return self.m + self.s * x / common.column(sigma, x)
+
+
+class _GaussianScore(_Affine):
+    """The exact denoiser of N(m, s^2 I), (m, s) its parameters: D(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m). With
+    the generator's (m, s) it is the optimal fake score D_psi*. features(x, sigma) = [x, tanh(x)]: something for a
+    GAN head to read."""
+
+    def forward(self, x, sigma, labels=None):
+        self.record(x, sigma)
+        s2 = common.column(sigma, x) ** 2
+        return self.m + self.s ** 2 / (self.s ** 2 + s2) * (x - self.m)
+
+    def features(self, x, sigma, labels=None):
+        self.feature_calls.append((x.detach().clone(), torch.as_tensor(sigma, dtype=x.dtype).expand(len(x)).clone()))
+        return [x / (1 + common.column(sigma, x) ** 2).sqrt(), torch.tanh(x)]
+
+
+class _Teacher(_Calls):
+    """The exact denoiser of the wiring data (common.AnalyticDenoiser), recording its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.exact, self.calls = common.AnalyticDenoiser(_wiring_data(), (2,)), []
+
+    def forward(self, x, sigma, labels=None):
+        self.record(x, sigma)
+        return self.exact(x, sigma)
+
+
+class _Recorder(torch.optim.Optimizer):
+    """An optimizer that keeps each step's gradients and leaves the parameters alone: what an update asks for."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+
+
+def _recording_optimizer(args, *nets):
+    params = [p for net in nets for p in net.parameters()]
+    return common.AmpOptimizer(_Recorder(params), args, torch.device("cpu"), nets=list(nets))
+
+
+def _wiring_batches(n):
+    """Real data for the scripts that read it (DMD2's GAN, ADD): batches of the wiring Gaussian."""
+    data = _wiring_data()
+    while True:
+        yield data.sample(n)[0], None
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, list(params))
+
+
+@pytest.mark.parametrize("weight", ["mean-abs", "sigma2"])
+def test_sid_iteration_hands_its_optimizers_the_papers_gradients(weight):
+    """One real sid.train_iteration (--alpha 0.3, a value no preset uses) on the wiring Gaussian: the exact teacher,
+    a Gaussian generator and, for a fake score, the generator's own exact denoiser (the recording optimizers never
+    step, so it stays exact). From the draws the networks saw, the test recomputes
+        fake score:  mean_b lambda(sigma) ||D_psi(x_g + sigma eps; sigma) - x_g||^2,  lambda = (s^2 + sd^2) / (s sd)^2
+        generator:   mean_b sigma^2 (L2 - alpha L1) / w / D is not it: SiD sums pixels, so mean_b sigma^2 (L2 - alpha L1) / w
+    in the paper's eps form, L1 = ||eps_phi - eps_psi||^2, L2 = <eps_phi - eps_psi, eps_phi - eps> (eps_hat =
+    (x_t - D) / sigma), w = sg(mean |x_g - D_phi|) or sigma^2, and asserts the same gradients (float32 rounding
+    apart). A literal alpha, a swapped d_real / d_fake or the other weight fails by O(1)."""
+    args = sid.parse_args(["--dataset", "toy2d", "--batch", "256", "--alpha", "0.3", "--loss-weight", weight])
+    info, dist = common.dataset_info(args), common.Dist()
+    generator, fake, teacher = _Affine(), _GaussianScore(), _Teacher()
+    fake.load_state_dict(generator.state_dict())  # D_psi = D_psi*: the generator's exact denoiser
+    opt_g, opt_f = _recording_optimizer(args, generator), _recording_optimizer(args, fake)
+    nets = SimpleNamespace(generator=generator, fake=fake)
+    _iteration(sid, args, info, dist, teacher, nets, opt_g, opt_f)
+
+    # the fake score's update: its input x_g + sigma eps and sigma, recorded; x_g from the generator's first call
+    (x_in, _), (x_fake, sigma_f) = generator.calls[0], fake.calls[0]
+    with torch.no_grad():
+        x_g = generator.m + generator.s * x_in / args.sigma_init
+    s, sd = sigma_f[:, None], common.SIGMA_DATA
+    fake.requires_grad_(True)
+    loss_f = ((s ** 2 + sd ** 2) / (s * sd) ** 2 * (fake(x_fake, sigma_f) - x_g) ** 2).sum(1).mean()
+    for got, want in zip(opt_f.opt.grads[-1], _grads(loss_f, fake.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # the generator's update: x_t and sigma as the teacher saw them, eps = (x_t - x_g) / sigma
+    (x_in, _), (x_t_seen, sigma) = generator.calls[-1], teacher.calls[-1]
+    x_g = generator.requires_grad_(True)(x_in, args.sigma_init)
+    s = sigma[:, None]
+    eps = (x_t_seen - x_g.detach()) / s
+    x_t = x_g + s * eps  # the same x_t, now a function of theta
+    fake.requires_grad_(False)
+    d_real, d_fake = teacher(x_t, sigma), fake(x_t, sigma)
+    eps_phi, eps_psi = (x_t - d_real) / s, (x_t - d_fake) / s
+    L1 = ((eps_phi - eps_psi) ** 2).sum(1)
+    L2 = ((eps_phi - eps_psi) * (eps_phi - eps)).sum(1)
+    w = sigma ** 2 if weight == "sigma2" else (x_g - d_real).abs().mean(1).detach()
+    loss_g = (sigma ** 2 * (L2 - 0.3 * L1) / w).mean()
+    for got, want in zip(opt_g.opt.grads[-1], _grads(loss_g, generator.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _per_sample_theta(generator, n):
+    """theta = (m, s) repeated once per sample, as leaves: the gradient of a sum of per-sample losses w.r.t. them is
+    each sample's own gradient (for the Monte Carlo error of a batch mean)."""
+    return (generator.m.detach().expand(n, -1).clone().requires_grad_(True),
+            generator.s.detach().expand(n).clone().requires_grad_(True))
+
+
+def _within_mc(got, per_sample, want, z=5.0):
+    """|got - want| within z standard errors of the batch mean of `per_sample` (B, ...), entry by entry."""
+    se = per_sample.std(0) / len(per_sample) ** 0.5
+    assert ((got - want).abs() <= z * se + 1e-6).all(), (got, want, se)
+
+
+def _sid_expected_loss(m, s, m_f, s_f, sigma, alpha):
+    """E_{z, eps}[L2 - alpha L1] (eps form) for x_g = m + s z, the data N(mu, v I), the fake score D_psi the exact
+    denoiser of N(m_f, s_f^2 I), at each sigma (n,): every term is linear in (z, eps), so per dimension
+    E[P (Q - alpha P)] = P0 (Q0 - alpha P0) + Pz (Qz - alpha Pz) + Pe (Qe - alpha Pe) for P = d_real - d_fake,
+    Q = d_real - x_g written as constant + z part + eps part. Returns (n,)."""
+    mu, v = torch.tensor(WIRING_MU, dtype=F64), WIRING_V
+    sig = sigma[:, None]
+    a, b = v / (v + sig ** 2), s_f ** 2 / (s_f ** 2 + sig ** 2)  # the two shrinkage factors
+    P = (mu * (1 - a) - m_f * (1 - b) + (a - b) * m, (a - b) * s, (a - b) * sig)
+    Q = ((1 - a) * (mu - m), (a - 1) * s, a * sig)
+    per_dim = sum(p * (q - alpha * p) for p, q in zip(P, Q)) / sig ** 2
+    return per_dim.expand(-1, 2).sum(1)
+
+
+def test_sid_iteration_follows_identity_6_in_expectation():
+    """Identity 6 through one real sid.train_iteration (weight sigma^2, --alpha 0.3, batch 8192): with the exact fake
+    score held fixed, the generator's gradient estimates
+        grad_theta E[L2 - alpha L1] = 1/2 grad J + (1/2 - alpha) grad L1,
+    J(theta) = E||eps_phi - eps_psi*(theta)||^2 the Fisher divergence (psi* moving with theta), computed in closed form
+    (the expectation over z and eps exactly, over u ~ U(0, t_max) by 48-point Gauss-Legendre). The batch mean is
+    within 5 standard errors of it (the errors measured from the same draws, per sample); alpha 1.2 in its place
+    misses by ~20 of them."""
+    args = sid.parse_args(["--dataset", "toy2d", "--batch", "8192", "--alpha", "0.3", "--loss-weight", "sigma2"])
+    info, dist = common.dataset_info(args), common.Dist()
+    generator, fake, teacher = _Affine(), _GaussianScore(), _Teacher()
+    fake.load_state_dict(generator.state_dict())
+    opt_g, opt_f = _recording_optimizer(args, generator), _recording_optimizer(args, fake)
+    _iteration(sid, args, info, dist, teacher, SimpleNamespace(generator=generator, fake=fake), opt_g, opt_f)
+    got = torch.cat([g.reshape(-1) for g in opt_g.opt.grads[-1]]).double()
+
+    # per-sample gradients from the same draws (the replay of the test above, in float64)
+    (x_in, _), (x_t_seen, sigma) = generator.calls[-1], teacher.calls[-1]
+    z, sigma, x_t_seen = (x_in / args.sigma_init).double(), sigma.double(), x_t_seen.double()
+    m, s = _per_sample_theta(generator, len(z))
+    m, s = m.double(), s.double()
+    x_g = m + s[:, None] * z
+    eps = (x_t_seen - x_g.detach()) / sigma[:, None]
+    x_t = x_g + sigma[:, None] * eps
+    data = _wiring_data()
+    m_f, s_f = generator.m.detach().double(), generator.s.detach().double()
+    d_real = data.denoise(x_t, sigma)
+    d_fake = m_f + s_f ** 2 / (s_f ** 2 + sigma[:, None] ** 2) * (x_t - m_f)
+    P, Q = d_real - d_fake, d_real - x_g
+    per_sample = ((P * (Q - 0.3 * P)).sum(1) / sigma ** 2)
+    gm, gs = torch.autograd.grad(per_sample.sum(), [m, s])
+    per_sample_grads = torch.cat([gm, gs[:, None]], 1)  # (B, 3)
+    torch.testing.assert_close(per_sample_grads.mean(0), got, rtol=1e-3, atol=1e-5)  # the replay again
+
+    # the closed form: quadrature over u ~ U(0, t_max)
+    nodes, weights = np.polynomial.legendre.leggauss(48)
+    u = torch.tensor((nodes + 1) / 2 * args.t_max, dtype=F64)
+    w = torch.tensor(weights / 2, dtype=F64)
+    sig_q = common.karras_sigma(u)
+    theta = [generator.m.detach().double().requires_grad_(True), generator.s.detach().double().requires_grad_(True)]
+
+    def expect(alpha, fake_moves):
+        mf, sf = (theta[0], theta[1]) if fake_moves else (theta[0].detach(), theta[1].detach())
+        return (w * _sid_expected_loss(theta[0], theta[1], mf, sf, sig_q, alpha)).sum()
+
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])
+    want = flat(torch.autograd.grad(expect(0.3, False), theta))
+    grad_J = -flat(torch.autograd.grad(expect(1.0, True) - expect(0.0, True), theta))  # J = E[L1], psi* moving
+    grad_L1 = -flat(torch.autograd.grad(expect(1.0, False) - expect(0.0, False), theta))
+    torch.testing.assert_close(want, 0.5 * grad_J + (0.5 - 0.3) * grad_L1, rtol=1e-9, atol=1e-12)  # identity 6
+    _within_mc(got, per_sample_grads, want)
+    wrong = want + (0.3 - 1.2) * grad_L1  # alpha 1.2
+    assert ((got - wrong).abs() > 5 * per_sample_grads.std(0) / len(z) ** 0.5).any()
+
+
+@pytest.mark.parametrize("gan,weight", [(0.0, "mean-abs"), (1.0, "mean-abs"), (1.0, "sigma2")])
+def test_dmd2_iteration_hands_the_generator_the_dmd_gradient(gan, weight):
+    """One real dmd2.train_iteration on the wiring Gaussian (exact teacher, Gaussian generator, its exact denoiser as
+    the fake score, recording optimizers that never step), GAN off and on (a classifier head on the fake score's
+    features). From the draws the networks saw, the generator's gradient must be
+        mean_b J_b^T g_b / D + gan_weight gan_weight_g grad mean_b softplus(-D(x_g + sigma_adv eps_adv)),
+    g = (D_psi(x_t) - D_phi(x_t)) / w, w = sg(mean |x_g - D_phi|) or sigma^2 (D = 2 pixels: the authors' per-pixel
+    mean), written here without the script's stop-gradient trick. A flipped sign of g (d_real and d_fake swapped)
+    or a GAN term that does not reach the generator fails by O(1)."""
+    args = dmd2.parse_args(["--dataset", "toy2d", "--batch", "256", "--gan-weight", str(gan), "--loss-weight", weight,
+                            "--fake-updates", "2"])
+    info, dist = common.dataset_info(args), common.Dist()
+    generator, fake, teacher = _Affine(), _GaussianScore(), _Teacher()
+    fake.load_state_dict(generator.state_dict())
+    fake.feature_calls = []
+    head = dmd2.Classifier(2) if gan else None
+    opt_g = _recording_optimizer(args, generator)
+    opt_f = _recording_optimizer(args, fake, *([head] if gan else []))
+    nets = SimpleNamespace(generator=generator, fake=fake, head=head)
+    _iteration(dmd2, args, info, dist, teacher, nets, opt_g, opt_f, _wiring_batches(256) if gan else None)
+
+    (x_in, sigma_in), (x_t, sigma) = generator.calls[-1], teacher.calls[-1]
+    x_g = generator.requires_grad_(True)(x_in, sigma_in)
+    fake.requires_grad_(False)
+    with torch.no_grad():
+        d_real, d_fake = teacher(x_t, sigma), fake(x_t, sigma)
+        w = sigma[:, None] ** 2 if weight == "sigma2" else (x_g - d_real).abs().mean(1, keepdim=True)
+        g = (d_fake - d_real) / w
+    loss = (g * x_g).sum(1).mean() / 2  # its gradient: mean_b J_b^T g_b / D
+    if gan:
+        x_adv, sigma_adv = fake.feature_calls[-1]
+        x_adv = x_g + sigma_adv[:, None] * ((x_adv - x_g.detach()) / sigma_adv[:, None])
+        head.requires_grad_(False)
+        logits = head(fake.features(x_adv, sigma_adv)[-1])
+        loss = loss + args.gan_weight * args.gan_weight_g * torch.nn.functional.softplus(-logits).mean()
+    for got, want in zip(opt_g.opt.grads[-1], _grads(loss, generator.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert len(opt_f.opt.grads) == 2  # --fake-updates 2: two steps of the fake score per generator step
+
+
+def test_dmd2_iteration_follows_identity_7_in_expectation():
+    """Identity 7 through one real dmd2.train_iteration (weight sigma^2, no GAN, batch 8192): the generator's
+    gradient estimates grad_theta E_i KL(q_theta,sigma_i || p_sigma_i) / D, the KL of the noised Gaussian generator
+    and data in closed form, averaged over the grid indices i of --dmd-range 20..980 exactly, D = 2 the per-pixel
+    mean. Within 5 standard errors (measured from the same draws); with g's sign flipped it misses by ~100."""
+    args = dmd2.parse_args(["--dataset", "toy2d", "--batch", "8192", "--gan-weight", "0", "--loss-weight", "sigma2",
+                            "--fake-updates", "1"])
+    info, dist = common.dataset_info(args), common.Dist()
+    generator, fake, teacher = _Affine(), _GaussianScore(), _Teacher()
+    fake.load_state_dict(generator.state_dict())
+    opt_g, opt_f = _recording_optimizer(args, generator), _recording_optimizer(args, fake)
+    _iteration(dmd2, args, info, dist, teacher, SimpleNamespace(generator=generator, fake=fake, head=None), opt_g,
+               opt_f)
+    got = torch.cat([g.reshape(-1) for g in opt_g.opt.grads[-1]]).double()
+
+    (x_in, sigma_in), (x_t, sigma) = generator.calls[-1], teacher.calls[-1]
+    z, x_t, sigma = (x_in / sigma_in[:, None]).double(), x_t.double(), sigma.double()
+    m, s = (t.double() for t in _per_sample_theta(generator, len(z)))
+    mf, sf = generator.m.detach().double(), generator.s.detach().double()
+    s_fake = (mf + sf ** 2 / (sf ** 2 + sigma[:, None] ** 2) * (x_t - mf) - x_t) / sigma[:, None] ** 2
+    s_real = (_wiring_data().denoise(x_t, sigma) - x_t) / sigma[:, None] ** 2
+    m.retain_grad()
+    x_g = m + s[:, None] * z
+    gm, gs = torch.autograd.grad(((s_fake - s_real) * x_g).sum() / 2, [m, s])
+    per_sample = torch.cat([gm, gs[:, None]], 1)
+    torch.testing.assert_close(per_sample.mean(0), got, rtol=1e-3, atol=1e-6)  # the replay again
+
+    lo, hi = args.dmd_range
+    sig = common.karras_sigma(torch.arange(lo, hi + 1, dtype=F64) / (common.GRID - 1))[:, None]
+    theta = [generator.m.detach().double().requires_grad_(True), generator.s.detach().double().requires_grad_(True)]
+    mu, v = torch.tensor(WIRING_MU, dtype=F64), WIRING_V
+    q, p = theta[1] ** 2 + sig ** 2, v + sig ** 2  # the noised variances
+    kl = 0.5 * (q / p + (theta[0] - mu) ** 2 / p - 1 + torch.log(p / q)).sum(1)  # KL(N(m, q I) || N(mu, p I))
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl.mean() / 2, theta)])
+    _within_mc(got, per_sample, want)
+    assert ((got + want).abs() > 5 * per_sample.std(0) / len(z) ** 0.5).any()  # a flipped g would be -want
+
+
+@pytest.mark.parametrize("adv,distill,weighting", [(1.0, 2.5, "exp"), (0.0, 2.5, "sds"), (1.0, 0.0, "exp")])
+def test_add_iteration_hands_the_student_adversarial_plus_sds_gradients(adv, distill, weighting):
+    """One real add.train_iteration on the wiring Gaussian (exact teacher, an affine student, discriminator heads on
+    a small feature map, recording optimizers): the student's gradient must be
+        adv grad mean_b -sum_k mean D_k(F_k(x_g + sigma_d eps_d))                  (L_adv^G, heads frozen)
+      + distill mean_b J_b^T [2 c(sigma_t) sigma_t (eps_phi - eps')]_b / D           (identity 8: the SDS form)
+    with eps' = (x_t - x_g) / sigma_t, eps_phi = (x_t - D_phi(x_t)) / sigma_t, c = 1 / sqrt(1 + sigma^2) (exp) or
+    sigma / (2 (1 + sigma^2)) (sds), D = 2, recomputed from the draws the networks saw. Both terms, each alone (the
+    adversarial / distillation split) and both weightings."""
+    args = add.parse_args(["--dataset", "toy2d", "--batch", "256", "--adv-weight", str(adv), "--distill-weight",
+                           str(distill), "--weighting", weighting])
+    info, dist = common.dataset_info(args), common.Dist()
+    generator, feature_net, teacher = _Affine(), _GaussianScore(), _Teacher()
+    feature_net.feature_calls = []
+    feature_net.requires_grad_(False)
+    disc = add.Discriminator([2, 2], 8, spatial=False, num_levels=len(add.STUDENT_T))
+    opt_g, opt_d = _recording_optimizer(args, generator), _recording_optimizer(args, disc)
+    nets = SimpleNamespace(generator=generator, disc=disc, feature_net=feature_net)
+    _iteration(add, args, info, dist, teacher, nets, opt_g, opt_d, _wiring_batches(256))
+
+    x_s, sigma_s = generator.calls[0]
+    x_g = generator.requires_grad_(True)(x_s, sigma_s)
+    loss = 0.0
+    if adv:
+        level = (sigma_s[:, None] - add.student_levels()[None].float()).abs().argmin(1)
+        x_d, sigma_d = feature_net.feature_calls[0]
+        x_d = x_g + sigma_d[:, None] * ((x_d - x_g.detach()) / sigma_d[:, None])
+        disc.requires_grad_(False)
+        logits = disc(feature_net.features(x_d, sigma_d), None, None, level)
+        loss = loss + adv * -sum(l.mean(1) for l in logits).mean()
+    if distill:
+        x_t, sigma_t = teacher.calls[0]
+        with torch.no_grad():
+            s = sigma_t[:, None]
+            eps_phi, eps_prime = (x_t - teacher(x_t, sigma_t)) / s, (x_t - x_g) / s
+            c = 1 / (1 + s ** 2).sqrt() if weighting == "exp" else s / (2 * (1 + s ** 2))
+            sds = 2 * c * s * (eps_phi - eps_prime)  # identity 8: the per-sample gradient w.r.t. x_g
+        loss = loss + distill * (sds * x_g).sum(1).mean() / 2
+    for got, want in zip(opt_g.opt.grads[-1], _grads(loss, generator.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert len(opt_d.opt.grads) == (1 if adv else 0)  # the heads train only with the adversarial loss on
+
+
+class _Precond(torch.nn.Module):
+    """A network F that records what EDMDenoiser hands it and returns a known F(x, c_noise) = x + c_noise."""
+    num_classes = 0
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, c_noise, labels=None, return_features=False):
+        self.seen.append((x, c_noise))
+        return x + c_noise[:, None]
+
+    def features(self, x, c_noise, labels=None):
+        self.seen.append((x, c_noise))
+        return [x]
+
+
+def test_edm_preconditioning_as_the_network_sees_it():
+    """EDMDenoiser (Karras et al. 2022, Table 1) hands its network c_in x and c_noise = ln(sigma) / 4, and returns
+    c_skip x + c_out F with c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2),
+    per-sample sigmas and a number alike; features() sees the same c_in x. A c_out or c_in without its square root,
+    or another c_noise, fails."""
+    net, sd = _Precond(), common.SIGMA_DATA
+    denoiser = common.EDMDenoiser(net)
+    x = torch.randn(5, 2, dtype=F64)
+    for sigma in (torch.tensor([0.002, 0.3, 1.0, 7.0, 80.0], dtype=F64), 2.5):
+        s = torch.as_tensor(sigma, dtype=F64).expand(5)[:, None]
+        c_skip, c_out, c_in = sd ** 2 / (s ** 2 + sd ** 2), s * sd / (s ** 2 + sd ** 2).sqrt(), 1 / (s ** 2 + sd ** 2).sqrt()
+        D = denoiser(x.float(), sigma).double()
+        x_in, c_noise = net.seen[-1]
+        torch.testing.assert_close(x_in.double(), c_in * x, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c_noise.double(), s[:, 0].log() / 4, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(D, c_skip * x + c_out * (c_in * x + s.log() / 4), rtol=1e-5, atol=1e-6)
+        denoiser.features(x.float(), sigma)
+        torch.testing.assert_close(net.seen[-1][0].double(), c_in * x, rtol=1e-6, atol=1e-7)
+
+
+def _iteration(mod, args, info, dist, teacher, nets, opt_g, opt_2, batches=None):
+    """One train_iteration of `mod` as its main() calls it (DMD2's fake updates at rate 0: the recorders ignore it)."""
+    if mod is sid:
+        return mod.train_iteration(args, info, dist, teacher, nets, opt_g, opt_2)
+    if mod is dmd2:
+        return mod.train_iteration(args, info, dist, teacher, nets, opt_g, opt_2, batches, [0.0] * args.fake_updates)
+    return mod.train_iteration(args, info, dist, teacher, nets, opt_g, opt_2, batches)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # sid.py
 # --------------------------------------------------------------------------------------------------------------
 
@@ -1723,13 +2103,11 @@ def test_sid_iteration_survives_nan_teacher_samples():
     generator, fake = net, common.build_denoiser(args, info)
     fake.load_state_dict(net.state_dict())
     before = [p.detach().clone() for p in generator.parameters()]
-    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.999)), args,
-                                dist.device)
-    opt_f = common.AmpOptimizer(torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999)), args,
-                                dist.device)
-    nets = SimpleNamespace(generator=generator, fake=fake, generator_t=generator, fake_t=fake)
-    out = sid.train_iteration(args, info, dist, bad_teacher, nets, opt_g, opt_f, 0)
-    assert out["nan_samples"] == 16
+    opt_g = common.optimizer([generator], args, dist, lr=1e-3, betas=(0.0, 0.999))
+    opt_f = common.optimizer([fake], args, dist, lr=1e-3, betas=(0.0, 0.999))
+    nets = SimpleNamespace(generator=generator, fake=fake)
+    out = sid.train_iteration(args, info, dist, bad_teacher, nets, opt_g, opt_f)
+    assert out["nan_g"] == 0.25 and out["nan_fake"] == 0
     assert math.isfinite(float(out["loss_g"])) and math.isfinite(float(out["loss_fake"]))
     assert opt_g.skipped == 0 and opt_f.skipped == 0
     assert all(torch.isfinite(p).all() for p in generator.parameters())
@@ -1777,11 +2155,9 @@ def test_noise_level_and_weight_flags_reach_the_losses(method, argv, monkeypatch
     torch.manual_seed(0)
     nets = mod.build_networks(args, info, common.build_denoiser(args, info), dist.device)
     nets.fake = _SigmaRecorder(nets.fake)
-    nets.generator_t, nets.fake_t, nets.head_t = nets.generator, nets.fake, None  # as main() sets them
     teacher = _SigmaRecorder(common.AnalyticDenoiser(info.mixture, info.shape))
-    opt_g, opt_f = (common.AmpOptimizer(torch.optim.Adam(n.parameters(), lr=1e-4), args, dist.device)
-                    for n in (nets.generator, nets.fake))
-    mod.train_iteration(args, info, dist, teacher, nets, opt_g, opt_f, 0, *([None] if method == "dmd2" else []))
+    opt_g, opt_f = (common.optimizer([n], args, dist, lr=1e-4) for n in (nets.generator, nets.fake))
+    _iteration(mod, args, info, dist, teacher, nets, opt_g, opt_f)
     n_fake = 512 * (args.fake_updates if method == "dmd2" else 1)
     fake_seen, gen_seen = nets.fake.seen()[:n_fake], teacher.seen()
     assert len(nets.fake.seen()) == n_fake + 512 and len(gen_seen) == 512
@@ -2099,14 +2475,14 @@ def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
     torch.testing.assert_close(r1, sum((g ** 2).flatten(1).sum(1) for g in grads), rtol=1e-12, atol=0)
     # on one head, the gradient of the location sum is N times the gradient of the mean
     g_sum = torch.autograd.grad(logits[1].sum(), feats[1], retain_graph=True)[0]
-    torch.testing.assert_close(add.r1_penalty(logits[1], feats[1]) * 16 ** 2, (g_sum ** 2).flatten(1).sum(1))
+    torch.testing.assert_close(add.r1_penalty([logits[1]], [feats[1]]) * 16 ** 2, (g_sum ** 2).flatten(1).sum(1))
 
     # the factor in the training loss: capture what the discriminator's optimiser is asked to minimise
     args.r1_weight = 0.37
     dist = common.Dist()
     generator = common.build_denoiser(args, info).requires_grad_(True)
     disc = add.build_discriminator(args, info, teacher_net)
-    opt_g = common.AmpOptimizer(torch.optim.Adam(generator.parameters(), lr=0.0), args, dist.device)
+    opt_g = common.optimizer([generator], args, dist, lr=0.0)
     seen = []
 
     class Capture(common.AmpOptimizer):
@@ -2114,10 +2490,9 @@ def test_add_r1_is_the_gradient_of_the_hinge_scalar_with_factor_half(tmp_path):
             seen.append(loss.detach())
             return super().backward(loss)
 
-    opt_d = Capture(torch.optim.Adam(disc.parameters(), lr=0.0), args, dist.device)
-    nets = SimpleNamespace(generator=generator, disc=disc, generator_t=generator, disc_t=disc, feature_net=teacher_net)
-    out = add.train_iteration(args, info, dist, teacher_net, nets, opt_g, opt_d, 0,
-                              common.real_batches(args, info, dist))
+    opt_d = Capture(torch.optim.Adam(disc.parameters(), lr=0.0), args, dist.device, nets=[disc])
+    nets = SimpleNamespace(generator=generator, disc=disc, feature_net=teacher_net)
+    out = add.train_iteration(args, info, dist, teacher_net, nets, opt_g, opt_d, common.real_batches(args, info, dist))
     assert float(out["r1"]) > 0
     torch.testing.assert_close(seen[-1], out["loss_d"] + 0.37 / 2 * out["r1"])
 
@@ -2595,7 +2970,7 @@ TOY = ["--dataset", "toy2d", "--teacher", "analytic", "--iters", "4", "--eval-sa
 @pytest.mark.parametrize("module,argv,message", [
     (sid, TOY + ["--lr-f", "inf"], "--lr-f must be a positive number"),
     (add, TOY + ["--lr-d", "inf"], "--lr-d must be a positive number"),
-    (common, ["--teacher-rampup", "nan", "--teacher-iters", "5"], "--teacher-rampup must be a finite number"),
+    (common, ["--teacher-rampup", "nan", "--teacher-iters", "5"], "--teacher-rampup must be >= 0 (got nan)"),
     (common, ["--teacher-ema", "-5"], "--teacher-ema must be >= 0"),
     (sid, TOY[:-4] + ["--eval-samples", "99999999999"], "--eval-samples 99999999999 is above"),
     (sid, TOY[:-2] + ["--batch", "100000000000"], "--batch 100000000000 is above"),
@@ -3075,18 +3450,23 @@ def one_update(mod, argv):
     second = nets.disc if mod is add else nets.fake
     extra = [nets.head] if getattr(nets, "head", None) is not None else []
     trained = [nets.generator, second] + extra
-    opt_g = common.AmpOptimizer(torch.optim.SGD(nets.generator.parameters(), lr=0.1), args, dist.device)
-    opt_2 = common.AmpOptimizer(torch.optim.SGD([p for n in [second] + extra for p in n.parameters()], lr=0.1), args,
-                                dist.device)
-    nets.generator_t = common.wrap(nets.generator, args, dist)
-    if mod is add:
-        nets.disc_t = common.wrap(nets.disc, args, dist)
-    else:
-        nets.fake_t = common.wrap(nets.fake, args, dist)
-        nets.head_t = common.wrap(nets.head, args, dist) if extra else None
+    def sgd(nets):
+        for net in nets:
+            net.requires_grad_(True)
+        wrappers = [common.wrap(net, args, dist) for net in nets]
+        params = [p for net in nets for p in net.parameters()]
+        return common.AmpOptimizer(torch.optim.SGD(params, lr=0.1), args, dist.device, nets=nets, wrappers=wrappers)
+
+    opt_g, opt_2 = sgd([nets.generator]), sgd([second] + extra)
     torch.manual_seed(1 + dist.rank)  # the iteration's draws
-    batches = common.real_batches(args, info, dist) if mod is not sid else None
-    out = mod.train_iteration(args, info, dist, nets.generator, nets, opt_g, opt_2, 0, batches)
+    if mod is sid:
+        out = mod.train_iteration(args, info, dist, nets.generator, nets, opt_g, opt_2)
+    elif mod is dmd2:
+        out = mod.train_iteration(args, info, dist, nets.generator, nets, opt_g, opt_2,
+                                  common.real_batches(args, info, dist), [0.1])
+    else:
+        out = mod.train_iteration(args, info, dist, nets.generator, nets, opt_g, opt_2,
+                                  common.real_batches(args, info, dist))
     return [p.detach().clone() for n in trained for p in n.parameters()], {k: float(v) for k, v in out.items()}
 
 result = {}
