@@ -689,6 +689,43 @@ def run_main(main, argv=None):
         sys.exit(2)
 
 
+def write_atomically(path, write, sync=False):
+    """write(tmp) into NAME.tmp beside `path` (or `write`, a str, as its text), then rename it to NAME:
+    a kill or a full disk never leaves half a file under its final name, and a failed write leaves
+    no temporary file (its error is raised again). sync: fsync the file before the rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if isinstance(write, str):
+            tmp.write_text(write)
+        else:
+            write(tmp)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def lock(path, wait=True):
+    """An exclusive flock on the file `path` (created if missing), held as long as the open file this
+    returns is (the kernel drops it when the process ends, however it ends); None where file locks
+    are not available (not Linux / macOS). wait=False: an OSError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        f.close()
+        raise
+    return f
+
+
 # ==================================================================================================
 # DATA LOADERS: the mixtures, CIFAR-10, ImageNet-64 (npz or class folders)
 # ==================================================================================================
@@ -904,7 +941,7 @@ def checked_row_counts(sources):
 def convert_imagenet64(sources, cache, manifest):
     """Stream the npz files' rows, CONVERT_ROWS at a time, into cache/imagenet64-images.npy (a .npy header, then
     the rows as they are: planar RGB rows are (3, 64, 64) images in C order) and their labels - 1 into
-    imagenet64-labels.npy (int16); both written under temporary names and renamed, then the manifest last, so an
+    imagenet64-labels.npy (int16), each written atomically; the manifest goes first and comes back last, so an
     interrupted conversion is never taken for a finished one."""
     images_path, labels_path, manifest_path = (cache / name for name in IMAGENET64_FILES)
     counts = checked_row_counts(sources)  # the output's header, which holds the row count, comes before its rows
@@ -912,10 +949,11 @@ def convert_imagenet64(sources, cache, manifest):
     if shutil.disk_usage(cache).free < n * ROW_BYTES * 1.01:
         raise UserError(f"converting ImageNet-64 needs {n * ROW_BYTES / 1e9:.1f} GB in {cache}, which has "
                         f"{shutil.disk_usage(cache).free / 1e9:.1f} GB free; pass --data-cache DIR")
-    tmp = {path: path.with_name(path.name + ".part") for path in (images_path, labels_path, manifest_path)}
+    manifest_path.unlink(missing_ok=True)  # an older conversion is no longer a finished one
     labels = []
-    try:
-        with open(tmp[images_path], "wb") as out:
+
+    def write_images(tmp):
+        with open(tmp, "wb") as out:
             header = {"descr": "|u1", "fortran_order": False, "shape": (n, 3, 64, 64)}
             np.lib.format.write_array_header_1_0(out, header)
             bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
@@ -932,30 +970,14 @@ def convert_imagenet64(sources, cache, manifest):
                 with np.load(f) as d:
                     labels.append((np.asarray(d["labels"], dtype=np.int64) - 1).astype(np.int16))
             bar.close()
-            out.flush()
-            os.fsync(out.fileno())
-        with open(tmp[labels_path], "wb") as out:
+
+    def write_labels(tmp):
+        with open(tmp, "wb") as out:
             np.save(out, np.concatenate(labels))
-        tmp[manifest_path].write_text(json.dumps({**manifest, "rows": n}, indent=1) + "\n")
-        for path in (images_path, labels_path, manifest_path):
-            os.replace(tmp[path], path)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
 
-
-@contextlib.contextmanager
-def _file_lock(path):
-    """An exclusive flock on `path` (created if missing) for the block: one process converts while the others wait,
-    however many ranks or runs start at once. No-op where file locks are not available."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    write_atomically(images_path, write_images, sync=True)
+    write_atomically(labels_path, write_labels)
+    write_atomically(manifest_path, json.dumps({**manifest, "rows": n}, indent=1) + "\n")
 
 
 def imagenet64_npy(data_dir, cache_dir=None):
@@ -969,7 +991,8 @@ def imagenet64_npy(data_dir, cache_dir=None):
         checked_row_counts(sources)  # before the cache folder or its lock is written
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with _file_lock(cache / ".imagenet64.lock"):
+        # one process converts while the others wait, however many ranks or runs start at once
+        with lock(cache / ".imagenet64.lock") or contextlib.nullcontext():
             if not _converted(cache, manifest):
                 convert_imagenet64(sources, cache, manifest)
     except OSError as e:
@@ -1386,7 +1409,7 @@ def load_edm_pickle(path, args, info):
 
 
 # ==================================================================================================
-# AMP AND OPTIMIZERS: autocast, Adam, --batch-gpu's rounds, AmpOptimizer (the body of minimize)
+# AMP AND OPTIMIZERS: autocast, Adam, --batch-gpu's default, AmpOptimizer (the body of minimize)
 # ==================================================================================================
 
 def amp_dtype(args, device):
@@ -1437,29 +1460,6 @@ def fitting_batch_gpu(args, device, world):
     return max(rows, 1) if rows < args.batch // world else None
 
 
-def rounds(batch, batch_gpu, *trained):
-    """Gradient accumulation (--batch-gpu): this rank's `batch` rows in rounds of at most batch_gpu rows (None: one
-    round). Yields (rows, share): the round's slice of the batch and its share rows / batch, by which a batch-mean
-    loss is scaled so that the rounds' backward passes sum to the whole batch's gradient. Every round but the last
-    runs inside DDP's no_sync() of the `trained` wrappers (forward and backward), so the gradients are all-reduced
-    once, in the last round's backward, as the SiD authors' loop does (sid_training_loop.py, `batch_gpu` rounds)."""
-    size = batch_gpu or batch
-    for start in range(0, batch, size):
-        rows = slice(start, min(start + size, batch))
-        with contextlib.ExitStack() as stack:
-            if rows.stop < batch:
-                for net in trained:
-                    net = getattr(net, "_orig_mod", net)  # DDP under torch.compile
-                    if isinstance(net, nn.parallel.DistributedDataParallel):
-                        stack.enter_context(net.no_sync())
-            yield rows, (rows.stop - rows.start) / batch
-
-
-def pick(v, rows):
-    """v[rows], or None for None (the labels of an unconditional model)."""
-    return None if v is None else v[rows]
-
-
 class AmpOptimizer:
     """An optimizer with its own GradScaler (active for fp16 only) and the check every update needs. The three calls
     of one update, as each training iteration writes them:
@@ -1500,17 +1500,28 @@ class AmpOptimizer:
                 p.requires_grad_(flag)
 
     def minimize(self, loss_fn, draws):
-        """The body of common.minimize (see there)."""
+        """The body of common.minimize (see there). Gradient accumulation (--batch-gpu): each round's loss is its
+        rows' mean times its share rows / batch, so that the rounds' backward passes sum to the batch's gradient;
+        every round but the last runs inside DDP's no_sync() (forward and backward), so the gradients are
+        all-reduced once, in the last round's backward, as the SiD authors' loop (sid_training_loop.py)."""
         batch = next(len(v) for v in draws.values() if v is not None)
-        logged = {}
+        size, logged = self.args.batch_gpu or batch, {}
         self.training(True)
         self.zero_grad()
-        for rows, share in rounds(batch, self.args.batch_gpu, *self.wrappers):
-            with autocast(self.args, self.device):
-                losses = loss_fn(*self.wrappers, **{k: pick(v, rows) for k, v in draws.items()})
-            losses = losses if isinstance(losses, dict) else {"loss": losses}
-            means = {k: v.mean(dtype=torch.float32) * share for k, v in losses.items()}  # the batch mean's share
-            self.backward(next(iter(means.values())))
+        for start in range(0, batch, size):
+            rows = slice(start, min(start + size, batch))
+            with contextlib.ExitStack() as stack:
+                for net in self.wrappers if rows.stop < batch else ():
+                    net = getattr(net, "_orig_mod", net)  # DDP under torch.compile
+                    if isinstance(net, nn.parallel.DistributedDataParallel):
+                        stack.enter_context(net.no_sync())
+                with autocast(self.args, self.device):
+                    losses = loss_fn(*self.wrappers, **{k: None if v is None else v[rows]
+                                                        for k, v in draws.items()})
+                losses = losses if isinstance(losses, dict) else {"loss": losses}
+                share = (rows.stop - rows.start) / batch
+                means = {k: v.mean(dtype=torch.float32) * share for k, v in losses.items()}
+                self.backward(next(iter(means.values())))
             for k, v in means.items():
                 logged[k] = logged.get(k, 0.0) + v.detach()
         self.step()
@@ -1925,15 +1936,9 @@ def save_checkpoint(path, objects, step, config, meta=None, rng_ranks=None):
              "state": {name: unwrap(obj).state_dict() for name, obj in objects.items()}}
     if meta is not None:
         state["meta"] = meta
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save(state, tmp), sync=True)
     except (OSError, RuntimeError) as e:  # disk full, quota, I/O error (torch's zip writer raises RuntimeError)
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
         raise UserError(f"could not write {path} ({_reason(e)}; {free / 2**20:.1f} MiB free on its disk); the file "
                         f"there before is unchanged") from None
@@ -2034,12 +2039,10 @@ def save_teacher_reference(cache, dist, metrics, samples):
     path, key = cache
     if not dist.is_main:
         return
-    tmp = path.with_name(path.name + ".tmp")
+    entry = {"key": key, "metrics": dict(metrics), "samples": samples.float().cpu()}
     try:
-        torch.save({"key": key, "metrics": dict(metrics), "samples": samples.float().cpu()}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda tmp: torch.save(entry, tmp))
+    except (OSError, RuntimeError) as e:
         print(f"note: the teacher's reference metrics were not cached in {path.parent} ({_reason(e)})")
 
 
@@ -2056,27 +2059,20 @@ def hold_folder(folder, create):
     holds the holder's pid, for the error a second process gets. With create=False (the folder may not be ours to
     write in yet) only an existing .lock is opened, and a folder without one is left as it is. Re-entrant within a
     process. Returns False where file locks are not available (not Linux / macOS)."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
     folder = Path(folder).resolve()
     path = folder / ".lock"
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a lock file (a folder?); remove it")
-    if folder in _HELD_LOCKS:
+    if folder in _HELD_LOCKS or (not create and not path.is_file()):
         return True
-    if not create and not path.is_file():
-        return True
-    f = open(path, "a+" if create else "r")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f = lock(path, wait=False)
     except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
+        pid = path.read_text().strip() or "?"
         raise UserError(f"{folder} is in use by another run (process {pid}); wait for it to end or stop it, or "
                         f"choose another --out-dir") from None
+    if f is None:
+        return False
     if create:
         f.seek(0)
         f.truncate()
@@ -2176,9 +2172,9 @@ class Run:
                     print(f"removed {len(stale)} unfinished temporary file(s) in {self.dir}")
                 if self.args.overwrite:
                     self._remove_run_files()
-                write_atomic(self.dir / "config.json", json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
+                write_atomically(self.dir / "config.json", json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
                 if self.kept_metrics is not None:
-                    write_atomic(self.metrics_path, "".join(line + "\n" for line in self.kept_metrics))
+                    write_atomically(self.metrics_path, "".join(line + "\n" for line in self.kept_metrics))
             except OSError as e:
                 raise UserError(f"cannot write the run folder {self.dir} ({_reason(e)})") from None
 
@@ -2260,18 +2256,6 @@ class Run:
             if record.get("iter", 0) <= step:
                 keep.append(line)
         return keep
-
-
-def write_atomic(path, text):
-    """Write a text file through a temporary file and a rename: a kill or a full disk never leaves half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # Flags whose change makes a resumed run another run: refused by --resume unless --allow-changed-flags.
@@ -2848,24 +2832,26 @@ def fetch(key, folder, dist):
     if dist.is_main and not path.is_file():
         import urllib.request
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                size = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        except Exception as e:  # no network, HTTP error, full disk
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"could not download {url} ({_reason(e)}). Download it on a machine with network "
-                            f"access and put it at {path}, or pass {instead}") from None
-        digest = sha256_of(tmp)
-        if key in SHA256_PINS and digest != SHA256_PINS[key]:
-            tmp.unlink()
-            raise UserError(f"downloaded {url} has SHA-256 {digest} but {SHA256_PINS[key]} is pinned; refused")
-        path.with_name(name + ".sha256").write_text(f"{digest}  {name}\n")
-        os.replace(tmp, path)
+        digest = None
+
+        def download(tmp):
+            nonlocal digest
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                    size = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                        for chunk in iter(lambda: response.read(1 << 20), b""):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+            except Exception as e:  # no network, HTTP error, full disk
+                raise UserError(f"could not download {url} ({_reason(e)}). Download it on a machine with "
+                                f"network access and put it at {path}, or pass {instead}") from None
+            digest = sha256_of(tmp)
+            if key in SHA256_PINS and digest != SHA256_PINS[key]:
+                raise UserError(f"downloaded {url} has SHA-256 {digest} but {SHA256_PINS[key]} is pinned; refused")
+            path.with_name(name + ".sha256").write_text(f"{digest}  {name}\n")
+
+        write_atomically(path, download)
         print(f"downloaded {path} (SHA-256 {digest}, recorded in {name}.sha256)")
     dist.barrier()
     return verified_file(path, SHA256_PINS.get(key))
@@ -3001,10 +2987,12 @@ def fid_reference(args, info, dist):
             mu, sigma = stats.reduce(dist, dist.device).mean_cov()
             if dist.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path.with_suffix(".tmp.npz"), mu=mu, sigma=sigma)
-                path.with_name(path.name + ".sha256").write_text(f"{sha256_of(path.with_suffix('.tmp.npz'))}  "
-                                                                 f"{path.name}\n")
-                os.replace(path.with_suffix(".tmp.npz"), path)
+                def save(tmp):
+                    with open(tmp, "wb") as f:
+                        np.savez(f, mu=mu, sigma=sigma)
+                    path.with_name(path.name + ".sha256").write_text(f"{sha256_of(tmp)}  {path.name}\n")
+
+                write_atomically(path, save)
                 print(f"FID reference statistics of {stats.n} images cached in {path}")
             dist.barrier()
         path = verified_file(path)
@@ -3103,19 +3091,11 @@ def seed_png(folder, seed):
     return Path(folder) / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
 
 
-def _write_atomically(path, write):
-    """write(tmp) to NAME.tmp, then rename it to NAME: a file under its final name is always a whole one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_png(path, image):
     """A uint8 (H, W, 3) image as a PNG (Pillow: the same image gives the same bytes), atomically."""
     from PIL import Image
-    _write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def read_png(path):
@@ -3127,13 +3107,14 @@ def read_png(path):
 def write_npz(path, arrays):
     """np.savez's format (a zip of NAME.npy members, what np.load and the ADM evaluator read) with fixed member
     timestamps, so that the same arrays give the same bytes; atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, a in arrays.items():
                 member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with zf.open(member, "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 @torch.no_grad()

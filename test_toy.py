@@ -915,7 +915,7 @@ def test_imagenet64_converted_once_and_again_when_a_source_changes(tmp_path):
     _fake_imagenet64(data, 1, 70, np.savez_compressed)  # train_data_batch_1.npz rewritten: 70 rows, compressed
     images, labels = common.load_imagenet64_npz(data, cache)
     assert images.shape == (170, 3, 64, 64) and labels.tolist() == list(range(70)) + list(range(50, 150))
-    assert not list(cache.glob("*.part"))
+    assert not list(cache.glob("*.part")) and not list(cache.glob("*.tmp"))
     x, y = next(common._mapped_batches(images, labels, 64, torch.device("cpu")))
     assert x.shape == (64, 3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.long
     assert torch.equal(x, (y % 256).float()[:, None, None, None].expand_as(x) / 127.5 - 1)
@@ -3149,7 +3149,7 @@ def test_disk_full_and_kills_leave_no_temporary_file(toy_teacher, tmp_path, caps
     real_save = torch.save
 
     def full_disk(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
+        Path(f).write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
@@ -3505,7 +3505,7 @@ def test_batch_gpu_default_fits_the_gpu(monkeypatch):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_batch_gpu_accumulation_matches_the_whole_batch(tmp_path, processes):
     """--batch-gpu: one update of each method (SiD, DMD2 with its GAN, ADD with R1) over this rank's batch of 8 in
-    4 rounds of 2 (common.rounds, DDP's no_sync on all but the last) moves every parameter as the same update over
+    4 rounds of 2 (common.minimize: DDP's no_sync on all but the last) moves every parameter as the same update over
     the whole batch at once, from the same draws, to float tolerance: in one process and under torchrun with 2 gloo
     ranks (global batch 16), where both ranks also end with the same parameters."""
     import subprocess
@@ -3825,8 +3825,9 @@ def test_export_is_reproducible_and_an_interrupted_export_completes(sid_syntheti
     left = _files(tmp_path / "c")
     finished = {name: data for name, data in left.items() if name.endswith(".png")}
     assert len(finished) == 6 and all(done[name] == data for name, data in finished.items())
-    assert [name for name in left if not name.endswith(".png")] == ["000000/000006.png.tmp"]
+    assert [name for name in left if not name.endswith(".png")] == []  # the interrupted write cleaned up
     assert not (tmp_path / "c.npz").exists()
+    (tmp_path / "c" / "000000" / "000006.png.tmp").write_bytes(b"half a PNG")  # as a SIGKILL leaves it
 
     generate, sampled = common.generate, []
     monkeypatch.setattr(common, "generate", lambda *a, **k: sampled.append(len(a[1])) or generate(*a, **k))
