@@ -93,9 +93,15 @@ class GaussianMixture:
         self.variances = torch.as_tensor(variances, dtype=torch.float64)  # (K,) or (K, D)
         self.isotropic = self.variances.ndim == 1
         self.num_components, self.dim = self.means.shape
+        self._copies = {}  # (device, dtype) -> (weights, means, variances) there
 
     def _p(self, x):
-        return (self.weights.to(x), self.means.to(x), self.variances.to(x))
+        """(weights, means, variances) in x's dtype on x's device, copied there once: a copy from
+        the host in every call would be a sync on CUDA."""
+        key = (x.device, x.dtype)
+        if key not in self._copies:
+            self._copies[key] = tuple(t.to(x) for t in (self.weights, self.means, self.variances))
+        return self._copies[key]
 
     def _sigma(self, sigma, x):
         return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
@@ -144,14 +150,18 @@ class GaussianMixture:
         return torch.logsumexp(torch.log(w)[None] + comp, dim=1)
 
     def sample(self, n, labels=None, generator=None, device="cpu", dtype=torch.float32):
-        """n samples (n, D) and their component labels (n,); `labels` fixes the components."""
+        """n samples (n, D) and their component labels (n,), drawn on `device` by its RNG (training
+        batches: no copy from the host), or on the CPU by `generator` (a fixed seed) and moved
+        there; `labels` fixes the components."""
+        where = torch.device("cpu") if generator is not None else torch.device(device)
+        w, mu, v = self._p(torch.empty(0, dtype=F64, device=where))
         if labels is None:
-            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        labels = labels.cpu()
-        std = self.variances.sqrt()[labels]
+            labels = torch.multinomial(w, n, replacement=True, generator=generator)
+        labels = labels.to(where)
+        std = v.sqrt()[labels]
         std = std[:, None] if self.isotropic else std
-        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[labels] + std * noise
+        noise = torch.randn(n, self.dim, generator=generator, dtype=F64, device=where)
+        x = mu[labels] + std * noise
         return x.to(device=device, dtype=dtype), labels.to(device)
 
     def mean(self):
@@ -323,7 +333,8 @@ def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_m
     Algorithm 2's stochastic churn, S_noise = 1, over all sigmas). z ~ N(0, I); x_0 = sigma_max z.
         d_i = (x_i - D(x_i; t_i)) / t_i,   x_i+1 = x_i + (t_i+1 - t_i) d_i,   and if t_i+1 > 0:
         d' = (x_i+1 - D(x_i+1; t_i+1)) / t_i+1,   x_i+1 = x_i + (t_i+1 - t_i) (d_i + d') / 2."""
-    t = sampling_sigmas(steps, sigma_min, sigma_max, rho, z.device)
+    t_host = sampling_sigmas(steps, sigma_min, sigma_max, rho)  # its tests stay on the host
+    t = t_host.to(z.device)
     x = z.double() * t[0]
     for i in range(steps):
         t_cur, t_next = t[i], t[i + 1]
@@ -334,7 +345,7 @@ def heun_sample(denoiser, z, labels=None, steps=18, sigma_min=SIGMA_MIN, sigma_m
             t_cur = t_hat
         d = (x - denoiser(x.float(), t_cur.float(), labels).double()) / t_cur
         x_next = x + (t_next - t_cur) * d
-        if t_next > 0:
+        if t_host[i + 1] > 0:
             d2 = (x_next - denoiser(x_next.float(), t_next.float(), labels).double()) / t_next
             x_next = x + (t_next - t_cur) * (d + d2) / 2
         x = x_next
@@ -558,8 +569,10 @@ def train_teacher(args, info, dist, folder):
                               sigma=edm_sigma(len(x0), dist.device), eps=torch.randn_like(x0))
             ema_update(ema, net, args.teacher_ema, batch, nimg=nimg + batch, rampup_ratio=0.05)
             book.end_iteration(step, losses)
-    problem = ruined({"teacher": ema}) or (
-        opt.skipped and f"its last {opt.skipped} steps were skipped (non-finite)")
+    # every one of its last steps skipped (the whole run, or --max-skips of them) is a broken run; a
+    # last step or two that fp16's loss scaler skipped on an overflow is not
+    skipped = opt.skipped >= min(args.max_skips, args.teacher_iters) > 0
+    problem = ruined({"teacher": ema}) or (skipped and f"its last {opt.skipped} steps were skipped")
     if problem:  # never cached: a later run would reuse it without training again
         raise UserError(f"teacher training in {folder}: {problem}; teacher.pt not written (is the "
                         f"data in --data-dir corrupt?)")
@@ -676,7 +689,7 @@ def run_main(main, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         result = main(argv)
-        if isinstance(result, dict) and result.get("device_type") == "cuda" and "bench" in result:
+        if isinstance(result, dict) and result.get("device_type") == "cuda" and result.get("compare"):
             bench_compare(main, argv, result)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -804,13 +817,16 @@ def _folder_batches(data_dir, batch, device, workers, rank):
                         f"({_reason(e)})") from None
     gen = torch.Generator().manual_seed(rank)
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**62, generator=gen)
+    # on CUDA the loader pins its batches, which then copy to the GPU without blocking the host
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                                         drop_last=True, persistent_workers=workers > 0)
+                                         drop_last=True, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
 
     def batches():
         try:
             for x, y in loader:
-                yield x.to(device).float() / 127.5 - 1, y.to(device)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                yield x.float() / 127.5 - 1, y
         except (OSError, ValueError, RuntimeError) as e:  # an unreadable image found later (PIL, worker errors)
             raise UserError(f"imagenet64: reading {str(data_dir)!r} failed ({_reason(e)}); remove or replace the "
                             f"broken image") from None
@@ -1440,23 +1456,40 @@ def adam(params, device, adamw=False, **kw):
     return (torch.optim.AdamW if adamw else torch.optim.Adam)(params, **kw, **mode)
 
 
-# Activation memory saved for backward per sample (MiB, fp32; bf16 needs less), measured on the CPU for the presets
-# the papers' runs use, and the networks' graphs the largest update of each method holds at once (SiD's generator
-# step: generator, teacher, fake score). --batch-gpu's default on CUDA is sized from these.
-ACTIVATION_MIB = {"cifar10": 43.7, "edm-cifar10": 129.0, "edm-imagenet64": 771.0}
-
-
+# What an update holds on a GPU, for --batch-gpu's default (test_batch_gpu_estimate_matches_what_an_update_holds):
+# the activations one forward saves for backward, per sample (MiB, fp32, the networks' weights excluded; measured on
+# the CPU with saved_tensors_hooks; bf16 needs less), times the graphs the largest update of a method holds at once
+# (SiD's generator step: generator, teacher and fake score); and the fp32 copies of the network's parameters held
+# throughout: 4 per trained network (weights, gradients, Adam's two moments), 1 per EMA and per frozen teacher.
+ACTIVATION_MIB = {"mlp": 0.013, "mlp-wide": 0.027, "tiny": 0.297, "small": 2.38, "cifar10": 43.7,
+                  "imagenet64": 160.0, "edm-cifar10": 129.1, "edm-imagenet64": 771.4}
 GRAPHS = {"sid": 3, "dmd2": 2, "add": 2, "teacher": 1}
+COPIES = {"sid": 10, "dmd2": 10, "add": 6, "teacher": 5}  # SiD, DMD2: 2 trained + EMA + teacher; ADD: 1 + 2
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_count(preset, shape, classes):
+    with torch.device("meta"):  # counted without allocating anything
+        return unet.count_params(unet.build_network(preset, shape, classes))
+
+
+def update_memory(args, rows):
+    """The estimated peak bytes of one rank's update at `rows` rows per round: COPIES x the network's parameter bytes
+    + rows x ACTIVATION_MIB x GRAPHS."""
+    shape = (2,) if args.dataset == "toy2d" else (3, args.resolution, args.resolution)
+    classes = {"toy2d": 8, "synthetic": 10, "cifar10": 10, "imagenet64": 1000}[args.dataset] if args.cond else 0
+    static = COPIES.get(args.method, 10) * _parameter_count(args.preset, shape, classes) * 4
+    return static + rows * ACTIVATION_MIB[args.preset] * 2 ** 20 * GRAPHS.get(args.method, 3)
 
 
 def fitting_batch_gpu(args, device, world):
-    """--batch-gpu's default: on CUDA, the most rows per round whose graphs fit in 7/8 of the GPU's memory (70 GiB of
-    an 80 GB card), from ACTIVATION_MIB and GRAPHS; None (the rank's whole share in one round) when the share fits,
-    on the CPU, or for a preset without a measurement."""
-    if device.type != "cuda" or args.preset not in ACTIVATION_MIB:
+    """--batch-gpu's default: on CUDA, the most rows per round whose update_memory fits 7/8 of the GPU's memory (70
+    GiB of an 80 GB card); None (the rank's whole share in one round) when the share fits, and on the CPU."""
+    if device.type != "cuda":
         return None
-    budget_mib = torch.cuda.get_device_properties(device).total_memory / 2 ** 20 * 7 / 8
-    rows = int(budget_mib / (ACTIVATION_MIB[args.preset] * GRAPHS.get(args.method, 3)))
+    budget = torch.cuda.get_device_properties(device).total_memory * 7 / 8
+    per_row = update_memory(args, 1) - update_memory(args, 0)
+    rows = int((budget - update_memory(args, 0)) / per_row)
     return max(rows, 1) if rows < args.batch // world else None
 
 
@@ -2458,6 +2491,8 @@ def base_parser(description, method):
                         "write nothing (on CUDA also fp32 vs bf16 and eager vs --compile)")
     g.add_argument("--bench-iters", type=COUNT, default=20, help="timed training iterations of --bench")
     g.add_argument("--bench-warmup", type=COUNT0, default=5, help="untimed iterations before --bench times")
+    g.add_argument("--bench-compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, --bench also measures the fp32, bf16 and compiled variants in the same process")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -2635,26 +2670,40 @@ class Dist:
         return int(t)
 
 
+def resolve_device(args, world=1, local_rank=0):
+    """--device as a torch.device with its index: 'auto' is CUDA where there is a GPU, else the CPU;
+    under torchrun on CUDA each process takes the GPU of its LOCAL_RANK. A CUDA device this machine
+    does not have is a UserError."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    index = local_rank if world > 1 else (device.index if device.index is not None else 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)"
+                        + (f" and LOCAL_RANK is {local_rank}" if world > 1 else ""))
+    return torch.device("cuda", index)
+
+
 def init_distributed(args):
-    """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single-process otherwise."""
+    """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single-process
+    otherwise. On CUDA: the process's GPU made current (so that streams and events are its own),
+    TF32 and fp16-reduced reductions off as EDM's training loop (training_loop.py:55-57: fp32 stays
+    fp32), cuDNN's autotuner on."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
+    device = resolve_device(args, world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not torch.distributed.is_initialized():  # bench_compare calls main() again
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     group = torch.distributed.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     seed_everything(args.seed + rank)
     if args.batch % world or args.teacher_batch % world:
         raise UserError(f"--batch {args.batch} / --teacher-batch {args.teacher_batch} must divide by the "
@@ -2772,12 +2821,12 @@ def side_by_side(out, panels, gap=6, label_height=14):
 DOWNLOADS = {
     "detector": ("inception-2015-12-05.pt",
                  "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-                 "--fid-detector PATH"),
+                 "--fid-detector PATH (or --fid-samples 0: train without FID)"),
     # EDM's published FID reference statistics (--fid-ref edm), by dataset
     "cifar10": ("cifar10-32x32.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
-                "--fid-ref PATH"),
+                "--fid-ref PATH (or --fid-samples 0: train without FID)"),
     "imagenet64": ("imagenet-64x64.npz", "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz",
-                   "--fid-ref PATH"),
+                   "--fid-ref PATH (or --fid-samples 0: train without FID)"),
     # NVIDIA's pretrained EDM networks (--teacher edm)
     "edm-cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl",
                          "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
@@ -3293,7 +3342,10 @@ def bench(args, info, dist, step_fn, sample, teacher, teacher_net, nets, ema=Non
     out = {"bench": args.method, "dataset": args.dataset, "resolution": args.resolution, "preset": args.preset,
            "device": name, "device_type": device.type, "amp": amp, "compile": bool(args.compile),
            "batch": args.batch, "world": dist.world, "timed_iters": args.bench_iters,
-           "params": {k: unet.count_params(v) for k, v in nets.items()}}
+           "params": {k: unet.count_params(v) for k, v in nets.items()}, "batch_gpu": args.batch_gpu,
+           "compare": args.bench_compare}
+    if args.method in GRAPHS:  # update_memory's estimate, to hold against the measured peak (CUDA)
+        out["estimated_peak_mb"] = update_memory(args, args.batch_gpu or batch) / 2 ** 20
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -3358,7 +3410,7 @@ def bench_compare(main, argv, base):
     """On CUDA, --bench also runs the same script in this process as fp32 eager, bf16 eager and bf16 compiled
     (whichever of them the first measurement was not) and prints one more JSON line with the three and the ratios
     bf16 / fp32 and compiled / eager of images per second. A variant that fails is reported, not fatal."""
-    runs = {}
+    runs, argv = {}, list(argv) + ["--no-bench-compare"]  # the variants do not compare again
     for name, flags in BENCH_VARIANTS.items():
         if base.get("amp") == name.split("_")[0] and base.get("compile") == name.endswith("compile"):
             runs[name] = base
@@ -3378,7 +3430,8 @@ def bench_compare(main, argv, base):
         out["bf16_vs_fp32"] = round(speed["bf16"] / speed["fp32"], 3)
     if speed["bf16"] and speed["bf16_compile"]:
         out["compile_vs_eager"] = round(speed["bf16_compile"] / speed["bf16"], 3)
-    print(json.dumps(out), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out), flush=True)
     return out
 
 
