@@ -414,8 +414,8 @@ def parse_args(argv=None):
                    help="mean of ln sigma_d, the noise level of the discriminator's inputs")
     g.add_argument("--disc-p-std", type=common.POSITIVE, default=1.0,
                    help="standard deviation of ln sigma_d")
-    g.add_argument("--disc-dim", type=common.checked(int, lambda v: v >= 4, ">= 4"), default=None,
-                   help="width of each discriminator head")
+    g.add_argument("--disc-dim", default=None, help="width of each discriminator head",
+                   type=common.checked(int, lambda v: v >= 4, ">= 4", 4096, "a width"))
     g.add_argument("--img-cond", action=argparse.BooleanOptionalAction, default=None,
                    help="condition the heads on an image embedding of x0 (below the top level)")
     g.add_argument("--disc-level", action=argparse.BooleanOptionalAction, default=True,

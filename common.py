@@ -1494,15 +1494,12 @@ def fitting_batch_gpu(args, device, world):
 
 
 class AmpOptimizer:
-    """An optimizer with its own GradScaler (active for fp16 only) and the check every update needs. The three calls
-    of one update, as each training iteration writes them:
-        opt.zero_grad()
-        opt.backward(loss)   # loss.backward(), the loss scaled under fp16 (once per round of --batch-gpu)
-        opt.step()           # skipped when the loss or a gradient was non-finite; then clip and step
-    A step whose loss or gradients hold a NaN or an infinity is skipped (parameters and optimizer state untouched)
-    and counted toward --max-skips; under torchrun every rank skips together. The decision stays on the device: with
-    a fused optimizer (common.adam on CUDA) the optimizer kernel reads it, so an update makes no host-device sync.
-    Other optimizers (the CPU's foreach Adam, bit-identical to the loop) and fp16 read it on the host."""
+    """An optimizer with its own GradScaler (fp16 only), the networks it trains and the check every update needs:
+    zero_grad(), backward(loss) once per --batch-gpu round, step() (minimize runs the three). A step whose loss or
+    gradients hold a NaN or an infinity is skipped (parameters and optimizer state untouched) and counted toward
+    --max-skips; under torchrun every rank skips together. The decision stays on the device: a fused optimizer (on
+    CUDA) reads it in its kernel, so an update makes no host-device sync; other optimizers (the CPU's foreach Adam,
+    bit-identical to the loop) and fp16 read it on the host."""
 
     def __init__(self, optimizer, args, device, clip=None, nets=(), wrappers=None):
         self.opt, self.clip, self.args, self.device = optimizer, clip, args, device
@@ -1699,20 +1696,13 @@ def ruined(objects):
 
 
 class Bookkeeping:
-    """Everything around a training iteration that is not the method, for the loop each script writes out:
-
-        with common.Bookkeeping(args, run, objects, evaluate, start, desc="sid", optimizers=[opt_g, opt_f]) as book:
-            for step in range(start, args.iters):
-                ...                                  # this step's learning rates, train_iteration, the EMA
-                book.end_iteration(step, losses)     # losses: a dict of scalars
-
-    end_iteration logs the losses every --log-every, evaluates with evaluate(done) -> dict every --eval-every and at
-    the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any rank (then every rank
-    exits with 128 + the signal, at the same iteration), and stops the run after --max-skips consecutive steps that
-    the `optimizers` (AmpOptimizers) skipped as non-finite (looked at when it logs or checkpoints: the count
-    lives on the device), or when a checkpoint would hold a ruined model, keeping the last good checkpoint. A
-    finished run that is resumed (start >= total, e.g. with --fid-samples 50000) is evaluated on entry and trains
-    no further. `metrics` holds the latest evaluation; the progress bar counts the iterations."""
+    """Everything around a training iteration that is not the method (a context for the loop of each main()):
+    end_iteration(step, losses) logs the losses every --log-every, evaluates with evaluate(done) -> dict every
+    --eval-every and at the end, checkpoints `objects` every --ckpt-every, at the end and on SIGINT / SIGTERM to any
+    rank (then every rank exits with 128 + the signal, at the same iteration), and stops the run after --max-skips
+    consecutive steps that the `optimizers` skipped (looked at when it logs or checkpoints), or when a checkpoint
+    would hold a ruined model, keeping the last good checkpoint. A finished run that is resumed (e.g. with
+    --fid-samples 50000) is evaluated on entry and trains no further. `metrics`: the latest evaluation."""
 
     def __init__(self, args, run, objects, evaluate, start, total=None, desc="train", optimizers=()):
         self.args, self.run, self.objects, self.evaluate = args, run, objects, evaluate
@@ -2156,7 +2146,7 @@ class Run:
         self.ckpt_path = self.dir / "ckpt.pt"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.saved_step, self.ckpt, self.kept_metrics = None, None, None
-        if dist.is_main and self.dir.is_dir():
+        if dist.is_main and self.dir.is_dir() and not args.export:  # an export only reads the run
             hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
         if args.resume and not self.ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint {self.ckpt_path} to continue from")
@@ -2253,6 +2243,8 @@ class Run:
             return 0
         ckpt = self.ckpt
         restore(objects, ckpt, self.ckpt_path)
+        if self.args.export:  # --export only reads the run: its folder is left as it is (--overwrite included)
+            return ckpt["step"]
         self.open()  # config.json is written only now, after the checkpoint, its flags and the metrics were checked
         rng_ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
         if len(rng_ranks) == self.dist.world:
@@ -2340,10 +2332,10 @@ DATASET_DEFAULTS = {
 }
 
 
-def checked(kind, ok, must, limit=None):
+def checked(kind, ok, must, limit=None, why="it is held in memory at once"):
     """An argparse type= for a number flag: parses `kind` (int or float) and refuses, as one line with exit
     code 2, a value that fails ok(value) ("--flag must be <must> (got X)") or one above `limit` (sizes that
-    are held in memory at once)."""
+    are held in memory at once, or `why`)."""
     def parse(text):
         try:
             value = kind(text)
@@ -2352,8 +2344,7 @@ def checked(kind, ok, must, limit=None):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {must} (got {text})")
         if limit is not None and value > limit:
-            raise argparse.ArgumentTypeError(f"{text} is above this project's limit of {limit} (it is held "
-                                             f"in memory at once)")
+            raise argparse.ArgumentTypeError(f"{text} is above this project's limit of {limit} ({why})")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
@@ -2417,7 +2408,8 @@ def base_parser(description, method):
     g.add_argument("--teacher-ema", type=NONNEGATIVE, default=None, help="teacher EMA half-life in kimg")
     g.add_argument("--teacher-rampup", type=NONNEGATIVE, default=None, help="teacher lr warm-up in kimg")
     g.add_argument("--teacher-seed", type=SEED, default=0, help="seed of teacher training (part of its cache key)")
-    g.add_argument("--teacher-steps", type=COUNT, default=18,
+    g.add_argument("--teacher-steps", type=checked(int, lambda v: v > 0, "positive", 1000, "a Heun schedule"),
+                   default=18,
                    help="Heun steps of the teacher's reference sampler (18 steps = 35 NFE)")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=None, help="run folder (default runs/<dataset>-<method>)")
@@ -2444,7 +2436,8 @@ def base_parser(description, method):
                         "(the last checkpoint is kept)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true",
-                   help="start again in an existing --out-dir (removes only the files a run writes there)")
+                   help="start again in an existing --out-dir (removes only the files a run writes there); with "
+                        "--export, replace another generator's export files and an existing --export-npz")
     g.add_argument("--allow-changed-flags", action="store_true",
                    help="let --resume continue with flags that change the run (batch, teacher, schedule, the "
                         "method's own flags); without it such a resume is refused and the differences listed")
@@ -2472,17 +2465,20 @@ def base_parser(description, method):
     if method == "teacher":
         g.add_argument("--generator", default=None, metavar="PATH",
                        help="a saved generator.pt to --export: the file describes itself, so no other flag is needed")
-    g.add_argument("--export", type=checked(int, lambda v: v >= 0, ">= 0", limit=10 ** 7), default=0, metavar="N",
+    g.add_argument("--export", type=checked(int, lambda v: v >= 0, ">= 0", 10 ** 7, "50,000 is the papers' FID"),
+                   default=0, metavar="N",
                    help="write the samples of seeds 0..N-1 (in batches of --batch) and exit, without training: of "
                         "--generator (common.py), or of the run's EMA generator (a method script, with --resume). "
                         "Image i comes from seed i whatever the number of processes; a re-run completes an "
                         "interrupted export")
     g.add_argument("--export-dir", default=None, metavar="DIR",
                    help="one PNG per seed, DIR/000000/000123.png (EDM's generate.py layout, read by EDM's fid.py, "
-                        "clean-fid, torch-fidelity); toy2d writes its points to DIR/points.npz")
+                        "clean-fid, torch-fidelity with --samples-find-deep), and DIR/export.json, what wrote them "
+                        "(a re-run completes only the same generator's export); toy2d: DIR/points.npz")
     g.add_argument("--export-npz", default=None, metavar="FILE",
                    help="the samples in one .npz, as the ADM evaluator reads them: arr_0 uint8 N x H x W x 3 "
-                        "(toy2d: float32 N x 2 points), arr_1 the labels when conditional")
+                        "(toy2d: float32 N x 2 points), arr_1 the labels when conditional (an existing file is "
+                        "replaced only with --overwrite)")
     g.add_argument("--class", dest="class_label", type=COUNT0, default=None, metavar="K",
                    help="export class K only (default: class-balanced, seed i has class i mod the number of classes)")
     g = p.add_argument_group("benchmark")
@@ -2503,7 +2499,8 @@ def base_parser(description, method):
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile: 'inductor' (generates kernels), or e.g. 'aot_eager' "
                         "(graph capture and AOT autograd without code generation: for debugging, and the tests)")
-    g.add_argument("--workers", type=COUNT0, default=4, help="data-loader workers (image folders only)")
+    g.add_argument("--workers", type=checked(int, lambda v: v >= 0, ">= 0", 256, "processes"), default=4,
+                   help="data-loader workers (image folders only)")
     return p
 
 
@@ -2578,7 +2575,7 @@ def parse_args(parser, method_defaults=None, argv=None):
                      f"an EDM .pkl path)")
     if getattr(args, "init_generator", None) and not args.resume and not Path(args.init_generator).is_file():
         parser.error(f"--init-generator {args.init_generator}: no such file")
-    if args.resume and args.overwrite:
+    if args.resume and args.overwrite and not args.export:  # --export --overwrite: the export's files
         parser.error("--resume and --overwrite contradict each other; pick one")
     generator = getattr(args, "generator", None)
     if args.export:
@@ -2589,10 +2586,19 @@ def parse_args(parser, method_defaults=None, argv=None):
         if args.method != "teacher" and not args.resume:
             parser.error("--export: a method script exports its run's generator; add --resume (or use "
                          "`python common.py --generator RUN/generator.pt --export N`)")
+        problem = args.export_dir is not None and folder_problem(args.export_dir)
+        if problem:
+            parser.error(f"--export-dir {args.export_dir!r} {problem}")
+        npz = Path(args.export_npz) if args.export_npz is not None else None
+        if npz is not None and npz.is_dir():
+            parser.error(f"--export-npz {args.export_npz!r} is a folder; name a file (e.g. samples.npz)")
+        if npz is not None and npz.exists() and not args.overwrite:
+            parser.error(f"--export-npz {args.export_npz} exists; pass --overwrite to replace it")
+        problem = npz is not None and folder_problem(npz.parent)
+        if problem:
+            parser.error(f"--export-npz {args.export_npz!r}: its folder {npz.parent} {problem}")
     elif args.export_dir or args.export_npz or args.class_label is not None or generator:
         parser.error("--generator, --export-dir, --export-npz and --class go with --export N")
-    if args.class_label is not None and args.class_label < 0:
-        parser.error(f"--class must be >= 0 (got {args.class_label})")
     if generator and not Path(generator).is_file():
         parser.error(f"--generator {generator}: no such file")
     if args.fid_samples and args.dataset == "toy2d":
@@ -3022,8 +3028,8 @@ def fid_reference(args, info, dist):
         path = verified_file(args.fid_ref)
     else:
         # keyed by what the statistics are made of: the mixture draws, or the data folder; and the detector
-        made_of = (f"n{max(args.fid_samples, 10000)}" if info.mixture is not None else
-                   hashlib.sha256(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8])
+        made_of = f"n{max(args.fid_samples, 10000)}" if info.mixture is not None else \
+            data_identity(args.data_dir)[:8]  # the files, not the folder's name
         path = Path(args.fid_dir) / f"ref-{args.dataset}-{info.shape[-1]}-{made_of}-{detector_hash[:12]}.npz"
         if not path.is_file():
             stats = FeatureStats()
@@ -3166,57 +3172,132 @@ def write_npz(path, arrays):
     write_atomically(path, write)
 
 
+EXPORT_MANIFEST = "export.json"  # in --export-dir: what wrote its files (EDM's fid.py and clean-fid read images only)
+
+
+def export_identity(args, net, meta, device):
+    """What an export's files are a function of: the generator (a hash of its meta and its weights), --class and
+    --amp (the sampler's precision); with meta, the sampler's sigmas and the image shape. Written into the export
+    folder, so that a re-run completes only an export of the same generator and settings."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name, t in unwrap(net).state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(args, device)]
+    return {"format": 1, "generator": h.hexdigest(), "method": meta["method"], "sigmas": meta["sigmas"],
+            "shape": meta["shape"], "class": args.class_label, "amp": amp, "files": "png"}
+
+
+def _export_files(folder):
+    """The files an export writes into `folder`: seed PNGs in their thousands' subfolders (and their .tmp), the
+    toy2d points, the manifest."""
+    folder = Path(folder)
+    return [p for p in folder.glob("[0-9]" * 6 + "/*") if re.fullmatch(r"\d{6}\.png(\.tmp)?", p.name)] + \
+        [p for p in (folder / "points.npz", folder / EXPORT_MANIFEST) if p.exists()]
+
+
+def claim_export_dir(args, identity):
+    """Rank 0, before any sampling: --export-dir holds no export, or one of this generator and these settings (which
+    a re-run completes); another generator's files are refused with one line, or removed with --overwrite (its
+    files alone). Then the folder's manifest records this export."""
+    folder = Path(args.export_dir)
+    manifest = folder / EXPORT_MANIFEST
+    found = None
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            found = {"generator": "unreadable"}
+    elif _export_files(folder):
+        found = {"generator": "unknown (no export.json)"}
+    if found is not None and found != identity:
+        if not args.overwrite:
+            wrote = ", ".join(f"{k} {found.get(k)}" for k in ("method", "generator", "class", "amp"))
+            raise UserError(f"--export-dir {folder} holds the samples of another generator or other settings "
+                            f"({wrote[:160]}); pass --overwrite to replace its files, or choose another --export-dir")
+        for p in _export_files(folder):
+            p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(manifest, json.dumps(identity, indent=1) + "\n")
+
+
 @torch.no_grad()
 def export_samples(args, net, meta, dist):
     """--export N: the samples of seeds 0..N-1 of a generator (net, meta as load_generator returns them), sampled as
     evaluate() and fid() do (student_sampler: generate at meta's sigmas, under --amp), written as one PNG per seed
     into --export-dir (toy2d: DIR/points.npz) and / or all of them into --export-npz. Batches of --batch seeds are
-    dealt round-robin to the ranks; each rank writes its own seeds' PNGs, rank 0 the .npz. Every file is written
-    atomically, and a batch whose PNGs all exist (an interrupted export, run again) is not sampled again. Returns a
-    summary dict."""
+    dealt round-robin to the ranks, made one at a time (memory does not grow with N); each rank writes its own
+    seeds' PNGs and its rows of the .npz's array into a shared memory-mapped file, from which rank 0 writes the .npz
+    (nothing goes through the process group; several nodes need a shared filesystem). Every file is written
+    atomically; a batch whose PNGs all exist (an interrupted export, run again) is not sampled again, when the
+    folder's manifest (claim_export_dir) says that this generator wrote them. Returns a summary dict."""
     if args.class_label is not None and not (meta["cond"] and args.class_label < meta["num_classes"]):
         raise UserError(f"--class {args.class_label}: the generator is " + (
             f"conditional on {meta['num_classes']} classes, 0..{meta['num_classes'] - 1}" if meta["cond"] else
             "unconditional"))
-    n, sigmas, device = args.export, meta["sigmas"], dist.device
+    n, sigmas, device, images = args.export, meta["sigmas"], dist.device, len(meta["shape"]) == 3
+    npz = [Path(args.export_npz)] if args.export_npz else []
+    if not images and args.export_dir:
+        npz.append(Path(args.export_dir) / "points.npz")
+    row_shape, row_dtype = ((*meta["shape"][1:], 3), np.uint8) if images else (tuple(meta["shape"]), np.float32)
+    copies = (len(npz) + 1 if npz else 0) + bool(images and args.export_dir)  # the rows, the .npz files, the PNGs
+    need = n * math.prod(row_shape) * np.dtype(row_dtype).itemsize * copies
+    problem = None
+    if dist.is_main:
+        try:
+            first = next((p for p in [*npz, Path(args.export_dir or ".")] if p), Path("."))
+            parent = next(p for p in [first, *first.parents] if p.exists())
+            if shutil.disk_usage(parent).free < need:
+                raise UserError(f"--export {n} needs about {need / 2 ** 30:.1f} GiB in {parent}, which has "
+                                f"{shutil.disk_usage(parent).free / 2 ** 30:.1f} GiB free")
+            if args.export_dir:
+                claim_export_dir(args, export_identity(args, net, meta, device))
+        except (UserError, OSError) as e:
+            problem = str(e) if isinstance(e, UserError) else f"--export-dir {args.export_dir}: {_reason(e)}"
+    problem = dist.broadcast_object(problem)  # every rank stops before sampling, or none does
+    if problem:
+        raise UserError(problem)
     sample = student_sampler(net.to(device), sigmas, args, device)  # what evaluate() and fid() sample with
-    images = len(meta["shape"]) == 3
-    batches = [(s, min(s + args.batch, n)) for s in range(0, n, args.batch)]
-    bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main, dynamic_ncols=True)
-    held = {}  # first seed of a batch -> its samples as written (uint8 (B, H, W, 3) images, or (B, 2) points)
-    for r in range(0, len(batches), dist.world):
-        if r + dist.rank < len(batches):
-            start, stop = batches[r + dist.rank]
-            seeds = range(start, stop)
+    rows = Path(str(npz[0]) + ".rows.tmp") if npz else None  # (N, *row_shape), filled in place by every rank
+    if rows is not None and dist.is_main:
+        np.lib.format.open_memmap(rows, mode="w+", dtype=row_dtype, shape=(n, *row_shape)).flush()
+    dist.barrier()
+    held = np.load(rows, mmap_mode="r+") if rows is not None else None
+    try:
+        bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main,
+                   dynamic_ncols=True)
+        for start in range(dist.rank * args.batch, n, dist.world * args.batch):  # one batch at a time
+            seeds = range(start, min(start + args.batch, n))
             pngs = [seed_png(args.export_dir, s) for s in seeds] if images and args.export_dir else []
             if pngs and all(p.is_file() for p in pngs):  # written by an earlier, interrupted export
-                x = np.stack([read_png(p) for p in pngs]) if args.export_npz else None
+                x = np.stack([read_png(p) for p in pngs]) if held is not None else None
             else:
                 z, eps = seed_noise(seeds, meta["shape"], len(sigmas))
                 labels = export_labels(meta, seeds, args.class_label)
-                x = sample(z.to(device), labels if labels is None else labels.to(device), [e.to(device) for e in eps])
-                x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().numpy()  # (B, H, W, 3)
+                x = sample(z.to(device), labels if labels is None else labels.to(device),
+                           [e.to(device) for e in eps])
+                x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().numpy()
                 for path, image in zip(pngs, x):
                     write_png(path, image)
-            held[start] = x
-        bar.update(sum(stop - start for start, stop in batches[r:r + dist.world]))
-    bar.close()
-    npz = [args.export_npz] if args.export_npz else []
-    if not images and args.export_dir:
-        npz.append(Path(args.export_dir) / "points.npz")
-    if npz:  # rank 0 gathers every rank's samples
-        parts = [held]
-        if dist.world > 1:
-            parts = [None] * dist.world if dist.is_main else None
-            torch.distributed.gather_object(held, parts, dst=0)
-        if dist.is_main:
-            held = {start: x for part in parts for start, x in part.items()}
-            arrays = {"arr_0": np.concatenate([held[start] for start, _ in batches])}
+            if held is not None:
+                held[seeds.start:seeds.stop] = x
+            round_start = start - dist.rank * args.batch  # this round's first seed, over all ranks
+            bar.update(min(n, round_start + dist.world * args.batch) - round_start)
+        bar.close()
+        if held is not None:
+            held.flush()
+        dist.barrier()
+        if npz and dist.is_main:
+            arrays = {"arr_0": held}
             if meta["cond"]:
                 arrays["arr_1"] = export_labels(meta, range(n), args.class_label).numpy()
             for path in npz:
                 write_npz(path, arrays)
-    dist.barrier()
+        dist.barrier()
+    finally:
+        del held
+        if rows is not None and dist.is_main:
+            rows.unlink(missing_ok=True)
     written = [str(p) for p in npz] + ([args.export_dir] if images and args.export_dir else [])
     if dist.is_main:
         print(f"exported {n} samples of {meta['method']} ({len(sigmas)} step{'s' * (len(sigmas) > 1)}): "

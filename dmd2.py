@@ -316,7 +316,8 @@ def parse_args(argv=None):
                         "default 80 (the authors'), except 2.5 for a 1-step toy2d student")
     g.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4),
                    help="sampling steps of the student, trained with backward simulation")
-    g.add_argument("--fake-updates", type=common.COUNT, default=5,
+    g.add_argument("--fake-updates", default=5,
+                   type=common.checked(int, lambda v: v > 0, "positive", 1000, "a rate for each"),
                    help="two time-scale update rule: fake score / classifier updates per generator "
                         "update")
     g.add_argument("--fake-samples", default="final", choices=("final", "steps"),

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import warnings
 from argparse import Namespace
 from pathlib import Path
@@ -3779,8 +3780,9 @@ def _export(generator, out, n, *extra):
 
 
 def _files(folder):
-    """{path relative to folder: bytes} of every file under it."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """{path relative to folder: bytes} of every file under it but the export's manifest (export.json)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != common.EXPORT_MANIFEST}
 
 
 def _pngs(folder, n):
@@ -4104,3 +4106,86 @@ def test_cpu_semantics_tests_stay_on_the_cpu_where_cuda_is_shown(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
     assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def _another_generator(path, out):
+    """A copy of the generator.pt at `path` with perturbed weights: another generator of the same network."""
+    ckpt = torch.load(path, weights_only=True)
+    torch.manual_seed(7)
+    ckpt["state"]["generator"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                                  for k, v in ckpt["state"]["generator"].items()}
+    torch.save(ckpt, out)
+    return out
+
+
+def test_an_export_folder_completes_only_its_own_generators_export(sid_synthetic_run, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The export folder records what wrote it (export.json: a hash of the generator's meta and weights, --class,
+    --amp, the sigmas): exporting generator B into the folder of A's export stops with one line naming the folder
+    and what wrote it, before anything is sampled, and leaves A's files; with --overwrite the folder holds exactly
+    B's export (byte-identical to a clean one), no temporary file. The same generator again completes its own."""
+    _, run = sid_synthetic_run
+    a, b = run / "generator.pt", _another_generator(run / "generator.pt", tmp_path / "B.pt")
+    common.main(["--generator", str(a), "--export", "12", "--export-dir", str(tmp_path / "X"), "--batch", "4"])
+    common.main(["--generator", str(b), "--export", "12", "--export-dir", str(tmp_path / "clean"), "--batch", "4"])
+    a_files, b_files = _files(tmp_path / "X"), _files(tmp_path / "clean")
+    assert a_files.keys() == b_files.keys() and a_files != b_files
+    sampled = []
+    monkeypatch.setattr(common, "seed_noise", lambda *x, **k: sampled.append(1))  # sampling would call it
+    argv = ["--generator", str(b), "--export", "12", "--export-dir", str(tmp_path / "X"), "--batch", "4"]
+    _fails_in_one_line(capsys, common, argv, "holds the samples of another generator")
+    _fails_in_one_line(capsys, common, argv + ["--class", "3"], "holds the samples of another generator")
+    assert sampled == [] and _files(tmp_path / "X") == a_files
+    monkeypatch.undo()
+    common.main(argv + ["--overwrite"])
+    assert _files(tmp_path / "X") == b_files and not list((tmp_path / "X").rglob("*.tmp"))
+    assert (tmp_path / "X" / "export.json").read_bytes() == (tmp_path / "clean" / "export.json").read_bytes()
+    common.main(argv + ["--export", "16"])  # the same generator: completes its own export, 12 -> 16
+    assert len(_files(tmp_path / "X")) == 16
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--export", "1000000000000", "--export-dir", "X"], "above this project's limit of 10000000"),
+    (["--export", "4", "--export-npz", "D"], "is a folder; name a file"),
+    (["--export", "4", "--export-npz", "F/x.npz"], "F/x.npz': its folder F is a file"),
+    (["--export", "4", "--export-npz", "F"], "F exists; pass --overwrite"),
+    (["--export", "4", "--export-dir", "F"], "is a file, not a folder"),
+    (["--export", "4", "--export-dir", "F/sub"], "which is a file"),
+    (["--export", "4", "--export-npz", ""], "say where"),
+])
+def test_export_outputs_are_checked_before_any_work(sid_synthetic_run, tmp_path, capsys, monkeypatch, argv,
+                                                     message):
+    """Every output path of --export is refused at parse time, with one line, before the generator is even loaded:
+    an unbounded count, an npz path that is a folder, under a file, or an existing file without --overwrite, an
+    export folder that is a file or under one. Nothing is written."""
+    _, run = sid_synthetic_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "D").mkdir()
+    (tmp_path / "F").write_text("a file")
+    _fails_in_one_line(capsys, common, ["--generator", str(run / "generator.pt")] + argv, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "F"] and not list((tmp_path / "D").iterdir())
+
+
+def test_export_that_does_not_fit_its_disk_stops_before_sampling(sid_synthetic_run, tmp_path, capsys,
+                                                                  monkeypatch):
+    """An export whose files would not fit the free space of their disk (rows, .npz and PNGs: 3 x N x H x W x 3
+    bytes) stops with one line before anything is sampled or written."""
+    _, run = sid_synthetic_run
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: free._replace(free=3 * 40 * 8 * 8 * 3 - 1))
+    argv = ["--generator", str(run / "generator.pt"), "--export", "40", "--export-dir", str(tmp_path / "X"),
+            "--export-npz", str(tmp_path / "x.npz")]
+    _fails_in_one_line(capsys, common, argv, "needs about")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: free._replace(free=3 * 40 * 8 * 8 * 3))
+    common.main(argv)
+    assert len(_files(tmp_path / "X")) == 40 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_method_scripts_export_leaves_its_run_alone(sid_synthetic_run, tmp_path):
+    """`sid.py --resume --export N --overwrite` (the export's files) reads the run and writes nothing into it: the
+    run folder's files are byte for byte what they were."""
+    flags, run = sid_synthetic_run
+    before = _files(run)
+    sid.main(flags + ["--resume", "--export", "8", "--export-dir", str(tmp_path / "X"), "--overwrite"])
+    assert _files(run) == before and len(_files(tmp_path / "X")) == 8
