@@ -4189,3 +4189,277 @@ def test_a_method_scripts_export_leaves_its_run_alone(sid_synthetic_run, tmp_pat
     before = _files(run)
     sid.main(flags + ["--resume", "--export", "8", "--export-dir", str(tmp_path / "X"), "--overwrite"])
     assert _files(run) == before and len(_files(tmp_path / "X")) == 8
+
+
+# ==============================================================================================================
+# PART 6. THE IDENTITIES, SEEN: each method's generator gradient on the 2-D toy, beside the divergence it follows
+# (assets/gradients.png: `python test_toy.py gradients`; test_gradient_fields_follow_their_divergences asserts the
+# figure's numbers)
+# ==============================================================================================================
+
+def _wrong_mixture():
+    """q, a deliberately wrong generator distribution: the toy2d mixture turned by 0.35 rad, on a ring of radius
+    0.65, with the weights reversed (1:2:...:8) and wider modes."""
+    p = common.toy2d_mixture()
+    turn = torch.tensor([[math.cos(0.35), -math.sin(0.35)], [math.sin(0.35), math.cos(0.35)]], dtype=F64)
+    return common.GaussianMixture(p.weights.flip(0), 0.65 / 0.8 * p.means @ turn.T, 2.0 * p.variances)
+
+
+class _Points(torch.nn.Module):
+    """A 'generator' whose samples are its parameters (B, 2), whatever its input: the gradient an update hands it
+    is, per sample, the gradient the method's loss applies to x_g there."""
+
+    def __init__(self, points):
+        super().__init__()
+        self.points = torch.nn.Parameter(points.clone())
+
+    def forward(self, x, sigma, labels=None):
+        return self.points
+
+
+class _Sampler(torch.nn.Module):
+    """A 'generator' of fresh samples of a mixture (a zero parameter for its optimizer): to train a critic on."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture, self.zero = mixture, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, labels=None):
+        return self.mixture.sample(len(x))[0] + 0 * self.zero
+
+
+class _Exact(torch.nn.Module):
+    """The exact denoiser of a mixture, with a parameter of weight 0 for an optimizer that never moves it: a fake
+    score held at D_psi* of q."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.exact, self.zero = common.AnalyticDenoiser(mixture, (2,)), torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, labels=None):
+        return self.exact(x, sigma) + 0 * self.zero
+
+
+def _per_sample(grads, m, scale):
+    """The recorded gradient of a _Points generator (B = R x m rows) as the update direction of each of the m points:
+    -scale x the mean over its R copies, and the standard error of that mean. (m, 2), (m, 2)."""
+    g = -grads.reshape(-1, m, 2).double() * scale
+    return g.mean(0), g.std(0) / len(g) ** 0.5
+
+
+def _gauss_hermite_2d(n):
+    """Nodes (n^2, 2) and weights (n^2,) of E_{eps ~ N(0, I_2)}."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    x, w = torch.tensor(x, dtype=F64), torch.tensor(w / w.sum(), dtype=F64)
+    return torch.stack(torch.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2), (w[:, None] * w[None]).reshape(-1)
+
+
+def _expected(field, points, sigmas, sigma_weights, n=8):
+    """E_{sigma, eps}[field(x, sigma, eps)] at each point, by quadrature: sigmas (S,) with weights, eps by n x n
+    Gauss-Hermite nodes. field maps (P, 2) points, (P,) sigmas and (P, 2) eps to (P, 2)."""
+    eps, w_eps = _gauss_hermite_2d(n)
+    m, S, E = len(points), len(sigmas), len(eps)
+    x = points[:, None, None].expand(m, S, E, 2).reshape(-1, 2)
+    s = sigmas[None, :, None].expand(m, S, E).reshape(-1)
+    e = eps[None, None].expand(m, S, E, 2).reshape(-1, 2)
+    w = (sigma_weights[:, None] * w_eps[None]).reshape(-1)
+    return (field(x, s, e).reshape(m, S * E, 2) * w[None, :, None]).sum(1)
+
+
+def _agreement(field, se, exact):
+    """(mean cosine of the per-point arrows, their relative norm |field| / |exact| summed over the points, and z^2:
+    the mean over points and coordinates of ((field - exact) / its standard error)^2, ~1 when the two differ by
+    Monte Carlo error alone)."""
+    cos = torch.nn.functional.cosine_similarity(field, exact, dim=1).mean()
+    z2 = (((field - exact) / se) ** 2).mean()
+    return float(cos), float(field.norm(dim=1).sum() / exact.norm(dim=1).sum()), float(z2)
+
+
+def gradient_fields(m=64, r=256, seed=0, heads=300):
+    """Each method's per-sample generator gradient on toy2d, for samples x_g of the wrong mixture q (the data p:
+    toy2d; the teacher: p's exact denoiser; a fake score: q's exact denoiser), recorded from one real
+    train_iteration of each script (a _Points generator, R = r copies of m points: the loss's own noise draws,
+    averaged) beside the exact gradient of the divergence it follows, by quadrature:
+        dmd2      g = s_fake - s_real (--loss-weight sigma2)   vs  grad KL(q_sigma || p_sigma), identity 7, over
+                  DMD2's sigma grid (the path derivative E[(s_q - s_p)(x + sigma eps)])
+        sid       L2 - alpha L1, alpha 0.5 and 1.2 (sigma2)  vs  1/2 grad J, J the Fisher divergence: by identity 6
+                  E[grad (2 L2 - L1)] with psi = psi* held, written in the eps form
+        add       lambda L_distill (exp weighting)            vs  identity 8's SDS form E[2 c sigma (eps_phi - eps')]
+                  and the adversarial term, through heads trained on q against p (300 updates) on a network's
+                  features.
+    Returns {"points": (m, 2), name: (field (m, 2), standard error), "agree": {name: (cos, norm ratio)}}; arrows
+    point where the update moves the sample (minus the gradient)."""
+    torch.manual_seed(seed)
+    p, q = common.toy2d_mixture(), _wrong_mixture()
+    points = q.sample(m, generator=torch.Generator().manual_seed(seed))[0]
+    rows = points.repeat(r, 1)
+    teacher, cpu, dist = common.AnalyticDenoiser(p, (2,)), torch.device("cpu"), common.Dist()
+    out = {"points": points.double()}
+
+    def record(mod, argv, nets, second, batches=None):
+        args = mod.parse_args(["--dataset", "toy2d", "--batch", str(len(rows))] + argv)
+        opt_g = _recording_optimizer(args, nets.generator)
+        _iteration(mod, args, common.dataset_info(args), dist, teacher, nets, opt_g,
+                   second(args), batches)
+        return opt_g.opt.grads[-1][0], args
+
+    for alpha in (0.5, 1.2):  # SiD: its loss is sigma^2 (L2 - alpha L1) / w, w = sigma^2
+        nets = SimpleNamespace(generator=_Points(rows), fake=_Exact(q))
+        grads, args = record(sid, ["--alpha", str(alpha), "--loss-weight", "sigma2"], nets,
+                             lambda a: _recording_optimizer(a, nets.fake))
+        out[f"sid{alpha}"] = _per_sample(grads, m, len(rows))
+    nets = SimpleNamespace(generator=_Points(rows), fake=_Exact(q), head=None)
+    grads, args_dmd = record(dmd2, ["--gan-weight", "0", "--loss-weight", "sigma2", "--fake-updates", "1"], nets,
+                             lambda a: _recording_optimizer(a, nets.fake))
+    out["dmd2"] = _per_sample(grads, m, len(rows) * 2)  # the loss is a per-pixel mean: D = 2
+    feature_net = common.build_denoiser(args_dmd, common.dataset_info(args_dmd)).eval().requires_grad_(False)
+    nets = SimpleNamespace(generator=_Points(rows), feature_net=feature_net)
+    grads, args_add = record(add, ["--adv-weight", "0"], nets, lambda a: None, _mixture_batches(p, len(rows)))
+    out["add_distill"] = _per_sample(grads, m, len(rows) * 2)
+
+    # the heads, trained on q against p (adversarial loss only), then the student's gradient through them
+    if heads:
+        out["add_adversarial"] = _adversarial_field(p, q, teacher, feature_net, rows, m, heads, record)
+    return _exact_fields(out, p, q, args, args_dmd, args_add)
+
+
+def _adversarial_field(p, q, teacher, feature_net, rows, m, heads, record):
+    """ADD's adversarial push at the points: heads trained on q against p for `heads` updates (the adversarial loss
+    alone), then one student update through them."""
+    dist = common.Dist()
+    train = add.parse_args(["--dataset", "toy2d", "--batch", "256", "--distill-weight", "0"])
+    sampler = SimpleNamespace(generator=_Sampler(q), feature_net=feature_net,
+                              disc=add.build_discriminator(train, common.dataset_info(train), feature_net))
+    opt_d = common.optimizer([sampler.disc], train, dist, compile=False, lr=train.lr_d, betas=(0.0, 0.99))
+    opt_s, data = _recording_optimizer(train, sampler.generator), _mixture_batches(p, 256)
+    for _ in range(heads):
+        add.train_iteration(train, common.dataset_info(train), dist, teacher, sampler, opt_s, opt_d, data)
+    nets = SimpleNamespace(generator=_Points(rows), feature_net=feature_net, disc=sampler.disc)
+    grads, _ = record(add, ["--distill-weight", "0"], nets, lambda a: _recording_optimizer(a, sampler.disc),
+                      _mixture_batches(p, len(rows)))
+    return _per_sample(grads, m, len(rows))
+
+
+def _exact_fields(out, p, q, args, args_dmd, args_add):
+    """The divergences' gradients at out["points"], by quadrature over sigma and eps, and each method's agreement
+    with the one it follows."""
+    x, agree = out["points"], {}
+    lo, hi = args_dmd.dmd_range
+    grid = common.karras_sigma(torch.arange(lo, hi + 1, dtype=F64) / (common.GRID - 1))
+    score = lambda mix, y, s: mix.score(y, s)
+    kl = lambda y, s, e: -(score(q, y + s[:, None] * e, s) - score(p, y + s[:, None] * e, s))
+    out["kl"] = _expected(kl, x, grid, torch.full((len(grid),), 1 / len(grid), dtype=F64))
+    u, w = np.polynomial.legendre.leggauss(24)
+    sig = common.karras_sigma(torch.tensor((u + 1) / 2 * args.t_max, dtype=F64))
+    w = torch.tensor(w / 2, dtype=F64)
+
+    def fisher(y, s, e):  # -1/2 grad_x (2 L2 - L1), the eps form, psi = psi* of q held
+        y = y.clone().requires_grad_(True)
+        x_t = y + s[:, None] * e
+        eps_phi = (x_t - p.denoise(x_t, s)) / s[:, None]
+        eps_psi = (x_t - q.denoise(x_t, s)) / s[:, None]  # psi* of q held: the gradient reaches its input only
+        L1 = ((eps_phi - eps_psi) ** 2).sum(1)
+        L2 = ((eps_phi - eps_psi) * (eps_phi - e)).sum(1)
+        return -0.5 * torch.autograd.grad((2 * L2 - L1).sum(), y)[0]
+
+    out["fisher"] = _expected(fisher, x, sig, w)
+    table = add.vp_sigmas()
+
+    def sds(y, s, e):  # identity 8: -lambda 2 c sigma (eps_phi - eps'), c = 1 / sqrt(1 + sigma^2)
+        x_t = y + s[:, None] * e
+        eps_phi = (x_t - p.denoise(x_t, s)) / s[:, None]
+        return -args_add.distill_weight * 2 / (1 + s[:, None] ** 2).sqrt() * s[:, None] * (eps_phi - e)
+
+    out["sds"] = _expected(sds, x, table, torch.full((len(table),), 1 / len(table), dtype=F64))
+    agree["dmd2"] = _agreement(*out["dmd2"], out["kl"])
+    agree["sid0.5"] = _agreement(*out["sid0.5"], out["fisher"])
+    agree["sid1.2"] = _agreement(*out["sid1.2"], out["fisher"])
+    agree["add_distill"] = _agreement(*out["add_distill"], out["sds"])
+    out["agree"] = agree
+    return out
+
+
+def _mixture_batches(mixture, n):
+    while True:
+        yield mixture.sample(n)[0], None
+
+
+def test_gradient_fields_follow_their_divergences():
+    """The numbers of assets/gradients.png's captions, at a smaller size (48 points x 256 draws; no trained heads):
+    on samples of a wrong mixture q, with the exact teacher and the exact fake score of q, each script's real
+    train_iteration moves every sample as the divergence it follows, to Monte Carlo error (z^2, the mean squared
+    difference in standard errors, ~1 when they agree):
+        DMD2's g and -grad KL (identity 7): cos > 0.99, norms within 5%, z^2 < 1.6
+        ADD's distillation and identity 8's SDS form: cos > 0.99, norms within 3%, z^2 < 1.6
+        SiD at alpha 0.5 and -1/2 grad J (identity 6): z^2 < 3; at alpha 1.2: z^2 > 4 (the push 0.7 grad L1)
+    Bounds from seeds 0-7 of the figure's draws: DMD2 cos 0.995-0.998, norm ratio 0.978-1.030, z^2 0.97-1.17;
+    ADD cos >= 0.998, ratio 1.001-1.011, z^2 0.73-1.19; SiD alpha 0.5 z^2 1.0-2.4 (the small sigmas' heavy tails),
+    alpha 1.2 4.5-7.2. One iteration, no training: another float path moves them by rounding alone. A sign flip of
+    DMD2's g (cos -1) fails."""
+    agree = gradient_fields(m=48, r=256, heads=0, seed=0)["agree"]
+    cos, ratio, z2 = agree["dmd2"]
+    assert cos > 0.99 and abs(ratio - 1) < 0.05 and z2 < 1.6, agree["dmd2"]
+    cos, ratio, z2 = agree["add_distill"]
+    assert cos > 0.99 and abs(ratio - 1) < 0.03 and z2 < 1.6, agree["add_distill"]
+    assert agree["sid0.5"][2] < 3 < 4 < agree["sid1.2"][2], (agree["sid0.5"], agree["sid1.2"])
+
+
+def draw_gradient_figure(path, m=64, r=1024):
+    """assets/gradients.png: the fields of gradient_fields as arrows (where each update moves a sample of q) over
+    the data's density (grey) and q's samples (blue), two rows of four panels, each captioned with its agreement
+    with the exact gradient of its divergence (cos, norm ratio, z^2). Pillow only; the same machine makes the same
+    bytes."""
+    from PIL import Image, ImageDraw
+    f = gradient_fields(m=m, r=r)
+    p, q = common.toy2d_mixture(), _wrong_mixture()
+    size, lim, caption = 300, 1.3, 34
+    grid = torch.linspace(-lim, lim, size, dtype=F64)
+    yy, xx = torch.meshgrid(grid.flip(0), grid, indexing="ij")
+    dens = p.log_prob(torch.stack([xx, yy], -1).reshape(-1, 2)).exp().reshape(size, size)
+    shade = (255 - 120 * (dens / dens.max()) ** 0.5).to(torch.uint8).numpy()  # the data's density, grey
+    dots = q.sample(3000, generator=torch.Generator().manual_seed(1))[0].double()
+    to_px = lambda v: ((v[..., 0] + lim) / (2 * lim) * (size - 1), (lim - v[..., 1]) / (2 * lim) * (size - 1))
+    agree = f["agree"]
+    label = lambda k: "cos {:.3f}, norm {:.2f}, z^2 {:.2f}".format(*agree[k])
+    panels = [("DMD2: g (weight sigma^2)", "dmd2", "kl", label("dmd2")),
+              ("-grad KL(q_s || p_s), identity 7", "kl", "kl", "exact (quadrature)"),
+              ("ADD: lambda L_distill", "add_distill", "sds", label("add_distill")),
+              ("SDS form, identity 8", "sds", "sds", "exact (quadrature)"),
+              ("SiD: alpha 0.5 (weight sigma^2)", "sid0.5", "fisher", label("sid0.5")),
+              ("SiD: alpha 1.2", "sid1.2", "fisher", label("sid1.2")),
+              ("-1/2 grad J (Fisher), identity 6", "fisher", "fisher", "exact (quadrature)"),
+              ("ADD: adversarial, trained heads", "add_adversarial", "add_adversarial", "its own scale")]
+    figure = Image.new("RGB", (4 * size + 3 * 6, 2 * (size + caption) + 6), "white")
+    for i, (title, key, scale_key, note) in enumerate(panels):
+        field = f[key][0] if isinstance(f[key], tuple) else f[key]
+        ref = f[scale_key][0] if isinstance(f[scale_key], tuple) else f[scale_key]
+        scale = 0.14 / float(ref.norm(dim=1).quantile(0.9))  # the reference's arrows: 0.14 long at the 90th
+        panel = Image.fromarray(shade).convert("RGB")
+        draw = ImageDraw.Draw(panel)
+        for x, y in zip(*to_px(dots)):
+            draw.point((float(x), float(y)), fill=(120, 150, 230))
+        starts, ends = to_px(f["points"]), to_px(f["points"] + scale * field)
+        for x0, y0, x1, y1 in zip(*starts, *ends):
+            x0, y0, x1, y1 = map(float, (x0, y0, x1, y1))
+            draw.line((x0, y0, x1, y1), fill=(200, 30, 30), width=2)
+            dx, dy, n = x1 - x0, y1 - y0, math.hypot(x1 - x0, y1 - y0) + 1e-9
+            for turn in (0.45, -0.45):  # the arrowhead
+                c, s = math.cos(turn), math.sin(turn)
+                hx, hy = (dx * c - dy * s) / n, (dx * s + dy * c) / n
+                draw.line((x1, y1, x1 - 6 * hx, y1 - 6 * hy), fill=(200, 30, 30), width=2)
+        col, row = i % 4, i // 4
+        left, top = col * (size + 6), row * (size + caption + 6)
+        figure.paste(panel, (left, top))
+        text = ImageDraw.Draw(figure)
+        text.text((left + 4, top + size + 3), title, fill=(0, 0, 0))
+        text.text((left + 4, top + size + 17), note, fill=(60, 60, 60))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.save(path)
+    return f["agree"]
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["gradients"]:
+        sys.exit("usage: python test_toy.py gradients   # writes assets/gradients.png (the tests run with pytest)")
+    print(json.dumps(draw_gradient_figure(REPO / "assets" / "gradients.png")))
