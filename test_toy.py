@@ -2928,6 +2928,32 @@ def test_teacher_that_does_not_fit_is_refused_before_writing(tmp_path):
     assert (tmp_path / "run" / "generator.pt").is_file()
 
 
+def test_a_teacher_whose_last_step_was_skipped_is_kept_and_one_that_never_stepped_is_not(tmp_path, monkeypatch):
+    """The teacher's training: a last step skipped (as fp16's loss scaler skips one on an overflow) leaves a good
+    teacher, written and cached; a run whose every step was skipped (all 4 of 4, fewer than --max-skips) writes none
+    and says so in one line."""
+    step, calls = common.AmpOptimizer.step, []
+
+    def skipping(last_only):
+        def fake(self):
+            calls.append(1)
+            if not last_only or len(calls) == 4:
+                self.found.fill_(1)  # as on an overflow: the step is skipped and counted
+            step(self)
+        return fake
+
+    flags = ["--dataset", "toy2d", "--teacher-iters", "4", "--teacher-batch", "64", "--eval-samples", "64",
+             "--teacher-steps", "2"]
+    monkeypatch.setattr(common.AmpOptimizer, "step", skipping(True))
+    common.main(flags + ["--teacher-dir", str(tmp_path / "a")])
+    assert list((tmp_path / "a").glob("*/teacher.pt"))
+    calls.clear()
+    monkeypatch.setattr(common.AmpOptimizer, "step", skipping(False))
+    with pytest.raises(common.UserError, match="its last 4 steps were skipped; teacher.pt not written"):
+        common.main(flags + ["--teacher-dir", str(tmp_path / "b")])
+    assert not list((tmp_path / "b").glob("*/teacher.pt"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sid", "dmd2", "add"])
 def test_missing_data_or_corrupt_checkpoint_touch_nothing(toy_teacher, tmp_path, method):
@@ -3448,6 +3474,31 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
     assert len(common.load_checkpoint(run / "ckpt.pt")["rng_ranks"]) == 2
 
 
+_TWICE_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import common, sid
+for _ in range(2):  # --bench's comparison runs main() again in the same processes
+    args = sid.parse_args(["--device", "cpu", "--batch", "8"])
+    dist = common.init_distributed(args)
+    assert dist.world == 2 and dist.max(dist.rank) == 1
+print("rank", dist.rank, "ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_second_main_under_torchrun_reuses_the_process_group(tmp_path):
+    """bench_compare calls main() again in every torchrun process: init_distributed then finds the process group
+    made and uses it (it used to fail initialising it twice), here with 2 gloo ranks."""
+    import subprocess
+    import sys
+    (tmp_path / "driver.py").write_text(_TWICE_DRIVER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "driver.py"), str(REPO)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.count("ok") == 2, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 _ACCUMULATION_DRIVER = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
@@ -3498,6 +3549,26 @@ for mod in (sid, dmd2, add):
 # one file per rank: two ranks printing to one pipe can interleave their lines
 open(f"result{os.environ.get('RANK', '0')}.json", "w").write(json.dumps(result))
 """
+
+
+def test_device_resolution_takes_any_gpu_and_refuses_one_that_is_not_there(monkeypatch):
+    """--device as init_distributed resolves it (a stand-in machine with 2 GPUs): auto is cuda:0, cuda:1 is cuda:1 (and
+    is made the current device, so that streams and events are its own), under torchrun each process takes its
+    LOCAL_RANK's GPU; a GPU the machine does not have, or CUDA where there is none, is a one-line UserError."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    resolve = lambda device, world=1, local_rank=0: common.resolve_device(Namespace(device=device), world, local_rank)
+    assert resolve("auto") == torch.device("cuda", 0) and resolve("cuda") == torch.device("cuda", 0)
+    assert resolve("cuda:1") == torch.device("cuda", 1) and resolve("cpu") == torch.device("cpu")
+    assert resolve("cuda", world=2, local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(common.UserError, match="has 2 GPU"):
+        resolve("cuda:3")
+    with pytest.raises(common.UserError, match="LOCAL_RANK is 2"):
+        resolve("auto", world=3, local_rank=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("auto") == torch.device("cpu")
+    with pytest.raises(common.UserError, match="CUDA is not available"):
+        resolve("cuda:0")
 
 
 def test_batch_gpu_default_fits_the_gpu(monkeypatch):
@@ -4027,6 +4098,7 @@ class _HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # from deepcopy, not from the code
 @pytest.mark.parametrize("method,dataset", [(m, d) for d in ("toy2d", "synthetic") for m in ("sid", "dmd2", "add")])
 def test_an_iteration_on_fake_cuda_tensors_copies_nothing_from_the_host(method, dataset, tmp_path, monkeypatch):
     """A dry run of each script's loop body on CUDA, on any machine: torch's FakeTensorMode with CUDA tensors (shapes,
