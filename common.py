@@ -775,15 +775,6 @@ def load_cifar10(data_dir):
     return images, torch.as_tensor(ds.targets, dtype=torch.long)
 
 
-def load_imagenet64_npz(data_dir, cache_dir=None):
-    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir: `data`
-    uint8 (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 images (N, 3, 64, 64), a read-only memory map of
-    one .npy converted from the npz files on first use (imagenet64_npy), so that no process holds a copy of the
-    15.7 GB set, and int16 labels 0..999 (2 bytes an image, in memory)."""
-    images_path, labels_path = imagenet64_npy(data_dir, cache_dir)
-    return np.load(images_path, mmap_mode="r"), np.load(labels_path)
-
-
 def check_image_arrays(path, shape, dtype, labels=None):
     """A downsampled-ImageNet batch as this project reads it, or a UserError naming the file and the problem:
     `data` uint8 (N, 12288) with N > 0 (its .npy header's shape and dtype), `labels` N integers in 1..1000."""
@@ -808,7 +799,7 @@ def _folder_batches(data_dir, batch, device, workers, rank):
     """A folder of class subfolders of images (torchvision ImageFolder), center-cropped and resized to 64."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-    tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
+    tf = T.Compose([_center_crop_square, T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
     try:  # checked now, not at the first batch: a run folder is only created once its inputs are known good
         ds = ImageFolder(data_dir, transform=tf)
         ds[0]
@@ -834,12 +825,10 @@ def _folder_batches(data_dir, batch, device, workers, rank):
     return batches()
 
 
-class _CenterCropSquare:
+def _center_crop_square(img):
     """Center crop to the short side (a square), before resizing to 64x64."""
-
-    def __call__(self, img):
-        import torchvision.transforms.functional as TF
-        return TF.center_crop(img, min(img.size))
+    import torchvision.transforms.functional as TF
+    return TF.center_crop(img, min(img.size))
 
 
 def real_batches(args, info, dist):
@@ -860,8 +849,8 @@ def real_batches(args, info, dist):
     if any(p.is_dir() for p in root.iterdir()):
         return _folder_batches(root, batch, device, args.workers, dist.rank)
     raise UserError(f"imagenet64: no *.npz files and no class subfolders in {str(root)!r}. Put the downsampled "
-                    f"ImageNet 64x64 train_data_batch_*.npz files (https://image-net.org/download-images, "
-                    f"'Downsampled ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
+                    f"ImageNet 64x64 train_data_batch_*.npz files (https://image-net.org/download-images, 'Downsampled "
+                    f"ImageNet 64x64') or a folder of class subfolders of images there, or pass --data-dir")
 
 
 # ==================================================================================================
@@ -878,23 +867,8 @@ def real_batches(args, info, dist):
 # size. Measured in assets/results.md (ImageNet-64 host memory); tested by
 # test_imagenet64_host_memory_does_not_grow_with_the_data.
 IMAGENET64_FILES = ("imagenet64-images.npy", "imagenet64-labels.npy", "imagenet64-manifest.json")
-
-
 ROW_BYTES = 3 * 64 * 64  # one image, planar RGB
-
-
 CONVERT_ROWS = 1024  # rows per read while converting (12.6 MB)
-
-
-def imagenet64_sources(data_dir):
-    return sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
-
-
-def _manifest(data_dir, sources):
-    """What a conversion is made of: the source folder and each npz file's name, size and modification time."""
-    stats = [(f.name, f.stat()) for f in sources]
-    return {"format": 1, "source_dir": str(Path(data_dir).resolve()),
-            "sources": [{"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for name, st in stats]}
 
 
 def _converted(cache, manifest):
@@ -909,40 +883,37 @@ def _converted(cache, manifest):
         return False
 
 
-def _npz_rows(member, f):
-    """Read the .npy header of an npz's `data` member (an open stream, left at the first row): its row count."""
-    try:
-        version = np.lib.format.read_magic(member)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-        shape, fortran, dtype = read(member)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
-                        f"remove it from --data-dir") from None
-    check_image_arrays(f, shape, dtype)
-    if fortran:
-        raise UserError(f"{f}: 'data' is stored in Fortran order; expected the official files' C order")
-    return shape[0]
-
-
-def _open_data(f):
-    """The `data` member of an npz file, as a stream (np.savez or np.savez_compressed)."""
+@contextlib.contextmanager
+def _npz_data(f):
+    """The `data` member of an npz file (np.savez or np.savez_compressed) as an open stream, left at its first row,
+    and its row count, read from its .npy header and checked (check_image_arrays)."""
     try:
         archive = zipfile.ZipFile(f)
-        return archive, archive.open("data.npy")
+        member = archive.open("data.npy")
     except (OSError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
                         f"remove it from --data-dir") from None
+    with archive, member:
+        try:
+            version = np.lib.format.read_magic(member)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran, dtype = read(member)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"cannot read {f} as a downsampled-ImageNet batch ({_reason(e)}); download it again or "
+                            f"remove it from --data-dir") from None
+        check_image_arrays(f, shape, dtype)
+        if fortran:
+            raise UserError(f"{f}: 'data' is stored in Fortran order; expected the official files' C order")
+        yield member, shape[0]
 
 
 def checked_row_counts(sources):
     """Every npz file's row count, read from its header, after checking the file (check_image_arrays: the data's
-    dtype and shape from the header, the labels in full, which are small): bad data stops before anything is
-    written."""
+    dtype and shape from the header, the labels in full, which are small): bad data stops before anything is written."""
     counts = []
     for f in sources:
-        archive, member = _open_data(f)
-        with archive, member:
-            count = _npz_rows(member, f)
+        with _npz_data(f) as (_, count):  # the header alone, checked
+            pass
         try:
             with np.load(f) as d:
                 labels = np.asarray(d["labels"])
@@ -974,9 +945,7 @@ def convert_imagenet64(sources, cache, manifest):
             np.lib.format.write_array_header_1_0(out, header)
             bar = tqdm(total=n, unit="img", desc=f"converting {len(sources)} npz files into {images_path}")
             for f, count in zip(sources, counts):
-                archive, member = _open_data(f)
-                with archive, member:
-                    _npz_rows(member, f)
+                with _npz_data(f) as (member, _):
                     for start in range(0, count, CONVERT_ROWS):
                         chunk = member.read(min(CONVERT_ROWS, count - start) * ROW_BYTES)
                         if len(chunk) != min(CONVERT_ROWS, count - start) * ROW_BYTES:
@@ -996,13 +965,18 @@ def convert_imagenet64(sources, cache, manifest):
     write_atomically(manifest_path, json.dumps({**manifest, "rows": n}, indent=1) + "\n")
 
 
-def imagenet64_npy(data_dir, cache_dir=None):
-    """The paths of the converted ImageNet-64 (images .npy, labels .npy) in cache_dir (default: data_dir),
-    converting the npz files in data_dir first when the manifest there does not match them. Every rank may call it:
-    the first to take the lock converts, the others wait and then find the conversion done."""
-    sources = imagenet64_sources(data_dir)
+def load_imagenet64_npz(data_dir, cache_dir=None):
+    """The official downsampled ImageNet 64x64 batches (train_data_batch_*.npz, or any *.npz) in data_dir: `data` uint8
+    (N, 12288) planar RGB, `labels` 1..1000. Returns uint8 images (N, 3, 64, 64), a read-only memory map of one .npy
+    converted from the npz files into cache_dir (default: data_dir) on first use and whenever its manifest does not
+    match them, so that no process holds a copy of the 15.7 GB set, and int16 labels 0..999 (2 bytes an image, in
+    memory). Every rank may call it: the first to take the lock converts, the others wait for it."""
+    sources = sorted(Path(data_dir).glob("train_data_batch_*.npz")) or sorted(Path(data_dir).glob("*.npz"))
     cache = Path(cache_dir or data_dir)
-    manifest = _manifest(data_dir, sources)
+    # what a conversion is made of: the source folder and each npz file's name, size and modification time
+    stats = [(f.name, f.stat()) for f in sources]
+    manifest = {"format": 1, "source_dir": str(Path(data_dir).resolve()),
+                "sources": [{"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for name, st in stats]}
     if not _converted(cache, manifest):
         checked_row_counts(sources)  # before the cache folder or its lock is written
     try:
@@ -1015,7 +989,7 @@ def imagenet64_npy(data_dir, cache_dir=None):
         if not _converted(cache, manifest):  # a read-only folder is fine once it holds the conversion
             raise UserError(f"cannot write the converted ImageNet-64 into {cache} ({_reason(e)}); pass "
                             f"--data-cache DIR, a writable folder") from None
-    return cache / IMAGENET64_FILES[0], cache / IMAGENET64_FILES[1]
+    return np.load(cache / IMAGENET64_FILES[0], mmap_mode="r"), np.load(cache / IMAGENET64_FILES[1])
 
 
 def _read_rows(array, rows, out):
@@ -1047,8 +1021,7 @@ def _mapped_batches(images, labels, batch, device):
     """Memory-mapped uint8 images (N, 3, H, W) and labels (N,) -> random batches in [-1, 1] forever (with
     replacement). The indices are sorted (neighbouring rows share pages) and the rows read into a staging buffer
     (_read_rows). On CUDA the staging buffers are pinned and copied with non_blocking=True, two of them in turn: a
-    buffer is refilled only once the copy that read it has finished (its event), long since the case one batch
-    later."""
+    buffer is refilled only once the copy that read it has finished (its event), long since the case one batch later."""
     n, cuda = len(images), device.type == "cuda"
     slots = [[torch.empty(batch, *images.shape[1:], dtype=torch.uint8, pin_memory=cuda),
               torch.empty(batch, dtype=torch.int16, pin_memory=cuda), None] for _ in range(2 if cuda else 1)]
@@ -1138,20 +1111,14 @@ def load_or_train_teacher(args, info, dist):
     if args.teacher == "edm" or is_edm_pickle(args.teacher):
         path = fetch(edm_download_key(args), args.teacher_dir, dist) if args.teacher == "edm" else \
             verified_file(args.teacher)
-        teacher_net = load_edm_pickle(path, args, info).to(dist.device).eval().requires_grad_(False)
+        teacher_net = load_edm_pickle(path, args, info)
     else:
-        if args.teacher not in ("auto", "analytic"):
-            path = Path(args.teacher)
-        else:
-            folder = teacher_folder(args)
-            path = folder / "teacher.pt"
-            if not path.is_file():
-                train_teacher(args, info, dist, folder)
-        teacher_net = load_teacher_file(path, args, info).to(dist.device).eval().requires_grad_(False)
-    if args.teacher == "analytic":
-        teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond)
-    else:
-        teacher = teacher_net
+        path = teacher_file(args)  # --teacher auto / analytic: the cached teacher.pt, trained first if missing
+        if args.teacher in ("auto", "analytic") and not path.is_file():
+            train_teacher(args, info, dist, path.parent)
+        teacher_net = load_teacher_file(path, args, info)
+    teacher_net = teacher_net.to(dist.device).eval().requires_grad_(False)
+    teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond) if args.teacher == "analytic" else teacher_net
     # Reseed: training the teacher here (rather than loading it from the cache) must not change the run after it.
     seed_everything(args.seed + dist.rank)
     return teacher, teacher_net
@@ -1337,14 +1304,10 @@ class _EDMUnpickler(_RestrictedUnpickler):
     }
 
 
-def _state(obj):
-    return obj.state if isinstance(obj, (_Persistent, _Inert)) else {}
-
-
 def _collect_weights(obj, prefix="", out=None):
     """The parameters and persistent buffers of a network held as records, by dotted name (a state dict)."""
     out = {} if out is None else out
-    state = _state(obj)
+    state = obj.state if isinstance(obj, (_Persistent, _Inert)) else {}
     for name, p in (state.get("_parameters") or {}).items():
         if p is not None:
             out[prefix + name] = p.tensor  # a _TensorBox (anything else fails here, and is reported as corrupt)
@@ -1364,13 +1327,10 @@ def read_edm_pickle(path):
     try:
         with open(path, "rb") as f:
             data = _EDMUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        if "is not allowed" in str(e):
+    except Exception as e:  # a global refused; a truncated file, bad opcodes, a storage that does not parse
+        if isinstance(e, pickle.UnpicklingError) and "is not allowed" in str(e):
             raise UserError(f"{path}: refused, the pickle names {str(e).split()[1]}, which none of NVIDIA's EDM "
                             f"network files needs (nothing in it was run)") from None
-        raise UserError(f"{path} is corrupt or not an EDM network pickle ({_reason(e)}); replace it with a good copy "
-                        f"or delete it and let --teacher edm download it again") from None
-    except Exception as e:  # truncated file, bad opcodes, a storage that does not parse
         raise UserError(f"{path} is corrupt or not an EDM network pickle ({_reason(e)}); replace it with a good copy "
                         f"or delete it and let --teacher edm download it again") from None
     precond = data.get("ema") if isinstance(data, dict) else None
@@ -1442,9 +1402,7 @@ def amp_dtype(args, device):
 def autocast(args, device):
     """Context manager for the forward passes: autocast to bf16/fp16, or a no-op in fp32."""
     dtype = amp_dtype(args, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def adam(params, device, adamw=False, **kw):
@@ -1546,8 +1504,7 @@ class AmpOptimizer:
                     if isinstance(net, nn.parallel.DistributedDataParallel):
                         stack.enter_context(net.no_sync())
                 with autocast(self.args, self.device):
-                    losses = loss_fn(*self.wrappers, **{k: None if v is None else v[rows]
-                                                        for k, v in draws.items()})
+                    losses = loss_fn(*self.wrappers, **{k: None if v is None else v[rows] for k, v in draws.items()})
                 losses = losses if isinstance(losses, dict) else {"loss": losses}
                 share = (rows.stop - rows.start) / batch
                 means = {k: v.mean(dtype=torch.float32) * share for k, v in losses.items()}
@@ -1655,8 +1612,7 @@ class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current iteration and exits."""
 
     def __init__(self):
-        self.raised = None
-        self.old = {}
+        self.raised, self.old = None, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1806,9 +1762,7 @@ def evaluate(args, info, fn, dist, run=None, step=None, tag="student", reference
     FID (every rank must call this then). Returns (metrics, x)."""
     x, labels = sample_many(fn, info, args.eval_samples, batch or max(args.batch, 256), dist.device, args.seed + 999,
                          desc=f"eval {tag}")
-    metrics = {}
-    if info.mixture is not None:
-        metrics = mixture_metrics(x, info.mixture, labels)
+    metrics = mixture_metrics(x, info.mixture, labels) if info.mixture is not None else {}
     if args.fid_samples:
         metrics.update(fid(args, info, fn, dist))
     if run is not None and run.dist.is_main:
@@ -1828,7 +1782,7 @@ def start_method(args):
     dist = init_distributed(args)
     info = dataset_info(args)
     if dist.is_main:
-        print_config(args)
+        print(json.dumps(vars(args), indent=1, sort_keys=True))
     if args.bench:  # a random-weight teacher, no run folder: --bench writes nothing
         return (dist, info, None, *bench_networks(args, info, dist))
     if args.fid_samples and not args.export:
@@ -1875,7 +1829,8 @@ def describe(dist, method, trained, sigmas, iters):
     """One line at the start of training: the trained networks' sizes, the student's input sigmas, the length."""
     if dist.is_main:
         sizes = ", ".join(f"{k} {unet.count_params(v) / 1e6:.3g}M" for k, v in trained.items())
-        print(f"{method}: {sizes} parameters; student sigmas {[round(float(x), 4) for x in sigmas]}; {iters} iterations")
+        sigmas = [round(float(x), 4) for x in sigmas]
+        print(f"{method}: {sizes} parameters; student sigmas {sigmas}; {iters} iterations")
 
 
 def generator_meta(args, info, sigmas, method=None):
@@ -2016,10 +1971,12 @@ def _file_identity(path):
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def teacher_reference_key(args, info, dist):
-    """What the teacher's reference metrics and samples are a function of: the teacher (its file's path, size and
-    modification time; the mixture itself with --teacher analytic), the sampler, the evaluation settings (samples,
-    seed, batch, device) and, with --fid-samples, the detector's and the reference statistics' contents."""
+def teacher_reference_cache(args, info, dist):
+    """(home/reference-<steps>steps-<hash of the key>.pt, key), home being the teacher's folder (for --teacher PATH,
+    the file's), the key what the teacher's reference metrics and samples are a function of: the teacher (its file's
+    path, size and modification time; the mixture itself with --teacher analytic), the sampler, the evaluation
+    settings (samples, seed, batch, device) and, with --fid-samples, the detector's and the reference statistics'
+    contents. Every rank calls it: checking the FID files is collective."""
     key = {"format": 1, "teacher": "analytic" if args.teacher == "analytic" else _file_identity(teacher_file(args)),
            "dataset": args.dataset, "resolution": args.resolution, "cond": bool(info.cond),
            "teacher_steps": args.teacher_steps, "eval_samples": args.eval_samples, "seed": args.seed,
@@ -2029,13 +1986,6 @@ def teacher_reference_key(args, info, dist):
         _, (mu, sigma) = fid_reference(args, info, dist)
         key["fid"] = {"samples": args.fid_samples, "detector": detector_hash,
                       "reference": hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()}
-    return key
-
-
-def teacher_reference_cache(args, info, dist):
-    """(home/reference-<steps>steps-<hash of the key>.pt, key), home being the teacher's folder (for --teacher PATH,
-    the file's). Every rank calls it: checking the FID files is collective."""
-    key = teacher_reference_key(args, info, dist)
     home = Path(args.teacher_dir) if args.teacher == "edm" else teacher_file(args).parent
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return home / f"reference-{args.teacher_steps}steps-{digest}.pt", key
@@ -2129,8 +2079,6 @@ def folder_problem(path):
 # The files a run writes into its folder (its pictures are listed in RUN_MANIFEST as they are written): --overwrite
 # removes these and nothing else.
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "generator.pt", "config.json")
-
-
 RUN_MANIFEST = ".run-files"
 
 
@@ -2143,8 +2091,7 @@ class Run:
 
     def __init__(self, args, dist):
         self.dir, self.dist, self.args = Path(args.out_dir), dist, args
-        self.ckpt_path = self.dir / "ckpt.pt"
-        self.metrics_path = self.dir / "metrics.jsonl"
+        self.ckpt_path, self.metrics_path = self.dir / "ckpt.pt", self.dir / "metrics.jsonl"
         self.saved_step, self.ckpt, self.kept_metrics = None, None, None
         if dist.is_main and self.dir.is_dir() and not args.export:  # an export only reads the run
             hold_folder(self.dir, create=False)  # a live run there stops this one now, before any work
@@ -2174,7 +2121,8 @@ class Run:
     def last_good(self):
         """The sentence every error that stops a run ends with: the checkpoint to continue from, if there is one."""
         if self.saved_step is not None and self.ckpt_path.is_file():
-            return f"The last good checkpoint is {self.ckpt_path} (iteration {self.saved_step}); continue with --resume."
+            return (f"The last good checkpoint is {self.ckpt_path} (iteration {self.saved_step}); continue with "
+                    f"--resume.")
         return f"No checkpoint was saved in {self.dir}: there is nothing to resume."
 
     def open(self):
@@ -2193,21 +2141,18 @@ class Run:
                     p.unlink()
                 if stale:
                     print(f"removed {len(stale)} unfinished temporary file(s) in {self.dir}")
-                if self.args.overwrite:
-                    self._remove_run_files()
+                if self.args.overwrite:  # the files a run writes (RUN_FILES, those listed in its manifest) alone
+                    manifest = self.dir / RUN_MANIFEST
+                    listed = manifest.read_text().split() if manifest.is_file() else []
+                    for name in {*RUN_FILES, *listed}:
+                        if "/" not in name:
+                            (self.dir / name).unlink(missing_ok=True)
+                    manifest.unlink(missing_ok=True)
                 write_atomically(self.dir / "config.json", json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n")
                 if self.kept_metrics is not None:
                     write_atomically(self.metrics_path, "".join(line + "\n" for line in self.kept_metrics))
             except OSError as e:
                 raise UserError(f"cannot write the run folder {self.dir} ({_reason(e)})") from None
-
-    def _remove_run_files(self):
-        manifest = self.dir / RUN_MANIFEST
-        listed = manifest.read_text().split() if manifest.is_file() else []
-        for name in {*RUN_FILES, *listed}:
-            if "/" not in name:
-                (self.dir / name).unlink(missing_ok=True)
-        manifest.unlink(missing_ok=True)
 
     def file(self, name):
         """The path of a new file of this run (a picture): listed in the folder's manifest, so that --overwrite
@@ -2285,18 +2230,14 @@ class Run:
 
 # Flags whose change makes a resumed run another run: refused by --resume unless --allow-changed-flags.
 RESUME_FIXED = ("dataset", "resolution", "preset", "cond", "method")
-
-
 RESUME_CHECKED = ("batch", "teacher", "lr_decay", *TEACHER_KEYS[4:])
-
-
 METHOD_FLAGS = {}  # method -> the dests of its own argument group (parse_args fills it)
 
 
 def check_resume_flags(old, args, folder):
-    """--resume continues the run the checkpoint holds: another dataset, network or method is refused; other flags
-    that matter (batch, teacher, schedule and the method's own flags) are refused too, all differences listed,
-    unless --allow-changed-flags or --export (which only samples). --iters, evaluation, logging and hardware flags may change freely."""
+    """--resume continues the run the checkpoint holds: another dataset, network or method is refused; other flags that
+    matter (batch, teacher, schedule and the method's own flags) are refused too, all differences listed, unless
+    --allow-changed-flags or --export (which only samples). --iters, evaluation, logging and hardware flags are free."""
     for key in RESUME_FIXED:
         if old.get(key) != getattr(args, key):
             raise UserError(f"--resume: the run in {folder} has {key}={old.get(key)!r}, this command "
@@ -2363,9 +2304,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" except for defaults of None, which parse_args fills per dataset (and says so)."""
 
     def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2391,8 +2330,7 @@ def base_parser(description, method):
                         "the full train set; default: --data-dir itself)")
     g.add_argument("--resolution", type=int, default=None,
                    help="image side for 'synthetic' (8, 16, 32, 64); fixed at 32 for cifar10 and 64 for imagenet64")
-    g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
-                   help="class-conditional networks")
+    g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None, help="class-conditional networks")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default="auto",
                    help="'auto': train the EDM teacher or load it from --teacher-dir; 'analytic': the exact "
@@ -2409,8 +2347,7 @@ def base_parser(description, method):
     g.add_argument("--teacher-rampup", type=NONNEGATIVE, default=None, help="teacher lr warm-up in kimg")
     g.add_argument("--teacher-seed", type=SEED, default=0, help="seed of teacher training (part of its cache key)")
     g.add_argument("--teacher-steps", type=checked(int, lambda v: v > 0, "positive", 1000, "a Heun schedule"),
-                   default=18,
-                   help="Heun steps of the teacher's reference sampler (18 steps = 35 NFE)")
+                   default=18, help="Heun steps of the teacher's reference sampler (18 steps = 35 NFE)")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=None, help="run folder (default runs/<dataset>-<method>)")
     g.add_argument("--seed", type=SEED, default=0, help="seeds python, numpy and torch (per rank: seed + rank)")
@@ -2526,8 +2463,7 @@ def parse_args(parser, method_defaults=None, argv=None):
     METHOD_FLAGS[args.method] = [a.dest for g in own for a in g._group_actions]
     if args.teacher == "edm":
         if args.dataset not in EDM_PRESETS:
-            parser.error(f"--teacher edm: NVIDIA published EDM networks for cifar10 and imagenet64, not "
-                         f"{args.dataset}")
+            parser.error(f"--teacher edm: NVIDIA published EDM networks for cifar10 and imagenet64, not {args.dataset}")
         if args.preset is None:
             args.preset = EDM_PRESETS[args.dataset]
         elif args.preset != EDM_PRESETS[args.dataset]:
@@ -2535,15 +2471,10 @@ def parse_args(parser, method_defaults=None, argv=None):
                          f"(got --preset {args.preset})")
         if args.dataset == "imagenet64" and args.cond is False:
             parser.error("--teacher edm: the ImageNet-64 EDM network is class-conditional; drop --no-cond")
-    defaults = dict(DATASET_DEFAULTS[args.dataset])
-    defaults.update((method_defaults or {}).get(args.dataset, {}))
-    for k, v in defaults.items():
+    for k, v in per_dataset[args.dataset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.dataset == "cifar10":
-        args.resolution = 32
-    if args.dataset == "imagenet64":
-        args.resolution = 64
+    args.resolution = {"cifar10": 32, "imagenet64": 64}.get(args.dataset, args.resolution)
     if args.out_dir is None:
         args.out_dir = f"runs/{args.dataset}-{args.method}"
     if getattr(args, "fake_sigma", None) == "generator":  # the flag's earlier name for 'loss'
@@ -2621,10 +2552,6 @@ def parse_args(parser, method_defaults=None, argv=None):
     return args
 
 
-def print_config(args):
-    print(json.dumps(vars(args), indent=1, sort_keys=True))
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -2677,9 +2604,8 @@ class Dist:
 
 
 def resolve_device(args, world=1, local_rank=0):
-    """--device as a torch.device with its index: 'auto' is CUDA where there is a GPU, else the CPU;
-    under torchrun on CUDA each process takes the GPU of its LOCAL_RANK. A CUDA device this machine
-    does not have is a UserError."""
+    """--device as a torch.device with its index: 'auto' is CUDA where there is a GPU, else the CPU; under torchrun on
+    CUDA each process takes the GPU of its LOCAL_RANK. A CUDA device this machine does not have is a UserError."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type != "cuda":
@@ -2694,12 +2620,10 @@ def resolve_device(args, world=1, local_rank=0):
 
 
 def init_distributed(args):
-    """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single-process
-    otherwise. On CUDA: the process's GPU made current (so that streams and events are its own),
-    TF32 and fp16-reduced reductions off as EDM's training loop (training_loop.py:55-57: fp32 stays
-    fp32), cuDNN's autotuner on."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single-process otherwise. On CUDA:
+    the process's GPU made current (so that streams and events are its own), TF32 and fp16-reduced reductions off as
+    EDM's training loop (training_loop.py:55-57: fp32 stays fp32), cuDNN's autotuner on."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = resolve_device(args, world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -2782,10 +2706,7 @@ def save_picture(path, info, x, reference=None, true=None):
         img = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=2)
         save_image(img, path)
         return
-    rows = 8
-    imgs = [x[:rows * 8]]
-    if reference is not None:
-        imgs.insert(0, reference[:rows * 8])
+    imgs = [x[:64]] if reference is None else [reference[:64], x[:64]]  # 8 rows of 8 each
     save_image(torch.cat(imgs).clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1), padding=1)
 
 
@@ -2974,12 +2895,6 @@ def fid_detector(args, dist):
     return _FID_CACHE[key]
 
 
-@torch.no_grad()
-def detector_features(detector, x):
-    """(B, 2048) float64 features of images x in [-1, 1] (fp32, outside autocast, as the reference was made)."""
-    return detector(to_uint8(x), return_features=True).double()
-
-
 def _fid_batches(n, batch, dist):
     """The global batches [start, stop) of n samples, dealt round-robin to the ranks: rank r takes batch r, r+W..."""
     starts = list(range(0, n, batch))[dist.rank::dist.world]
@@ -3010,7 +2925,7 @@ def training_images(args, info, dist, batch):
     real_batches(args, info, dist)  # the same checks and messages as training (missing folder, no images)
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-    tf = T.Compose([_CenterCropSquare(), T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
+    tf = T.Compose([_center_crop_square, T.Resize(64, interpolation=T.InterpolationMode.LANCZOS), T.PILToTensor()])
     ds = ImageFolder(root, transform=tf)
     ds = torch.utils.data.Subset(ds, range(dist.rank, len(ds), dist.world))
     for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=args.workers):
@@ -3104,7 +3019,7 @@ def fid(args, info, fn, dist, n=None):
         z, eps = seed_noise(range(start, stop), info.shape, getattr(fn, "levels", 1))
         labels = balanced_labels(info, stop - start, dist.device, offset=start)
         x = fn(z.to(dist.device), labels, [e.to(dist.device) for e in eps]) if eps else fn(z.to(dist.device), labels)
-        stats.add(detector_features(detector, x))
+        stats.add(detector(to_uint8(x), return_features=True))  # fp32, outside autocast, as the reference was made
     mu, sigma = stats.reduce(dist, dist.device).mean_cov()
     if mu.shape != mu_ref.shape:
         raise UserError(f"the FID reference has {mu_ref.shape[0]}-d statistics but the detector gives "
@@ -3264,8 +3179,7 @@ def export_samples(args, net, meta, dist):
     dist.barrier()
     held = np.load(rows, mmap_mode="r+") if rows is not None else None
     try:
-        bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(total=n, unit="img", desc=f"export {meta['method']}", disable=not dist.is_main, dynamic_ncols=True)
         for start in range(dist.rank * args.batch, n, dist.world * args.batch):  # one batch at a time
             seeds = range(start, min(start + args.batch, n))
             pngs = [seed_png(args.export_dir, s) for s in seeds] if images and args.export_dir else []
@@ -3274,8 +3188,7 @@ def export_samples(args, net, meta, dist):
             else:
                 z, eps = seed_noise(seeds, meta["shape"], len(sigmas))
                 labels = export_labels(meta, seeds, args.class_label)
-                x = sample(z.to(device), labels if labels is None else labels.to(device),
-                           [e.to(device) for e in eps])
+                x = sample(z.to(device), labels if labels is None else labels.to(device), [e.to(device) for e in eps])
                 x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().numpy()
                 for path, image in zip(pngs, x):
                     write_png(path, image)
@@ -3345,9 +3258,8 @@ def bench_networks(args, info, dist):
     else:
         net = build_denoiser(args, info)
     teacher_net = net.to(dist.device).eval().requires_grad_(False)
-    if args.teacher == "analytic":
-        return AnalyticDenoiser(info.mixture, info.shape, cond=info.cond), teacher_net
-    return teacher_net, teacher_net
+    teacher = AnalyticDenoiser(info.mixture, info.shape, cond=info.cond) if args.teacher == "analytic" else teacher_net
+    return teacher, teacher_net
 
 
 def _peak_memory_mb(device):
@@ -3552,10 +3464,9 @@ def main(argv=None):
     parser = base_parser("Train (or load) the EDM teacher and evaluate its Heun sampler.", method="teacher")
     parser.add_argument_group("reference").add_argument(
         "--regress", type=COUNT0, default=0, metavar="ITERS",
-        help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations "
-             "and evaluate it: the best one step of this network can do (regression_reference); the regressed "
-             "generator is saved beside the teacher as regression-<analytic|teacher>-<ITERS>-seed<S>.pt (for "
-             "--init-generator)")
+        help="also regress a one-step copy of the teacher network onto the teacher's samples for ITERS iterations and "
+             "evaluate it: the best one step of this network can do (regression_reference); the regressed generator "
+             "is saved beside the teacher as regression-<analytic|teacher>-<ITERS>-seed<S>.pt (for --init-generator)")
     args = parse_args(parser, argv=argv)
     dist = init_distributed(args)
     if args.generator:  # --generator PATH --export N: a saved generator's samples as files, and nothing else
@@ -3563,7 +3474,7 @@ def main(argv=None):
         return export_samples(args, net, meta, dist)
     info = dataset_info(args)
     if dist.is_main:
-        print_config(args)
+        print(json.dumps(vars(args), indent=1, sort_keys=True))
     if args.bench:  # the teacher's own training step and sampler, on random weights
         teacher, teacher_net = bench_networks(args, info, dist)
         return bench(args, info, dist, None, None, teacher, teacher_net, {"teacher": teacher_net}, student_nfe=None)
@@ -3571,23 +3482,15 @@ def main(argv=None):
         fid_reference(args, info, dist)
     t0 = time.time()
     teacher, teacher_net = load_or_train_teacher(args, info, dist)
-    if args.teacher == "edm":
-        out = Path(args.teacher_dir)
-    elif args.teacher not in ("auto", "analytic"):
-        out = Path(args.teacher).parent
-    else:
-        out = teacher_folder(args)
+    out = teacher_file(args).parent  # the teacher's folder (--teacher edm: --teacher-dir)
     nfe = heun_nfe(args.teacher_steps)
-    metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist,
-                          tag=f"teacher-{nfe}nfe")
+    metrics, x = evaluate(args, info, teacher_sampler(teacher_net, args.teacher_steps), dist, tag=f"teacher-{nfe}nfe")
     result = {"teacher": metrics, "nfe": nfe, "params": unet.count_params(teacher_net),
               "wall_s": round(time.time() - t0, 1), **fid_ref_record(args, metrics)}
+    x_exact = None
     if info.mixture is not None:
-        exact, x_exact = evaluate(args, info, teacher_sampler(AnalyticDenoiser(info.mixture, info.shape, info.cond),
-                                                              args.teacher_steps), dist, tag="analytic")
-        result["analytic"] = exact
-    else:
-        x_exact = None
+        result["analytic"], x_exact = evaluate(args, info, teacher_sampler(
+            AnalyticDenoiser(info.mixture, info.shape, info.cond), args.teacher_steps), dist, tag="analytic")
     if args.regress:  # the regressed generator, named by its target, length and seed
         kind = "analytic" if args.teacher == "analytic" else "teacher"
         result["regression"] = regression_reference(args, info, dist, teacher, teacher_net, args.regress,

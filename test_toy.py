@@ -3477,12 +3477,15 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_one_iteration(toy_teac
 _TWICE_DRIVER = """
 import sys
 sys.path.insert(0, sys.argv[1])
+import torch
 import common, sid
 for _ in range(2):  # --bench's comparison runs main() again in the same processes
     args = sid.parse_args(["--device", "cpu", "--batch", "8"])
     dist = common.init_distributed(args)
     assert dist.world == 2 and dist.max(dist.rank) == 1
-print("rank", dist.rank, "ok")
+print("rank", dist.rank, "ok", flush=True)
+torch.distributed.barrier()  # neither rank leaves while the other may still read from it
+torch.distributed.destroy_process_group()
 """
 
 
